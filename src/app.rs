@@ -1,0 +1,52 @@
+//! Command dispatch: each command loads what it needs, does its work through
+//! the library, prints human or JSON output, and returns the exit code.
+
+use anyhow::Context;
+
+use crate::check::run_checks;
+use crate::cli::{Cli, Command};
+use crate::config::Config;
+use crate::store::Store;
+
+/// Runs one command; `Ok(code)` is the process exit code (0 or 1).
+pub async fn execute(cli: Cli) -> anyhow::Result<u8> {
+    match cli.command {
+        Command::Migrate => {
+            let cfg = Config::load(&cli.config)?;
+            let store = Store::connect(&cfg.sink).await?;
+            store.migrate().await?;
+            if cli.json {
+                println!(
+                    "{}",
+                    serde_json::json!({ "migrated": true, "schema": cfg.sink.schema })
+                );
+            } else {
+                println!("profile store migrated (schema {})", cfg.sink.schema);
+            }
+            Ok(0)
+        }
+        Command::Check => {
+            let cfg = Config::load(&cli.config)?;
+            let results = run_checks(&cfg).await;
+            let failed = results.iter().filter(|r| !r.ok).count();
+            if cli.json {
+                let doc =
+                    serde_json::json!({ "ok": failed == 0, "failed": failed, "checks": results });
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&doc).context("serialize check results")?
+                );
+            } else {
+                for r in &results {
+                    let mark = if r.ok { "ok  " } else { "FAIL" };
+                    println!("{mark} {:<14} {:<28} {}", r.target, r.check, r.detail);
+                    if let Some(fix) = &r.fix {
+                        println!("     fix: {fix}");
+                    }
+                }
+                println!("{} checks, {failed} failed", results.len());
+            }
+            Ok(u8::from(failed > 0))
+        }
+    }
+}

@@ -1,0 +1,299 @@
+//! `tributary check`: preflight of the config and every database, one line per
+//! check, each failure with the fix. Exit 1 when any check fails.
+
+use serde::Serialize;
+use sqlx::{Connection, PgConnection, Row};
+
+use crate::config::{Config, SourceConfig};
+use crate::store::{Store, MIGRATOR};
+
+/// One check's outcome.
+#[derive(Debug, Clone, Serialize)]
+pub struct CheckResult {
+    /// `source:<name>` or `sink`.
+    pub target: String,
+    /// Short name of the check, e.g. `wal_level`.
+    pub check: String,
+    /// Passed?
+    pub ok: bool,
+    /// What was found.
+    pub detail: String,
+    /// How to fix a failure.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fix: Option<String>,
+}
+
+struct Checks {
+    target: String,
+    out: Vec<CheckResult>,
+}
+
+impl Checks {
+    fn pass(&mut self, check: &str, detail: impl Into<String>) {
+        self.out.push(CheckResult {
+            target: self.target.clone(),
+            check: check.into(),
+            ok: true,
+            detail: detail.into(),
+            fix: None,
+        });
+    }
+    fn fail(&mut self, check: &str, detail: impl Into<String>, fix: impl Into<String>) {
+        self.out.push(CheckResult {
+            target: self.target.clone(),
+            check: check.into(),
+            ok: false,
+            detail: detail.into(),
+            fix: Some(fix.into()),
+        });
+    }
+}
+
+/// Runs every check; never fails as a whole (failures are results).
+pub async fn run_checks(cfg: &Config) -> Vec<CheckResult> {
+    let mut all = Vec::new();
+    for src in &cfg.sources {
+        let mut c = Checks {
+            target: format!("source:{}", src.name),
+            out: Vec::new(),
+        };
+        if let Err(e) = check_source(src, &mut c).await {
+            c.fail(
+                "query",
+                format!("{e}"),
+                "see the error; the role may lack privileges",
+            );
+        }
+        all.extend(c.out);
+    }
+    let mut c = Checks {
+        target: "sink".into(),
+        out: Vec::new(),
+    };
+    check_sink(cfg, &mut c).await;
+    all.extend(c.out);
+    all
+}
+
+async fn check_source(src: &SourceConfig, c: &mut Checks) -> Result<(), sqlx::Error> {
+    let mut conn = match PgConnection::connect_with(&src.conn.pg_options()).await {
+        Ok(conn) => {
+            c.pass("connect", src.conn.to_string());
+            conn
+        }
+        Err(e) => {
+            c.fail(
+                "connect",
+                format!("{}: {e}", src.conn),
+                "check host, port, credentials, sslmode and pg_hba.conf",
+            );
+            return Ok(());
+        }
+    };
+    let version: i32 = sqlx::query_scalar("select current_setting('server_version_num')::int")
+        .fetch_one(&mut conn)
+        .await?;
+    if version >= 100_000 {
+        c.pass("server_version", format!("{}", version / 10_000));
+    } else {
+        c.fail(
+            "server_version",
+            format!("{version}"),
+            "PostgreSQL 10 or newer is needed for pgoutput",
+        );
+    }
+    let wal_level: String = sqlx::query_scalar("select current_setting('wal_level')")
+        .fetch_one(&mut conn)
+        .await?;
+    if wal_level == "logical" {
+        c.pass("wal_level", "logical");
+    } else {
+        c.fail(
+            "wal_level",
+            format!("wal_level is {wal_level}"),
+            "set wal_level = logical (ALTER SYSTEM SET wal_level = logical; then restart the server)",
+        );
+    }
+    let row = sqlx::query(
+        "select current_setting('max_replication_slots')::int as slots,
+                (select count(*) from pg_replication_slots)::int as used,
+                (select count(*) from pg_replication_slots where slot_name = $1)::int as ours,
+                current_setting('max_wal_senders')::int as senders,
+                (select count(*) from pg_stat_replication)::int as senders_used",
+    )
+    .bind(&src.slot)
+    .fetch_one(&mut conn)
+    .await?;
+    let (slots, used, ours, senders, senders_used): (i32, i32, i32, i32, i32) = (
+        row.get("slots"),
+        row.get("used"),
+        row.get("ours"),
+        row.get("senders"),
+        row.get("senders_used"),
+    );
+    if ours == 1 || used < slots {
+        c.pass(
+            "replication_slots",
+            format!(
+                "{used}/{slots} used, slot {} {}",
+                src.slot,
+                if ours == 1 {
+                    "exists"
+                } else {
+                    "will be created"
+                }
+            ),
+        );
+    } else {
+        c.fail(
+            "replication_slots",
+            format!("all {slots} slots in use"),
+            "raise max_replication_slots (restart needed) or drop an unused slot",
+        );
+    }
+    if senders_used < senders {
+        c.pass("wal_senders", format!("{senders_used}/{senders} in use"));
+    } else {
+        c.fail(
+            "wal_senders",
+            format!("all {senders} wal senders in use"),
+            "raise max_wal_senders (restart needed)",
+        );
+    }
+    let (rep, sup): (bool, bool) = sqlx::query_as(
+        "select rolreplication, rolsuper from pg_roles where rolname = current_user",
+    )
+    .fetch_one(&mut conn)
+    .await?;
+    if rep || sup {
+        c.pass("replication_privilege", "role has REPLICATION");
+    } else {
+        c.fail(
+            "replication_privilege",
+            "role lacks REPLICATION",
+            format!("ALTER ROLE {} WITH REPLICATION", src.conn.user),
+        );
+    }
+    for t in &src.tables {
+        let row = sqlx::query(
+            "select c.oid::bigint as oid, c.relreplident::text as ident,
+                    has_table_privilege(c.oid, 'SELECT') as can_select,
+                    exists (select 1 from pg_index i where i.indrelid = c.oid and i.indisprimary) as has_pk
+               from pg_class c join pg_namespace n on n.oid = c.relnamespace
+              where n.nspname = $1 and c.relname = $2",
+        )
+        .bind(&t.schema)
+        .bind(&t.name)
+        .fetch_optional(&mut conn)
+        .await?;
+        let Some(row) = row else {
+            c.fail(
+                &format!("table {}", t.qualified),
+                "table not found",
+                "create the table or fix source.table.name",
+            );
+            continue;
+        };
+        let (ident, can_select, has_pk): (String, bool, bool) =
+            (row.get("ident"), row.get("can_select"), row.get("has_pk"));
+        if !can_select {
+            c.fail(
+                &format!("table {}", t.qualified),
+                "no SELECT privilege",
+                format!("GRANT SELECT ON {} TO {}", t.qualified, src.conn.user),
+            );
+        } else if !(has_pk || ident == "f" || ident == "i") {
+            c.fail(
+                &format!("table {}", t.qualified),
+                "no primary key or replica identity",
+                format!(
+                    "add a primary key, or ALTER TABLE {} REPLICA IDENTITY FULL",
+                    t.qualified
+                ),
+            );
+        } else {
+            c.pass(&format!("table {}", t.qualified), "readable, has a key");
+        }
+        let oid: i64 = row.get("oid");
+        let cols: Vec<String> = sqlx::query_scalar("select attname::text from pg_attribute where attrelid = $1::bigint::oid and attnum > 0 and not attisdropped")
+            .bind(oid)
+            .fetch_all(&mut conn)
+            .await?;
+        let missing: Vec<&str> = t
+            .mapped_columns()
+            .into_iter()
+            .filter(|m| !cols.iter().any(|c| c == m))
+            .collect();
+        if !missing.is_empty() {
+            c.fail(
+                &format!("columns {}", t.qualified),
+                format!("mapped columns missing: {}", missing.join(", ")),
+                "fix the mapping or add the columns",
+            );
+        }
+    }
+    let pub_exists: bool =
+        sqlx::query_scalar("select exists (select 1 from pg_publication where pubname = $1)")
+            .bind(&src.publication)
+            .fetch_one(&mut conn)
+            .await?;
+    c.pass(
+        "publication",
+        format!(
+            "{} {}",
+            src.publication,
+            if pub_exists {
+                "exists"
+            } else {
+                "will be created by run"
+            }
+        ),
+    );
+    conn.close().await.ok();
+    Ok(())
+}
+
+async fn check_sink(cfg: &Config, c: &mut Checks) {
+    let store = match Store::connect(&cfg.sink).await {
+        Ok(s) => {
+            c.pass("connect", cfg.sink.conn.to_string());
+            s
+        }
+        Err(e) => {
+            c.fail(
+                "connect",
+                format!("{e}: {}", e.source_text()),
+                "check sink.url, credentials, sslmode and that the database exists",
+            );
+            return;
+        }
+    };
+    let applied: Result<Vec<i64>, _> =
+        sqlx::query_scalar("select version from _sqlx_migrations where success")
+            .fetch_all(store.pool())
+            .await;
+    let want = MIGRATOR.iter().count();
+    match applied {
+        Ok(v) if v.len() >= want => c.pass("migrated", format!("{} migrations applied", v.len())),
+        Ok(v) => c.fail(
+            "migrated",
+            format!("{} of {want} migrations applied", v.len()),
+            "run `tributary migrate` (run also migrates)",
+        ),
+        Err(_) => c.fail(
+            "migrated",
+            "schema not created",
+            "run `tributary migrate` (run also migrates)",
+        ),
+    }
+}
+
+trait SourceText {
+    fn source_text(&self) -> String;
+}
+
+impl<E: std::error::Error> SourceText for E {
+    fn source_text(&self) -> String {
+        self.source().map(|s| s.to_string()).unwrap_or_default()
+    }
+}

@@ -1,0 +1,46 @@
+//! The command line: `tributary <command>`, as in the contract.
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+/// Change-data-capture from PostgreSQL into unified customer profiles.
+#[derive(Debug, Parser)]
+#[command(name = "tributary", version, about)]
+pub struct Cli {
+    /// Config file.
+    #[arg(
+        long,
+        global = true,
+        env = "TRIBUTARY_CONFIG",
+        default_value = "tributary.toml"
+    )]
+    pub config: PathBuf,
+    /// One JSON document on stdout instead of human output.
+    #[arg(long, global = true)]
+    pub json: bool,
+    /// Log format on stderr (default: human on a terminal, JSON otherwise).
+    #[arg(long, global = true, value_enum)]
+    pub log_format: Option<LogFormat>,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Human,
+    /// One JSON object per line.
+    Json,
+}
+
+/// The commands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Validate the config and every database; one line per check with the fix.
+    Check,
+    /// Apply the profile-store migrations.
+    Migrate,
+}

@@ -1,0 +1,26 @@
+//! Tributary: PostgreSQL change-data-capture into unified customer profiles.
+//!
+//! ```text
+//!  CRM db ─┐  logical replication (pgoutput)          profile store (PostgreSQL)
+//!  shop db ┼─► source loop per db ─► decode ─► map ─► resolve ─► one sink txn:
+//!  ...    ─┘   (slot, publication,  (Relation,  (rows →   (identity    events + contributions
+//!               keepalive, flush)    TOAST)    identities, merges,     + profiles + checkpoint
+//!                                              fields)     freshness)        │
+//!                       ◄────────── standby status: flush LSN = committed checkpoint
+//! ```
+//!
+//! * [`pgwire`]: a small PostgreSQL frontend for replication connections (TLS, SCRAM, CopyBoth).
+//! * [`pgoutput`]: pgoutput messages → [`event::ChangeEvent`], with the relation cache and TOAST markers.
+//! * [`source`]: one loop per source database: slot, publication, snapshot, stream, flush feedback.
+//! * [`resolve`]: the pure merge core (contributions, identity merges, field resolution, aggregates).
+//! * [`store`]: the profile store: migrations, batch apply with checkpoint, reads.
+//! * [`config`], [`cli`], [`app`]: the edges.
+
+pub mod app;
+pub mod check;
+pub mod cli;
+pub mod cluster;
+pub mod config;
+pub mod conninfo;
+pub mod event;
+pub mod store;

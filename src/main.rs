@@ -1,0 +1,58 @@
+//! The `tributary` binary: parse the command line, set up logging, run the
+//! command from the library, map the outcome to the contract's exit codes
+//! (0 ok, 1 found a problem, 2 usage or config error, 3 runtime failure).
+
+use std::io::IsTerminal;
+use std::process::ExitCode;
+
+use clap::Parser;
+use tributary::cli::{Cli, LogFormat};
+use tributary::config::ConfigError;
+
+fn init_tracing(format: Option<LogFormat>) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,sqlx=warn"));
+    let human = match format {
+        Some(f) => f == LogFormat::Human,
+        None => std::io::stderr().is_terminal(),
+    };
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if human {
+        builder.with_ansi(std::io::stderr().is_terminal()).init();
+    } else {
+        builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .init();
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing(cli.log_format);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::from(3);
+        }
+    };
+    match runtime.block_on(tributary::app::execute(cli)) {
+        Ok(code) => ExitCode::from(code),
+        Err(err) => {
+            // `{:#}` prints the whole cause chain on one line.
+            eprintln!("error: {err:#}");
+            if err.downcast_ref::<ConfigError>().is_some() {
+                ExitCode::from(2)
+            } else {
+                ExitCode::from(3)
+            }
+        }
+    }
+}

@@ -1,0 +1,6 @@
+//! Integration tests, all in one binary to keep link time down. Each test starts
+//! its own throwaway PostgreSQL cluster(s) from the machine's server binaries.
+
+mod check;
+mod harness;
+mod migrate;
