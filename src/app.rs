@@ -7,6 +7,24 @@ use crate::check::run_checks;
 use crate::cli::{Cli, Command};
 use crate::config::Config;
 use crate::store::Store;
+use tokio_util::sync::CancellationToken;
+
+/// Cancels `token` on SIGINT or SIGTERM.
+pub async fn stop_on_signal(token: CancellationToken) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        tracing::error!("cannot install signal handlers");
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM: stopping"),
+        _ = int.recv() => tracing::info!("SIGINT: stopping"),
+    }
+    token.cancel();
+}
 
 /// Runs one command; `Ok(code)` is the process exit code (0 or 1).
 pub async fn execute(cli: Cli) -> anyhow::Result<u8> {
@@ -22,6 +40,26 @@ pub async fn execute(cli: Cli) -> anyhow::Result<u8> {
                 );
             } else {
                 println!("profile store migrated (schema {})", cfg.sink.schema);
+            }
+            Ok(0)
+        }
+        Command::Run => {
+            let cfg = Config::load(&cli.config)?;
+            let shutdown = CancellationToken::new();
+            tokio::spawn(stop_on_signal(shutdown.clone()));
+            crate::daemon::run(cfg, shutdown).await?;
+            Ok(0)
+        }
+        Command::Status => {
+            let cfg = Config::load(&cli.config)?;
+            let s = crate::status::status(&cfg).await?;
+            if cli.json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&s).context("serialize status")?
+                );
+            } else {
+                crate::status::print_human(&s);
             }
             Ok(0)
         }

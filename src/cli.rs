@@ -43,4 +43,8 @@ pub enum Command {
     Check,
     /// Apply the profile-store migrations.
     Migrate,
+    /// The daemon: snapshot new sources, then stream all sources until SIGINT/SIGTERM.
+    Run,
+    /// Per-source replication state, profile counts and dead letters.
+    Status,
 }

@@ -104,7 +104,8 @@ pub struct ChangeEvent {
     pub unchanged: Vec<String>,
     /// WAL position of the change record itself (several changes may share one).
     pub lsn: Lsn,
-    /// End LSN of the commit that carried this change: the resume point.
+    /// LSN of the commit record of the transaction that carried this change
+    /// (pgoutput's Begin `final_lsn`). Checkpoints store the commit's *end* LSN.
     pub commit_lsn: Lsn,
     /// Position of this change inside its transaction (0-based; for a snapshot,
     /// inside the snapshot), so that changes sharing an LSN still have a total

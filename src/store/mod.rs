@@ -5,6 +5,10 @@
 //! Every relation lives in the configured schema; the pool sets `search_path`
 //! to it so that SQL here and in the migrations is written unqualified.
 
+pub mod apply;
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use sqlx::postgres::PgPoolOptions;
@@ -40,6 +44,8 @@ pub enum StoreError {
 pub struct Store {
     pool: PgPool,
     schema: String,
+    /// Monthly `events` partitions known to exist (year, month).
+    partitions: Arc<Mutex<HashSet<(i32, u32)>>>,
 }
 
 impl Store {
@@ -61,6 +67,7 @@ impl Store {
         Ok(Store {
             pool,
             schema: cfg.schema.clone(),
+            partitions: Arc::default(),
         })
     }
 
@@ -73,7 +80,19 @@ impl Store {
         )))
         .execute(&self.pool)
         .await?;
-        MIGRATOR.run(&self.pool).await.map_err(StoreError::Migrate)
+        MIGRATOR
+            .run(&self.pool)
+            .await
+            .map_err(StoreError::Migrate)?;
+        // Event partitions for last month, this month and the next three.
+        use chrono::Datelike;
+        let now = chrono::Utc::now();
+        let (y, m) = if now.month() == 1 {
+            (now.year() - 1, 12)
+        } else {
+            (now.year(), now.month() - 1)
+        };
+        self.create_partitions_from(y, m, 5).await
     }
 
     /// The underlying pool (for reads by commands and tests).
@@ -84,5 +103,64 @@ impl Store {
     /// The configured schema name.
     pub fn schema(&self) -> &str {
         &self.schema
+    }
+}
+
+/// A source's stored progress.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Checkpoint {
+    /// End LSN of the last applied source transaction.
+    pub lsn: crate::event::Lsn,
+    /// The initial snapshot finished (streaming may resume from `lsn`).
+    pub snapshot_completed: bool,
+}
+
+impl Store {
+    /// The stored checkpoint of a source.
+    pub async fn checkpoint(&self, source: &str) -> Result<Option<Checkpoint>, StoreError> {
+        let row: Option<(String, bool)> =
+            sqlx::query_as("select lsn::text, snapshot_completed_at is not null from checkpoints where source = $1")
+                .bind(source)
+                .fetch_optional(&self.pool)
+                .await?;
+        Ok(row.map(|(lsn, done)| Checkpoint {
+            lsn: lsn.parse().unwrap_or_default(),
+            snapshot_completed: done,
+        }))
+    }
+
+    /// Marks the initial snapshot of `source` done at the slot's consistent point.
+    pub async fn complete_snapshot(
+        &self,
+        source: &str,
+        slot: &str,
+        consistent_point: crate::event::Lsn,
+    ) -> Result<(), StoreError> {
+        sqlx::query(
+            "insert into checkpoints (source, lsn, slot, snapshot_lsn, snapshot_completed_at)
+             values ($1, $2::pg_lsn, $3, $2::pg_lsn, now())
+             on conflict (source) do update set lsn = excluded.lsn, slot = excluded.slot,
+               snapshot_lsn = excluded.snapshot_lsn, snapshot_completed_at = now(), updated_at = now()",
+        )
+        .bind(source)
+        .bind(consistent_point.to_string())
+        .bind(slot)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Keys of `source`'s live rows last written before `lsn`: after a snapshot
+    /// at `lsn`, these rows were not seen and no longer exist upstream.
+    pub async fn live_rows_before(
+        &self,
+        source: &str,
+        lsn: crate::event::Lsn,
+    ) -> Result<Vec<(String, String)>, StoreError> {
+        Ok(sqlx::query_as("select table_name, row_key from contributions where source = $1 and not deleted and lsn < $2::pg_lsn")
+            .bind(source)
+            .bind(lsn.to_string())
+            .fetch_all(&self.pool)
+            .await?)
     }
 }

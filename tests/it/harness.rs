@@ -112,3 +112,170 @@ where
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// A `tributary run` child process; killed (SIGKILL) if still running when dropped.
+pub struct Daemon {
+    child: std::process::Child,
+    pub log: PathBuf,
+}
+
+impl Daemon {
+    /// Starts `tributary run` with the config; logs go to a file next to it.
+    pub fn start(cfg: &Path) -> Daemon {
+        let log = cfg.with_extension(format!("log.{}", rand::random::<u16>()));
+        let out = std::fs::File::create(&log).unwrap();
+        let child = bin()
+            .env("RUST_LOG", "info,tributary=debug,sqlx=warn")
+            .arg("--config")
+            .arg(cfg)
+            .arg("--log-format")
+            .arg("human")
+            .arg("run")
+            .stdout(out.try_clone().unwrap())
+            .stderr(out)
+            .spawn()
+            .expect("spawn tributary run");
+        Daemon { child, log }
+    }
+
+    /// Sends a signal with kill(1).
+    fn signal(&self, sig: &str) {
+        let _ = Command::new("kill")
+            .arg(format!("-{sig}"))
+            .arg(self.child.id().to_string())
+            .status();
+    }
+
+    /// SIGKILL: no chance to flush anything.
+    pub fn kill9(mut self) {
+        self.signal("KILL");
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM and wait; returns the exit code.
+    pub fn stop(mut self) -> Option<i32> {
+        self.signal("TERM");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(Some(st)) = self.child.try_wait() {
+                return st.code();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "daemon did not stop after SIGTERM:\n{}",
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Still running?
+    pub fn alive(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// The log so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            self.signal("KILL");
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// The shop/CRM schema used by the pipeline tests.
+pub const CRM_SCHEMA: &str = "
+create table contacts (id bigint primary key, email text, first_name text, last_name text, phone text,
+  opted_in boolean, row_version bigint not null default 1, modified_at timestamptz not null default now(), bio text);
+alter table contacts alter column bio set storage external;";
+
+pub const SHOP_SCHEMA: &str = "
+create table accounts (id bigint primary key, email text, phone text, created_at timestamptz not null default now());
+create table orders (id bigint primary key, account_id bigint, status text not null, total_cents bigint not null,
+  created_at timestamptz not null default now(), updated_at timestamptz not null default now());";
+
+/// A two-source config (crm + shop) into `sink`, with slot/publication suffix `tag`.
+pub fn pipeline_config(crm: &str, shop: &str, sink: &str, tag: &str) -> String {
+    format!(
+        r#"
+[sink]
+url = "{sink}"
+batch_max_wait_ms = 20
+
+[[source]]
+name = "crm"
+url = "{crm}"
+slot = "crm_{tag}"
+publication = "crm_{tag}"
+priority = 10
+  [[source.table]]
+  name = "public.contacts"
+  identity = {{ email = "email", crm_contact = "id" }}
+  version = "row_version"
+  updated_at = "modified_at"
+  fields = {{ email = "email", first_name = "first_name", last_name = "last_name", phone = "phone", marketing_opt_in = "opted_in", bio = "bio" }}
+
+[[source]]
+name = "shop"
+url = "{shop}"
+slot = "shop_{tag}"
+publication = "shop_{tag}"
+  [[source.table]]
+  name = "public.accounts"
+  identity = {{ email = "email", shop_account = "id" }}
+  fields = {{ shop_signup_at = "created_at", phone = "phone" }}
+  [[source.table]]
+  name = "public.orders"
+  identity = {{ shop_account = "account_id" }}
+  updated_at = "updated_at"
+  [source.table.aggregates]
+  order_count = {{ fn = "count" }}
+  lifetime_value_cents = {{ fn = "sum", column = "total_cents", only_when = {{ status = ["paid", "shipped"] }} }}
+  last_order_at = {{ fn = "max", column = "created_at" }}
+
+[identity.email]
+normalize = "email"
+"#
+    )
+}
+
+/// Every live profile as (sorted identities, traits), from `profile_view`.
+pub async fn profiles(sink: &str) -> Vec<(serde_json::Value, serde_json::Value)> {
+    let mut conn = PgConnection::connect(sink).await.expect("connect sink");
+    let rows: Vec<(serde_json::Value, serde_json::Value)> = sqlx::query_as(
+        "select identities, traits from tributary.profile_view order by identities::text",
+    )
+    .fetch_all(&mut conn)
+    .await
+    .expect("read profile_view");
+    rows
+}
+
+/// The traits of the live profile owning identity kind=value (None also
+/// while the store is not migrated yet).
+pub async fn traits_of(sink: &str, kind: &str, value: &str) -> Option<serde_json::Value> {
+    let mut conn = PgConnection::connect(sink).await.expect("connect sink");
+    let migrated: bool =
+        sqlx::query_scalar("select to_regclass('tributary.profile_view') is not null")
+            .fetch_one(&mut conn)
+            .await
+            .expect("query");
+    if !migrated {
+        return None;
+    }
+    sqlx::query_scalar(
+        "select p.traits from tributary.identities i join tributary.profiles p on p.profile_id = i.profile_id
+          where i.kind = $1 and i.value = $2 and p.merged_into is null",
+    )
+    .bind(kind)
+    .bind(value)
+    .fetch_optional(&mut conn)
+    .await
+    .expect("read traits")
+}

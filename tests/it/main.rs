@@ -3,4 +3,6 @@
 
 mod check;
 mod harness;
+mod merge;
 mod migrate;
+mod pipeline;

@@ -1,0 +1,296 @@
+//! From a row image to a [`Contribution`]: what one source row says about one
+//! person (identifiers, field values, aggregate inputs, version, freshness).
+//!
+//! Pure: the config and the row in, a contribution or a [`MapError`] (which
+//! becomes a dead letter) out. An unchanged TOAST column keeps the value the
+//! row's previous contribution had.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+use chrono::{DateTime, NaiveDate, NaiveDateTime, Utc};
+use serde_json::{Map, Value};
+
+use crate::config::{AggFn, AggregateConfig, Config, Normalize, Strategy, TableConfig};
+use crate::event::{ChangeEvent, Op};
+use crate::identity::{normalize, Ident, IdentError};
+use crate::pgoutput::value::parse_timestamptz;
+use crate::resolve::{Contribution, RowRef};
+
+/// Why a row cannot be mapped; the row goes to `dead_letters` with this text.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum MapError {
+    /// Every identity column is NULL: the row belongs to nobody.
+    #[error("row has no identifier: all of {0:?} are NULL")]
+    NoIdentity(Vec<String>),
+    /// An identifier could not be normalised.
+    #[error(transparent)]
+    Identity(#[from] IdentError),
+    /// The version column holds something that is not an integer.
+    #[error("version column {column}: {value} is not an integer")]
+    Version {
+        /// Column.
+        column: String,
+        /// Value as JSON.
+        value: String,
+    },
+    /// An aggregate input that is not a number (sum) or not comparable (max/min).
+    #[error("aggregate {name}: column {column} value {value} is not a number")]
+    AggregateInput {
+        /// Aggregate.
+        name: String,
+        /// Column.
+        column: String,
+        /// Value as JSON.
+        value: String,
+    },
+    /// A mapped column is absent from the row image (dropped or renamed upstream).
+    #[error("mapped column {0} is missing from the row")]
+    MissingColumn(String),
+}
+
+/// One table's mapping, ready to apply.
+#[derive(Debug, Clone)]
+pub struct TableMapping {
+    /// Source name.
+    pub source: String,
+    /// Source priority.
+    pub priority: i32,
+    /// The table config.
+    pub table: TableConfig,
+    /// Identity kind → normalisation.
+    pub normalize: BTreeMap<String, Normalize>,
+}
+
+/// All mappings and the field strategies, built once from the config.
+#[derive(Debug, Clone, Default)]
+pub struct Mapper {
+    tables: HashMap<(String, String), Arc<TableMapping>>,
+    strategies: BTreeMap<String, Strategy>,
+    aggregates: BTreeMap<String, AggregateConfig>,
+    priorities: BTreeMap<String, i32>,
+}
+
+impl Mapper {
+    /// Builds the mapper from a validated config.
+    pub fn new(cfg: &Config) -> Mapper {
+        let mut m = Mapper {
+            strategies: cfg.fields.clone(),
+            ..Default::default()
+        };
+        for s in &cfg.sources {
+            m.priorities.insert(s.name.clone(), s.priority);
+            for t in &s.tables {
+                let normalize = t
+                    .identity
+                    .keys()
+                    .map(|k| (k.clone(), cfg.normalize_of(k)))
+                    .collect();
+                m.aggregates
+                    .extend(t.aggregates.iter().map(|(k, v)| (k.clone(), v.clone())));
+                m.tables.insert(
+                    (s.name.clone(), t.qualified.clone()),
+                    Arc::new(TableMapping {
+                        source: s.name.clone(),
+                        priority: s.priority,
+                        table: t.clone(),
+                        normalize,
+                    }),
+                );
+            }
+        }
+        m
+    }
+
+    /// The mapping of `source`'s `table`, if mapped.
+    pub fn table(&self, source: &str, table: &str) -> Option<&Arc<TableMapping>> {
+        self.tables.get(&(source.to_owned(), table.to_owned()))
+    }
+
+    /// Resolution strategy of a field.
+    pub fn strategy(&self, field: &str) -> Strategy {
+        self.strategies.get(field).copied().unwrap_or_default()
+    }
+
+    /// Every aggregate by name.
+    pub fn aggregates(&self) -> &BTreeMap<String, AggregateConfig> {
+        &self.aggregates
+    }
+}
+
+impl TableMapping {
+    /// Maps an insert/update/snapshot image into a contribution (no profile yet).
+    /// `prev` supplies values for unchanged TOAST columns.
+    pub fn contribution(
+        &self,
+        ev: &ChangeEvent,
+        prev: Option<&Contribution>,
+    ) -> Result<Contribution, MapError> {
+        debug_assert!(matches!(ev.op, Op::Insert | Op::Update | Op::Snapshot));
+        let t = &self.table;
+        let unchanged = |col: &str| ev.unchanged.iter().any(|c| c == col);
+        let value = |col: &str| -> Result<Option<&Value>, MapError> {
+            if unchanged(col) {
+                return Ok(None); // caller falls back to prev
+            }
+            ev.row
+                .get(col)
+                .map(Some)
+                .ok_or_else(|| MapError::MissingColumn(col.to_owned()))
+        };
+
+        let mut identities: Vec<Ident> = Vec::new();
+        for (kind, col) in &t.identity {
+            let v = match value(col)? {
+                Some(v) => normalize(kind, self.normalize[kind], v)?,
+                None => prev.and_then(|p| {
+                    p.identities
+                        .iter()
+                        .find(|(k, _)| k == kind)
+                        .map(|(_, v)| v.clone())
+                }),
+            };
+            if let Some(v) = v {
+                identities.push((kind.clone(), v));
+            }
+        }
+        if identities.is_empty() {
+            return Err(MapError::NoIdentity(t.identity.values().cloned().collect()));
+        }
+
+        let mut fields = BTreeMap::new();
+        for (field, col) in &t.fields {
+            let v = match value(col)? {
+                Some(v) => Some(v.clone()),
+                None => prev.and_then(|p| p.fields.get(field).cloned()),
+            };
+            if let Some(v) = v.filter(|v| !v.is_null()) {
+                fields.insert(field.clone(), v);
+            }
+        }
+
+        let mut aggs = BTreeMap::new();
+        for (name, a) in &t.aggregates {
+            if unchanged_any(a, &unchanged) {
+                if let Some(v) = prev.and_then(|p| p.aggs.get(name)) {
+                    aggs.insert(name.clone(), v.clone());
+                }
+                continue;
+            }
+            if !passes(a, &ev.row) {
+                continue;
+            }
+            let input = match (&a.column, a.func) {
+                (None, _) => Value::from(1),
+                (Some(col), func) => {
+                    let v = ev
+                        .row
+                        .get(col)
+                        .ok_or_else(|| MapError::MissingColumn(col.clone()))?;
+                    if v.is_null() {
+                        continue;
+                    }
+                    let numeric =
+                        v.is_number() || v.as_str().is_some_and(|s| s.parse::<f64>().is_ok());
+                    if func == AggFn::Sum && !numeric {
+                        return Err(MapError::AggregateInput {
+                            name: name.clone(),
+                            column: col.clone(),
+                            value: v.to_string(),
+                        });
+                    }
+                    match v.as_str().and_then(|s| s.parse::<i64>().ok()) {
+                        Some(i) if func == AggFn::Sum => Value::from(i),
+                        _ => v.clone(),
+                    }
+                }
+            };
+            aggs.insert(name.clone(), input);
+        }
+
+        let version = match &t.version {
+            None => None,
+            Some(col) => match value(col)? {
+                None => prev.and_then(|p| p.version),
+                Some(Value::Null) => None,
+                Some(v) => Some(
+                    v.as_i64()
+                        .or_else(|| v.as_str().and_then(|s| s.parse().ok()))
+                        .ok_or_else(|| MapError::Version {
+                            column: col.clone(),
+                            value: v.to_string(),
+                        })?,
+                ),
+            },
+        };
+        let freshness = t
+            .updated_at
+            .as_deref()
+            .and_then(|col| ev.row.get(col))
+            .and_then(parse_freshness)
+            .unwrap_or(ev.commit_time);
+
+        Ok(Contribution {
+            row: RowRef {
+                source: self.source.clone(),
+                table: t.qualified.clone(),
+                row_key: ev.row_key(),
+            },
+            profile_id: None,
+            deleted: false,
+            identities,
+            fields,
+            aggs,
+            version,
+            lsn: ev.commit_lsn,
+            seq: ev.seq,
+            freshness,
+            priority: self.priority,
+        })
+    }
+}
+
+fn unchanged_any(a: &AggregateConfig, unchanged: &impl Fn(&str) -> bool) -> bool {
+    a.column.as_deref().is_some_and(unchanged) || a.only_when.keys().any(|c| unchanged(c))
+}
+
+/// Does the row pass the aggregate's `only_when` filter?
+fn passes(a: &AggregateConfig, row: &Map<String, Value>) -> bool {
+    a.only_when.iter().all(|(col, accepted)| {
+        let v = row.get(col).unwrap_or(&Value::Null);
+        accepted
+            .iter()
+            .any(|want| want == v || (json_text(want).is_some() && json_text(want) == json_text(v)))
+    })
+}
+
+fn json_text(v: &Value) -> Option<String> {
+    match v {
+        Value::String(s) => Some(s.clone()),
+        Value::Number(n) => Some(n.to_string()),
+        Value::Bool(b) => Some(b.to_string()),
+        _ => None,
+    }
+}
+
+/// A freshness column value (timestamptz, timestamp taken as UTC, or date) → time.
+pub fn parse_freshness(v: &Value) -> Option<DateTime<Utc>> {
+    let s = v.as_str()?;
+    parse_timestamptz(s)
+        .or_else(|| {
+            DateTime::parse_from_rfc3339(s)
+                .ok()
+                .map(|t| t.with_timezone(&Utc))
+        })
+        .or_else(|| {
+            NaiveDateTime::parse_from_str(s, "%Y-%m-%dT%H:%M:%S%.f")
+                .ok()
+                .map(|t| t.and_utc())
+        })
+        .or_else(|| {
+            NaiveDate::parse_from_str(s, "%Y-%m-%d")
+                .ok()
+                .and_then(|d| d.and_hms_opt(0, 0, 0))
+                .map(|t| t.and_utc())
+        })
+}

@@ -1,0 +1,258 @@
+//! Column values in pgoutput's text format → JSON, typed from the column's type OID.
+//!
+//! Timestamps are normalised to UTC with six fraction digits
+//! (`2024-01-02T03:04:05.000000Z`), so that their text order is their time
+//! order; `numeric` becomes a JSON number when that is exact, else a string.
+//! Unknown types stay text.
+
+use chrono::{DateTime, NaiveDateTime, Utc};
+use serde_json::{Number, Value};
+
+/// Type OIDs this module understands (from `pg_type.dat`).
+pub mod oid {
+    #![allow(missing_docs)]
+    pub const BOOL: u32 = 16;
+    pub const INT8: u32 = 20;
+    pub const INT2: u32 = 21;
+    pub const INT4: u32 = 23;
+    pub const OID: u32 = 26;
+    pub const JSON: u32 = 114;
+    pub const FLOAT4: u32 = 700;
+    pub const FLOAT8: u32 = 701;
+    pub const DATE: u32 = 1082;
+    pub const TIMESTAMP: u32 = 1114;
+    pub const TIMESTAMPTZ: u32 = 1184;
+    pub const NUMERIC: u32 = 1700;
+    pub const UUID: u32 = 2950;
+    pub const JSONB: u32 = 3802;
+}
+
+/// The element type of an array type, for the common array types.
+fn array_element(type_oid: u32) -> Option<u32> {
+    Some(match type_oid {
+        1000 => oid::BOOL,
+        1005 => oid::INT2,
+        1007 => oid::INT4,
+        1016 => oid::INT8,
+        1028 => oid::OID,
+        1021 => oid::FLOAT4,
+        1022 => oid::FLOAT8,
+        1231 => oid::NUMERIC,
+        1115 => oid::TIMESTAMP,
+        1185 => oid::TIMESTAMPTZ,
+        1182 => oid::DATE,
+        2951 => oid::UUID,
+        199 => oid::JSON,
+        3807 => oid::JSONB,
+        // text-like arrays: text, varchar, bpchar, name, char
+        1009 | 1015 | 1014 | 1003 | 1002 => 25,
+        _ => return None,
+    })
+}
+
+/// Converts one text-format value of type `type_oid` to JSON.
+pub fn text_to_json(type_oid: u32, text: &str) -> Value {
+    match type_oid {
+        oid::BOOL => match text {
+            "t" => Value::Bool(true),
+            "f" => Value::Bool(false),
+            other => Value::String(other.to_owned()),
+        },
+        oid::INT2 | oid::INT4 | oid::INT8 | oid::OID => text
+            .parse::<i64>()
+            .map(Value::from)
+            .unwrap_or_else(|_| Value::String(text.to_owned())),
+        oid::FLOAT4 | oid::FLOAT8 => text
+            .parse::<f64>()
+            .ok()
+            .and_then(Number::from_f64)
+            .map_or_else(|| Value::String(text.to_owned()), Value::Number),
+        oid::NUMERIC => numeric(text),
+        oid::JSON | oid::JSONB => {
+            serde_json::from_str(text).unwrap_or_else(|_| Value::String(text.to_owned()))
+        }
+        oid::TIMESTAMPTZ => Value::String(timestamptz(text).unwrap_or_else(|| text.to_owned())),
+        oid::TIMESTAMP => Value::String(
+            NaiveDateTime::parse_from_str(text, "%Y-%m-%d %H:%M:%S%.f")
+                .map(|t| t.format("%Y-%m-%dT%H:%M:%S%.6f").to_string())
+                .unwrap_or_else(|_| text.to_owned()),
+        ),
+        other => match array_element(other) {
+            Some(elem) => parse_array(text, elem).unwrap_or_else(|| Value::String(text.to_owned())),
+            None => Value::String(text.to_owned()),
+        },
+    }
+}
+
+/// A `timestamptz` in the server's ISO output → normalised UTC text.
+pub fn timestamptz(text: &str) -> Option<String> {
+    parse_timestamptz(text).map(|t| format_utc(&t))
+}
+
+/// Parses ISO `timestamptz` output (`2024-01-02 03:04:05.123+00`, `+05:30`).
+pub fn parse_timestamptz(text: &str) -> Option<DateTime<Utc>> {
+    DateTime::parse_from_str(text, "%Y-%m-%d %H:%M:%S%.f%#z")
+        .or_else(|_| DateTime::parse_from_rfc3339(text))
+        .ok()
+        .map(|t| t.with_timezone(&Utc))
+}
+
+/// The canonical text of a UTC instant.
+pub fn format_utc(t: &DateTime<Utc>) -> String {
+    t.format("%Y-%m-%dT%H:%M:%S%.6fZ").to_string()
+}
+
+fn numeric(text: &str) -> Value {
+    if let Ok(i) = text.parse::<i64>() {
+        return Value::from(i);
+    }
+    match text.parse::<f64>().ok().and_then(Number::from_f64) {
+        // exact only when the shortest round-trip text is the same number
+        Some(n) if same_decimal(&n.to_string(), text) => Value::Number(n),
+        _ => Value::String(text.to_owned()),
+    }
+}
+
+fn same_decimal(a: &str, b: &str) -> bool {
+    let norm = |s: &str| {
+        let s = s.trim_start_matches('+');
+        if s.contains('.') {
+            s.trim_end_matches('0').trim_end_matches('.').to_owned()
+        } else {
+            s.to_owned()
+        }
+    };
+    norm(a) == norm(b)
+}
+
+/// Parses an array literal (`{1,2,NULL}`, `{"a b","c\"d"}`, `{{1,2},{3,4}}`).
+fn parse_array(text: &str, elem: u32) -> Option<Value> {
+    let chars: Vec<char> = text.chars().collect();
+    let mut pos = 0;
+    // optional dimension decoration: [1:2]={...}
+    if chars.first() == Some(&'[') {
+        pos = text.find('=')? + 1;
+    }
+    let v = parse_array_at(&chars, &mut pos, elem)?;
+    (pos == chars.len()).then_some(v)
+}
+
+fn parse_array_at(c: &[char], pos: &mut usize, elem: u32) -> Option<Value> {
+    if c.get(*pos) != Some(&'{') {
+        return None;
+    }
+    *pos += 1;
+    let mut items = Vec::new();
+    if c.get(*pos) == Some(&'}') {
+        *pos += 1;
+        return Some(Value::Array(items));
+    }
+    loop {
+        match c.get(*pos)? {
+            '{' => items.push(parse_array_at(c, pos, elem)?),
+            '"' => {
+                *pos += 1;
+                let mut s = String::new();
+                loop {
+                    match c.get(*pos)? {
+                        '\\' => {
+                            s.push(*c.get(*pos + 1)?);
+                            *pos += 2;
+                        }
+                        '"' => {
+                            *pos += 1;
+                            break;
+                        }
+                        ch => {
+                            s.push(*ch);
+                            *pos += 1;
+                        }
+                    }
+                }
+                items.push(text_to_json(elem, &s));
+            }
+            _ => {
+                let start = *pos;
+                while !matches!(c.get(*pos)?, ',' | '}') {
+                    *pos += 1;
+                }
+                let s: String = c[start..*pos].iter().collect();
+                items.push(if s == "NULL" {
+                    Value::Null
+                } else {
+                    text_to_json(elem, &s)
+                });
+            }
+        }
+        match c.get(*pos)? {
+            ',' => *pos += 1,
+            '}' => {
+                *pos += 1;
+                return Some(Value::Array(items));
+            }
+            _ => return None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    #[test]
+    fn scalars_are_typed() {
+        assert_eq!(text_to_json(oid::INT8, "42"), json!(42));
+        assert_eq!(text_to_json(oid::BOOL, "t"), json!(true));
+        assert_eq!(text_to_json(oid::FLOAT8, "1.5"), json!(1.5));
+        assert_eq!(text_to_json(oid::FLOAT8, "NaN"), json!("NaN"));
+        assert_eq!(text_to_json(oid::NUMERIC, "12.50"), json!(12.5));
+        assert_eq!(
+            text_to_json(oid::NUMERIC, "123456789012345678901234567890"),
+            json!("123456789012345678901234567890")
+        );
+        assert_eq!(
+            text_to_json(oid::JSONB, r#"{"a": [1, 2]}"#),
+            json!({"a": [1, 2]})
+        );
+        assert_eq!(
+            text_to_json(oid::UUID, "a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11"),
+            json!("a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11")
+        );
+        assert_eq!(text_to_json(25, "plain"), json!("plain"));
+        assert_eq!(text_to_json(oid::DATE, "2024-02-29"), json!("2024-02-29"));
+    }
+
+    #[test]
+    fn timestamps_are_normalised_to_utc() {
+        assert_eq!(
+            text_to_json(oid::TIMESTAMPTZ, "2024-01-02 03:04:05.123+00"),
+            json!("2024-01-02T03:04:05.123000Z")
+        );
+        assert_eq!(
+            text_to_json(oid::TIMESTAMPTZ, "2024-01-02 08:34:05+05:30"),
+            json!("2024-01-02T03:04:05.000000Z")
+        );
+        assert_eq!(
+            text_to_json(oid::TIMESTAMP, "2024-01-02 03:04:05"),
+            json!("2024-01-02T03:04:05.000000")
+        );
+        assert_eq!(
+            text_to_json(oid::TIMESTAMPTZ, "infinity"),
+            json!("infinity")
+        );
+    }
+
+    #[test]
+    fn arrays_become_json_arrays() {
+        assert_eq!(text_to_json(1007, "{1,2,NULL}"), json!([1, 2, null]));
+        assert_eq!(
+            text_to_json(1009, r#"{"a b","c\"d",plain}"#),
+            json!(["a b", "c\"d", "plain"])
+        );
+        assert_eq!(text_to_json(1007, "{{1,2},{3,4}}"), json!([[1, 2], [3, 4]]));
+        assert_eq!(text_to_json(1009, "{}"), json!([]));
+        assert_eq!(text_to_json(1007, "{1,2"), json!("{1,2"));
+    }
+}

@@ -1,0 +1,633 @@
+//! The pure merge core: contributions, the identity graph, per-field
+//! resolution and aggregates. No I/O.
+//!
+//! Think in contributions: the latest word of every source row. A row's own
+//! changes are ordered by its version column (when configured) and then by
+//! (commit LSN, position in the transaction); an older change never replaces a
+//! newer one, so duplicates, replays and reordering cannot move anything
+//! backwards. Traits are a pure function of a profile's contributions:
+//!
+//! * fields: among the profile's live rows with a non-null value, the freshest
+//!   (`updated_at`, else commit time) wins, then the higher source priority,
+//!   then the larger row key (strategy `priority` puts priority first);
+//! * aggregates: count/sum/max/min over the profile's live rows that pass the
+//!   aggregate's filter, kept incrementally (subtract the old input, add the
+//!   new); a max/min whose extreme is withdrawn is recomputed from the rows.
+//!
+//! Every image seen links its identifiers to one profile; the graph only
+//! grows, and when an image links two profiles they merge into the smaller id.
+//! The partition of identifiers into profiles therefore depends only on the set
+//! of images seen, never on their order.
+//!
+//! [`State`] may hold all of the store (the in-memory [`State`] used by property
+//! tests, rebuild and reconciliation) or just the part a batch touches (loaded
+//! by the store adapter); the rules are the same. What changed is recorded in
+//! [`ChangeLog`] for the adapter to write.
+
+use std::cmp::Ordering;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Number, Value};
+
+use crate::config::{AggFn, AggregateConfig, Strategy};
+use crate::event::{ChangeEvent, Lsn, Op};
+use crate::identity::Ident;
+use crate::mapping::{MapError, Mapper};
+
+/// Profile identifier.
+pub type ProfileId = i64;
+
+/// Identity of a source row.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct RowRef {
+    /// Source name.
+    pub source: String,
+    /// `schema.table`.
+    pub table: String,
+    /// Canonical JSON of the key columns.
+    pub row_key: String,
+}
+
+/// What one source row says about one profile (its latest word).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Contribution {
+    /// The row.
+    pub row: RowRef,
+    /// The profile it belongs to (None for a deleted row).
+    pub profile_id: Option<ProfileId>,
+    /// Tombstone of a deleted row.
+    pub deleted: bool,
+    /// Normalised identifiers of the row's latest image.
+    pub identities: Vec<Ident>,
+    /// Non-null mapped field values.
+    pub fields: BTreeMap<String, Value>,
+    /// Inputs to aggregates (present only for rows that pass the filter).
+    pub aggs: BTreeMap<String, Value>,
+    /// Version column value.
+    pub version: Option<i64>,
+    /// Commit LSN of the change that wrote this.
+    pub lsn: Lsn,
+    /// Position inside that transaction.
+    pub seq: u64,
+    /// Freshness of the values.
+    pub freshness: DateTime<Utc>,
+    /// Source priority.
+    pub priority: i32,
+}
+
+/// Is `new` a later word of the row than `old`?
+///
+/// Versions decide when both rows have one and `old` is not a tombstone (a row
+/// re-inserted after a delete starts a new life whose versions may restart);
+/// otherwise (commit LSN, position) decides. Equal means the same change: not newer.
+pub fn is_newer(new: &Contribution, old: &Contribution) -> bool {
+    if let (Some(nv), Some(ov)) = (new.version, old.version) {
+        if !old.deleted && nv != ov {
+            return nv > ov;
+        }
+    }
+    (new.lsn, new.seq) > (old.lsn, old.seq)
+}
+
+/// Running state of one aggregate of one profile.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct AggState {
+    /// Rows contributing.
+    pub n: i64,
+    /// Sum of inputs (sum).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub s: Option<Number>,
+    /// Current extreme (max/min).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub v: Option<Value>,
+    /// The extreme was withdrawn and must be recomputed from the rows.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub stale: bool,
+}
+
+/// Adds or subtracts two JSON numbers, exactly for integers.
+fn num_add(a: Option<&Number>, b: &Value, sign: i64) -> Option<Number> {
+    let b_num = match b {
+        Value::Number(n) => n.clone(),
+        Value::String(s) => s
+            .parse::<i64>()
+            .map(Number::from)
+            .ok()
+            .or_else(|| s.parse::<f64>().ok().and_then(Number::from_f64))?,
+        _ => return a.cloned(),
+    };
+    let a = a.cloned().unwrap_or_else(|| Number::from(0));
+    if let (Some(x), Some(y)) = (a.as_i64(), b_num.as_i64()) {
+        if let Some(r) = y.checked_mul(sign).and_then(|y| x.checked_add(y)) {
+            return Some(Number::from(r));
+        }
+    }
+    #[allow(clippy::cast_precision_loss)]
+    let r = a.as_f64().unwrap_or(0.0) + b_num.as_f64().unwrap_or(0.0) * sign as f64;
+    Number::from_f64(r)
+}
+
+/// Total order on JSON scalars for max/min: numbers < strings < others, numbers
+/// numerically, strings by text (timestamps are normalised so text order is time order).
+pub fn cmp_json(a: &Value, b: &Value) -> Ordering {
+    let rank = |v: &Value| match v {
+        Value::Number(_) => 0,
+        Value::String(_) => 1,
+        _ => 2,
+    };
+    match (a, b) {
+        (Value::Number(x), Value::Number(y)) => x
+            .as_f64()
+            .unwrap_or(0.0)
+            .total_cmp(&y.as_f64().unwrap_or(0.0)),
+        (Value::String(x), Value::String(y)) => x.cmp(y),
+        _ => rank(a)
+            .cmp(&rank(b))
+            .then_with(|| a.to_string().cmp(&b.to_string())),
+    }
+}
+
+impl AggState {
+    fn add(&mut self, func: AggFn, input: &Value) {
+        self.n += 1;
+        match func {
+            AggFn::Count => {}
+            AggFn::Sum => self.s = num_add(self.s.as_ref(), input, 1),
+            AggFn::Max | AggFn::Min => self.offer(func, input),
+        }
+    }
+
+    /// Takes `input` as the extreme if it beats the current one. While the
+    /// extreme is stale the rows will be rescanned anyway.
+    fn offer(&mut self, func: AggFn, input: &Value) {
+        if self.stale {
+            return;
+        }
+        let better = self.v.as_ref().is_none_or(|cur| {
+            let o = cmp_json(input, cur);
+            (func == AggFn::Max && o == Ordering::Greater)
+                || (func == AggFn::Min && o == Ordering::Less)
+        });
+        if better {
+            self.v = Some(input.clone());
+        }
+    }
+
+    fn remove(&mut self, func: AggFn, input: &Value) {
+        self.n -= 1;
+        match func {
+            AggFn::Count => {}
+            AggFn::Sum => self.s = num_add(self.s.as_ref(), input, -1),
+            AggFn::Max | AggFn::Min => {
+                if self.n == 0 {
+                    self.v = None;
+                    self.stale = false;
+                } else if self
+                    .v
+                    .as_ref()
+                    .is_none_or(|cur| cmp_json(input, cur) == Ordering::Equal)
+                {
+                    self.stale = true;
+                }
+            }
+        }
+    }
+
+    fn merge_from(&mut self, func: AggFn, other: &AggState) {
+        self.n += other.n;
+        match func {
+            AggFn::Count => {}
+            AggFn::Sum => {
+                if let Some(s) = &other.s {
+                    self.s = num_add(self.s.as_ref(), &Value::Number(s.clone()), 1);
+                }
+            }
+            AggFn::Max | AggFn::Min => {
+                self.stale |= other.stale;
+                if let Some(v) = &other.v {
+                    self.offer(func, v);
+                }
+            }
+        }
+    }
+
+    /// The trait value, or None when no row contributes.
+    pub fn value(&self, func: AggFn) -> Option<Value> {
+        if self.n <= 0 {
+            return None;
+        }
+        match func {
+            AggFn::Count => Some(Value::from(self.n)),
+            AggFn::Sum => Some(Value::Number(
+                self.s.clone().unwrap_or_else(|| Number::from(0)),
+            )),
+            AggFn::Max | AggFn::Min => self.v.clone(),
+        }
+    }
+}
+
+/// Recomputes a max/min from the inputs of a profile's rows.
+pub fn extreme<'a>(func: AggFn, inputs: impl Iterator<Item = &'a Value>) -> Option<Value> {
+    let it = inputs.filter(|v| !v.is_null());
+    match func {
+        AggFn::Max => it.max_by(|a, b| cmp_json(a, b)).cloned(),
+        AggFn::Min => it.min_by(|a, b| cmp_json(a, b)).cloned(),
+        _ => None,
+    }
+}
+
+/// One profile's non-derived state.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ProfileState {
+    /// Set when merged into another profile.
+    pub merged_into: Option<ProfileId>,
+    /// Running aggregates by name.
+    pub aggs: BTreeMap<String, AggState>,
+}
+
+/// The winning value of a field, with its provenance.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Winner {
+    /// The value.
+    pub value: Value,
+    /// The row it came from.
+    pub row: RowRef,
+    /// Its freshness.
+    pub freshness: DateTime<Utc>,
+    /// Commit LSN of the change that wrote it.
+    pub lsn: Lsn,
+}
+
+/// Picks the winning value of every field among a profile's live contributions.
+pub fn resolve_fields<'a>(
+    contribs: impl IntoIterator<Item = &'a Contribution>,
+    strategy: impl Fn(&str) -> Strategy,
+) -> BTreeMap<String, Winner> {
+    let mut best: BTreeMap<String, &Contribution> = BTreeMap::new();
+    for c in contribs.into_iter().filter(|c| !c.deleted) {
+        for field in c.fields.keys() {
+            let wins = match best.get(field.as_str()) {
+                None => true,
+                Some(cur) => {
+                    let fresh = c.freshness.cmp(&cur.freshness);
+                    let prio = c.priority.cmp(&cur.priority);
+                    let first = match strategy(field) {
+                        Strategy::Freshest => fresh.then(prio),
+                        Strategy::Priority => prio.then(fresh),
+                    };
+                    first.then_with(|| c.row.cmp(&cur.row)) == Ordering::Greater
+                }
+            };
+            if wins {
+                best.insert(field.clone(), c);
+            }
+        }
+    }
+    best.into_iter()
+        .map(|(f, c)| {
+            (
+                f.clone(),
+                Winner {
+                    value: c.fields[&f].clone(),
+                    row: c.row.clone(),
+                    freshness: c.freshness,
+                    lsn: c.lsn,
+                },
+            )
+        })
+        .collect()
+}
+
+/// The traits document: winning fields plus aggregate values.
+pub fn traits(
+    fields: &BTreeMap<String, Winner>,
+    aggs: &BTreeMap<String, AggState>,
+    defs: &BTreeMap<String, AggregateConfig>,
+) -> Map<String, Value> {
+    let mut t: Map<String, Value> = fields
+        .iter()
+        .map(|(k, w)| (k.clone(), w.value.clone()))
+        .collect();
+    for (name, st) in aggs {
+        if let Some(def) = defs.get(name) {
+            if let Some(v) = st.value(def.func) {
+                t.insert(name.clone(), v);
+            }
+        }
+    }
+    t
+}
+
+/// What a batch changed, for the store adapter to write.
+#[derive(Debug, Default, Clone)]
+pub struct ChangeLog {
+    /// Rows whose contribution was written.
+    pub contributions: BTreeSet<RowRef>,
+    /// Identifiers assigned or re-pointed.
+    pub identities: BTreeSet<Ident>,
+    /// Profiles created.
+    pub created: BTreeSet<ProfileId>,
+    /// (loser, survivor) in the order they happened.
+    pub merges: Vec<(ProfileId, ProfileId)>,
+    /// Profiles whose traits must be recomputed.
+    pub dirty: BTreeSet<ProfileId>,
+}
+
+/// What happened to one event.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    /// The row's contribution was replaced (or withdrawn, for a delete).
+    Applied,
+    /// An older or duplicate change: identities linked, nothing else changed.
+    Stale,
+    /// The table is not mapped.
+    Unmapped,
+}
+
+/// Contributions, identity owners and profile states: all of the store, or
+/// the part a batch touches.
+#[derive(Debug, Clone, Default)]
+pub struct State {
+    /// Contributions by row.
+    pub contributions: HashMap<RowRef, Contribution>,
+    /// Identifier → owning (live) profile.
+    pub owners: HashMap<Ident, ProfileId>,
+    /// Profiles.
+    pub profiles: HashMap<ProfileId, ProfileState>,
+    /// Next profile id to allocate.
+    pub next_profile_id: ProfileId,
+    /// What changed since the log was last taken.
+    pub log: ChangeLog,
+    /// Aggregate name → function (from the mapper).
+    agg_funcs: BTreeMap<String, AggFn>,
+}
+
+impl State {
+    /// An empty state for this mapping, allocating profile ids from 1.
+    pub fn new(mapper: &Mapper) -> State {
+        State {
+            next_profile_id: 1,
+            agg_funcs: mapper
+                .aggregates()
+                .iter()
+                .map(|(k, v)| (k.clone(), v.func))
+                .collect(),
+            ..Default::default()
+        }
+    }
+
+    fn func(&self, agg: &str) -> AggFn {
+        self.agg_funcs.get(agg).copied().unwrap_or(AggFn::Count)
+    }
+
+    fn live(&self, mut p: ProfileId) -> ProfileId {
+        // Identities are re-pointed on merge, but follow chains defensively.
+        for _ in 0..64 {
+            match self.profiles.get(&p).and_then(|s| s.merged_into) {
+                Some(next) => p = next,
+                None => break,
+            }
+        }
+        p
+    }
+
+    /// Links identifiers into one profile (creating or merging); returns it.
+    fn link(&mut self, idents: &[Ident]) -> ProfileId {
+        let mut owners: BTreeSet<ProfileId> = idents
+            .iter()
+            .filter_map(|i| self.owners.get(i))
+            .map(|p| self.live(*p))
+            .collect();
+        let target = match owners.pop_first() {
+            Some(p) => p,
+            None => {
+                let p = self.next_profile_id;
+                self.next_profile_id += 1;
+                self.profiles.insert(p, ProfileState::default());
+                self.log.created.insert(p);
+                self.log.dirty.insert(p);
+                p
+            }
+        };
+        for loser in owners {
+            self.merge(loser, target);
+        }
+        for i in idents {
+            if self.owners.get(i) != Some(&target) {
+                self.owners.insert(i.clone(), target);
+                self.log.identities.insert(i.clone());
+            }
+        }
+        target
+    }
+
+    fn merge(&mut self, loser: ProfileId, survivor: ProfileId) {
+        let loser_state = self
+            .profiles
+            .get_mut(&loser)
+            .map(std::mem::take)
+            .unwrap_or_default();
+        if let Some(l) = self.profiles.get_mut(&loser) {
+            l.merged_into = Some(survivor);
+        }
+        for (name, st) in &loser_state.aggs {
+            let func = self.func(name);
+            let surv = self.profiles.entry(survivor).or_default();
+            surv.aggs
+                .entry(name.clone())
+                .or_default()
+                .merge_from(func, st);
+        }
+        for (ident, owner) in &mut self.owners {
+            if *owner == loser {
+                *owner = survivor;
+                self.log.identities.insert(ident.clone());
+            }
+        }
+        for c in self.contributions.values_mut() {
+            if c.profile_id == Some(loser) {
+                c.profile_id = Some(survivor);
+                self.log.contributions.insert(c.row.clone());
+            }
+        }
+        self.log.merges.push((loser, survivor));
+        self.log.dirty.insert(survivor);
+        self.log.dirty.insert(loser);
+    }
+
+    fn withdraw(&mut self, c: &Contribution) {
+        let Some(p) = c.profile_id.map(|p| self.live(p)) else {
+            return;
+        };
+        for (name, input) in &c.aggs {
+            let func = self.func(name);
+            self.profiles
+                .entry(p)
+                .or_default()
+                .aggs
+                .entry(name.clone())
+                .or_default()
+                .remove(func, input);
+        }
+        self.log.dirty.insert(p);
+    }
+
+    fn contribute(&mut self, c: &Contribution, p: ProfileId) {
+        for (name, input) in &c.aggs {
+            let func = self.func(name);
+            self.profiles
+                .entry(p)
+                .or_default()
+                .aggs
+                .entry(name.clone())
+                .or_default()
+                .add(func, input);
+        }
+        self.log.dirty.insert(p);
+    }
+
+    fn put(&mut self, c: Contribution) {
+        self.log.contributions.insert(c.row.clone());
+        self.contributions.insert(c.row.clone(), c);
+    }
+
+    /// Applies one change event (insert, update, snapshot or delete; a
+    /// truncate must first be expanded into deletes with [`truncate_as_deletes`]).
+    pub fn apply(&mut self, mapper: &Mapper, ev: &ChangeEvent) -> Result<Outcome, MapError> {
+        let Some(mapping) = mapper.table(&ev.source, &ev.table) else {
+            return Ok(Outcome::Unmapped);
+        };
+        let row = RowRef {
+            source: ev.source.clone(),
+            table: ev.table.clone(),
+            row_key: ev.row_key(),
+        };
+        let prev = self.contributions.get(&row).cloned();
+        match ev.op {
+            Op::Insert | Op::Update | Op::Snapshot => {
+                let mut new = mapping.contribution(ev, prev.as_ref().filter(|p| !p.deleted))?;
+                let p = self.link(&new.identities);
+                if let Some(prev) = &prev {
+                    if !is_newer(&new, prev) {
+                        return Ok(Outcome::Stale);
+                    }
+                    self.withdraw(prev);
+                }
+                new.profile_id = Some(p);
+                self.contribute(&new, p);
+                self.put(new);
+                Ok(Outcome::Applied)
+            }
+            Op::Delete | Op::Truncate => {
+                let tomb = Contribution {
+                    row,
+                    profile_id: None,
+                    deleted: true,
+                    identities: prev
+                        .as_ref()
+                        .map(|p| p.identities.clone())
+                        .unwrap_or_default(),
+                    fields: BTreeMap::new(),
+                    aggs: BTreeMap::new(),
+                    version: prev.as_ref().and_then(|p| p.version),
+                    lsn: ev.commit_lsn,
+                    seq: ev.seq,
+                    freshness: ev.commit_time,
+                    priority: mapping.priority,
+                };
+                if let Some(prev) = &prev {
+                    if !is_newer(&tomb, prev) {
+                        return Ok(Outcome::Stale);
+                    }
+                    self.withdraw(prev);
+                }
+                self.put(tomb);
+                Ok(Outcome::Applied)
+            }
+        }
+    }
+
+    /// Live contributions of a profile (full state only).
+    pub fn contributions_of(&self, p: ProfileId) -> impl Iterator<Item = &Contribution> {
+        self.contributions
+            .values()
+            .filter(move |c| c.profile_id == Some(p) && !c.deleted)
+    }
+
+    /// Recomputes stale max/min aggregates of `p` from its contributions (full state only).
+    pub fn refresh_extremes(&mut self, p: ProfileId) {
+        let stale: Vec<String> = self
+            .profiles
+            .get(&p)
+            .map(|s| {
+                s.aggs
+                    .iter()
+                    .filter(|(_, a)| a.stale)
+                    .map(|(k, _)| k.clone())
+                    .collect()
+            })
+            .unwrap_or_default();
+        for name in stale {
+            let func = self.func(&name);
+            let v = extreme(
+                func,
+                self.contributions_of(p).filter_map(|c| c.aggs.get(&name)),
+            );
+            if let Some(a) = self
+                .profiles
+                .get_mut(&p)
+                .and_then(|s| s.aggs.get_mut(&name))
+            {
+                a.v = v;
+                a.stale = false;
+            }
+        }
+    }
+
+    /// Traits of every live profile, keyed by the profile's sorted identifiers
+    /// (independent of id allocation order): the canonical form for comparing
+    /// two states.
+    pub fn canonical(&mut self, mapper: &Mapper) -> BTreeMap<Vec<Ident>, Map<String, Value>> {
+        let ids: Vec<ProfileId> = self
+            .profiles
+            .iter()
+            .filter(|(_, s)| s.merged_into.is_none())
+            .map(|(p, _)| *p)
+            .collect();
+        let mut out = BTreeMap::new();
+        for p in ids {
+            self.refresh_extremes(p);
+            let mut idents: Vec<Ident> = self
+                .owners
+                .iter()
+                .filter(|(_, o)| **o == p)
+                .map(|(i, _)| i.clone())
+                .collect();
+            idents.sort();
+            let fields = resolve_fields(self.contributions_of(p), |f| mapper.strategy(f));
+            let t = traits(&fields, &self.profiles[&p].aggs, mapper.aggregates());
+            out.insert(idents, t);
+        }
+        out
+    }
+}
+
+/// A truncate withdraws every live row of the table: one delete per row, all
+/// at the truncate's position.
+pub fn truncate_as_deletes(
+    ev: &ChangeEvent,
+    live_row_keys: impl IntoIterator<Item = Map<String, Value>>,
+) -> Vec<ChangeEvent> {
+    live_row_keys
+        .into_iter()
+        .map(|key| ChangeEvent {
+            op: Op::Delete,
+            row: key.clone(),
+            key,
+            unchanged: Vec::new(),
+            ..ev.clone()
+        })
+        .collect()
+}

@@ -1,0 +1,379 @@
+//! One source database: its publication and slot, the replication stream, and
+//! the initial snapshot.
+//!
+//! The replication stream is read by one loop per source ([`crate::app`]); this
+//! module gives it the pieces: [`ensure_publication`], [`Replication`] (connect,
+//! create the slot with an exported snapshot, start streaming, next message,
+//! flush feedback) and [`snapshot`].
+
+pub mod snapshot;
+
+use std::time::{Duration, Instant};
+
+use sqlx::{Connection, PgConnection};
+
+use crate::config::SourceConfig;
+use crate::event::Lsn;
+use crate::pgoutput::{DecodeError, Decoded, Decoder};
+use crate::pgwire::{CopyMessage, PgConn, PgWireError};
+
+/// Source-side failures.
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    /// The replication connection failed.
+    #[error("source {source_name}: {error}")]
+    Wire {
+        /// Source name.
+        source_name: String,
+        /// Cause.
+        #[source]
+        error: PgWireError,
+    },
+    /// An ordinary query (publication, snapshot) failed.
+    #[error("source {source_name}: {what}")]
+    Query {
+        /// Source name.
+        source_name: String,
+        /// What was being done.
+        what: String,
+        /// Cause.
+        #[source]
+        error: sqlx::Error,
+    },
+    /// A pgoutput message could not be decoded.
+    #[error("source {source_name}: undecodable replication message at {lsn}")]
+    Decode {
+        /// Source name.
+        source_name: String,
+        /// Where.
+        lsn: Lsn,
+        /// Cause.
+        #[source]
+        error: DecodeError,
+    },
+    /// The server is not set up for logical replication.
+    #[error("source {source_name}: wal_level is {wal_level}; set wal_level = logical (ALTER SYSTEM SET wal_level = logical, then restart the server)")]
+    WalLevel {
+        /// Source name.
+        source_name: String,
+        /// Current setting.
+        wal_level: String,
+    },
+    /// The slot the checkpoint refers to is gone: changes may have been lost.
+    #[error(
+        "source {source_name}: replication slot {slot} is missing, but the store has a checkpoint at {checkpoint}; \
+         changes after it may be lost. Re-snapshot the source (tributary snapshot --source {source_name}) and reconcile; \
+         Tributary will not silently recreate the slot and skip the gap"
+    )]
+    SlotLost {
+        /// Source name.
+        source_name: String,
+        /// Slot name.
+        slot: String,
+        /// Stored checkpoint.
+        checkpoint: Lsn,
+    },
+}
+
+impl SourceError {
+    /// Worth retrying with backoff (connection trouble), as opposed to definite.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            SourceError::Wire { error, .. } => error.is_transient(),
+            SourceError::Query { error, .. } => {
+                matches!(
+                    error,
+                    sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::Tls(_)
+                ) || error
+                    .as_database_error()
+                    .and_then(|e| e.code())
+                    .is_some_and(|c| c.starts_with("08") || c == "57P01" || c == "57P03")
+            }
+            SourceError::Decode { .. }
+            | SourceError::WalLevel { .. }
+            | SourceError::SlotLost { .. } => false,
+        }
+    }
+}
+
+/// Quotes an identifier for SQL.
+pub fn quote_ident(s: &str) -> String {
+    format!("\"{}\"", s.replace('"', "\"\""))
+}
+
+/// Quotes a string literal for SQL.
+pub fn quote_literal(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "''"))
+}
+
+/// An ordinary (non-replication) connection to the source.
+pub async fn query_conn(src: &SourceConfig) -> Result<PgConnection, SourceError> {
+    PgConnection::connect_with(&src.conn.pg_options())
+        .await
+        .map_err(|error| SourceError::Query {
+            source_name: src.name.clone(),
+            what: format!("connect to {}", src.conn),
+            error,
+        })
+}
+
+/// Checks `wal_level` and creates the publication for the mapped tables if it
+/// does not exist; adds mapped tables an existing publication lacks.
+pub async fn ensure_publication(src: &SourceConfig) -> Result<(), SourceError> {
+    let q = |what: &str| {
+        let source_name = src.name.clone();
+        let what = what.to_owned();
+        move |error| SourceError::Query {
+            source_name,
+            what,
+            error,
+        }
+    };
+    let mut conn = query_conn(src).await?;
+    let wal_level: String = sqlx::query_scalar("select current_setting('wal_level')")
+        .fetch_one(&mut conn)
+        .await
+        .map_err(q("read wal_level"))?;
+    if wal_level != "logical" {
+        return Err(SourceError::WalLevel {
+            source_name: src.name.clone(),
+            wal_level,
+        });
+    }
+    let tables: Vec<String> = src
+        .tables
+        .iter()
+        .map(|t| format!("{}.{}", quote_ident(&t.schema), quote_ident(&t.name)))
+        .collect();
+    let exists: bool =
+        sqlx::query_scalar("select exists (select 1 from pg_publication where pubname = $1)")
+            .bind(&src.publication)
+            .fetch_one(&mut conn)
+            .await
+            .map_err(q("look up publication"))?;
+    if !exists {
+        let sql = format!(
+            "create publication {} for table {}",
+            quote_ident(&src.publication),
+            tables.join(", ")
+        );
+        sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
+            .execute(&mut conn)
+            .await
+            .map_err(q("create publication"))?;
+        tracing::info!(source = %src.name, publication = %src.publication, "created publication");
+    } else {
+        let present: Vec<String> = sqlx::query_scalar(
+            "select schemaname || '.' || tablename from pg_publication_tables where pubname = $1",
+        )
+        .bind(&src.publication)
+        .fetch_all(&mut conn)
+        .await
+        .map_err(q("list publication tables"))?;
+        for (t, quoted) in src.tables.iter().zip(&tables) {
+            if !present.contains(&t.qualified) {
+                let sql = format!(
+                    "alter publication {} add table {quoted}",
+                    quote_ident(&src.publication)
+                );
+                sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
+                    .execute(&mut conn)
+                    .await
+                    .map_err(q("add table to publication"))?;
+                tracing::info!(source = %src.name, table = %t.qualified, "added table to publication");
+            }
+        }
+    }
+    conn.close().await.ok();
+    Ok(())
+}
+
+/// The slot as the server sees it.
+#[derive(Debug, Clone)]
+pub struct SlotInfo {
+    /// `confirmed_flush_lsn`.
+    pub confirmed_flush: Lsn,
+    /// Someone is streaming from it.
+    pub active: bool,
+}
+
+/// Looks the slot up; None when it does not exist.
+pub async fn slot_info(src: &SourceConfig) -> Result<Option<SlotInfo>, SourceError> {
+    let mut conn = query_conn(src).await?;
+    let row: Option<(Option<String>, bool)> = sqlx::query_as(
+        "select confirmed_flush_lsn::text, active from pg_replication_slots where slot_name = $1",
+    )
+    .bind(&src.slot)
+    .fetch_optional(&mut conn)
+    .await
+    .map_err(|error| SourceError::Query {
+        source_name: src.name.clone(),
+        what: "look up slot".into(),
+        error,
+    })?;
+    conn.close().await.ok();
+    Ok(row.map(|(lsn, active)| SlotInfo {
+        confirmed_flush: lsn.and_then(|l| l.parse().ok()).unwrap_or_default(),
+        active,
+    }))
+}
+
+/// A slot just created, with the snapshot that matches its consistent point.
+#[derive(Debug, Clone)]
+pub struct CreatedSlot {
+    /// First LSN the slot will stream.
+    pub consistent_point: Lsn,
+    /// Exported snapshot name, usable while the creating connection stays idle.
+    pub snapshot_name: String,
+}
+
+/// What the stream yields.
+#[derive(Debug)]
+pub enum StreamItem {
+    /// Decoded pgoutput messages (usually one).
+    Decoded(Vec<Decoded>),
+    /// A keepalive; the caller answers it via [`Replication::send_status`].
+    Keepalive {
+        /// Server WAL position sent so far.
+        wal_end: Lsn,
+        /// Reply requested.
+        reply: bool,
+    },
+}
+
+/// A replication connection to one source.
+pub struct Replication {
+    source: String,
+    conn: PgConn,
+    decoder: Decoder,
+    last_status: Instant,
+}
+
+impl Replication {
+    /// Opens a logical replication connection.
+    pub async fn connect(src: &SourceConfig) -> Result<Replication, SourceError> {
+        let conn = PgConn::connect(&src.conn, true)
+            .await
+            .map_err(|error| SourceError::Wire {
+                source_name: src.name.clone(),
+                error,
+            })?;
+        Ok(Replication {
+            source: src.name.clone(),
+            conn,
+            decoder: Decoder::new(&src.name),
+            last_status: Instant::now(),
+        })
+    }
+
+    fn wire(&self, error: PgWireError) -> SourceError {
+        SourceError::Wire {
+            source_name: self.source.clone(),
+            error,
+        }
+    }
+
+    /// `CREATE_REPLICATION_SLOT ... LOGICAL pgoutput EXPORT_SNAPSHOT`.
+    pub async fn create_slot(&mut self, slot: &str) -> Result<CreatedSlot, SourceError> {
+        let rows = self
+            .conn
+            .simple_query(&format!(
+                "CREATE_REPLICATION_SLOT {} LOGICAL pgoutput EXPORT_SNAPSHOT",
+                quote_ident(slot)
+            ))
+            .await
+            .map_err(|e| self.wire(e))?;
+        let row = rows.first().ok_or_else(|| {
+            self.wire(PgWireError::Protocol(
+                "CREATE_REPLICATION_SLOT returned no row".into(),
+            ))
+        })?;
+        let get = |i: usize| row.get(i).cloned().flatten().unwrap_or_default();
+        let consistent_point = get(1).parse().map_err(|_| {
+            self.wire(PgWireError::Protocol(format!(
+                "bad consistent point {:?}",
+                get(1)
+            )))
+        })?;
+        tracing::info!(source = %self.source, slot, lsn = %consistent_point, "created replication slot");
+        Ok(CreatedSlot {
+            consistent_point,
+            snapshot_name: get(2),
+        })
+    }
+
+    /// Drops a slot (used only for a slot whose initial snapshot never completed).
+    pub async fn drop_slot(&mut self, slot: &str) -> Result<(), SourceError> {
+        self.conn
+            .simple_query(&format!("DROP_REPLICATION_SLOT {} WAIT", quote_ident(slot)))
+            .await
+            .map_err(|e| self.wire(e))?;
+        Ok(())
+    }
+
+    /// `START_REPLICATION` from `from` (the stored checkpoint), pgoutput v1.
+    pub async fn start(
+        &mut self,
+        slot: &str,
+        publication: &str,
+        from: Lsn,
+    ) -> Result<(), SourceError> {
+        let sql = format!(
+            "START_REPLICATION SLOT {} LOGICAL {from} (proto_version '1', publication_names {}, messages 'true')",
+            quote_ident(slot),
+            quote_literal(&quote_ident(publication))
+        );
+        self.conn
+            .start_replication(&sql)
+            .await
+            .map_err(|e| self.wire(e))?;
+        tracing::info!(source = %self.source, slot, from = %from, "streaming");
+        Ok(())
+    }
+
+    /// The next item of the stream (cancel-safe).
+    pub async fn next(&mut self) -> Result<StreamItem, SourceError> {
+        match self.conn.recv_copy().await.map_err(|e| self.wire(e))? {
+            CopyMessage::XLogData { start, data, .. } => {
+                let decoded =
+                    self.decoder
+                        .decode(start, data)
+                        .map_err(|error| SourceError::Decode {
+                            source_name: self.source.clone(),
+                            lsn: start,
+                            error,
+                        })?;
+                Ok(StreamItem::Decoded(decoded))
+            }
+            CopyMessage::Keepalive { wal_end, reply } => {
+                Ok(StreamItem::Keepalive { wal_end, reply })
+            }
+            CopyMessage::Done => Err(self.wire(PgWireError::Io {
+                target: self.source.clone(),
+                source: std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    "server ended the replication stream",
+                ),
+            })),
+        }
+    }
+
+    /// Reports `flushed` to the server (only ever what the store committed).
+    pub async fn send_status(&mut self, flushed: Lsn) -> Result<(), SourceError> {
+        self.last_status = Instant::now();
+        self.conn
+            .send_status(flushed, false)
+            .await
+            .map_err(|e| self.wire(e))
+    }
+
+    /// Time since the last status update.
+    pub fn since_status(&self) -> Duration {
+        self.last_status.elapsed()
+    }
+
+    /// Closes the connection.
+    pub async fn close(self) {
+        self.conn.close().await;
+    }
+}

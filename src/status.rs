@@ -1,0 +1,154 @@
+//! `tributary status`: per source the slot, its position and WAL retained, the
+//! stored checkpoint and the last event; profile and dead-letter counts.
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use sqlx::{Connection, Row};
+
+use crate::config::Config;
+use crate::source::query_conn;
+use crate::store::Store;
+
+/// One source's replication state.
+#[derive(Debug, Serialize)]
+pub struct SourceStatus {
+    /// Source name.
+    pub name: String,
+    /// Slot name.
+    pub slot: String,
+    /// Slot exists on the server.
+    pub slot_exists: bool,
+    /// Someone is streaming from the slot.
+    pub active: bool,
+    /// Slot's confirmed_flush_lsn.
+    pub confirmed_flush_lsn: Option<String>,
+    /// Checkpoint stored in the profile store.
+    pub checkpoint_lsn: Option<String>,
+    /// Initial snapshot finished.
+    pub snapshot_completed: bool,
+    /// WAL the slot keeps on the server (current WAL LSN − restart_lsn), bytes.
+    pub wal_retained_bytes: Option<i64>,
+    /// Current WAL LSN − confirmed_flush_lsn, bytes.
+    pub lag_bytes: Option<i64>,
+    /// Commit time of the last applied event.
+    pub last_event_commit_time: Option<DateTime<Utc>>,
+    /// Now − last event commit time, seconds.
+    pub lag_seconds: Option<f64>,
+    /// Set when the source could not be reached.
+    pub error: Option<String>,
+}
+
+/// The whole status document (`status --json`).
+#[derive(Debug, Serialize)]
+pub struct Status {
+    /// Per source.
+    pub sources: Vec<SourceStatus>,
+    /// Live (unmerged) profiles.
+    pub profiles: i64,
+    /// Profiles merged into another.
+    pub merged_profiles: i64,
+    /// Identifiers.
+    pub identities: i64,
+    /// Rows in dead_letters.
+    pub dead_letters: i64,
+}
+
+/// Gathers the status; a source that cannot be reached is reported, not fatal.
+pub async fn status(cfg: &Config) -> anyhow::Result<Status> {
+    let store = Store::connect(&cfg.sink).await?;
+    let pool = store.pool();
+    let counts = sqlx::query(
+        "select (select count(*) from profiles where merged_into is null) as live,
+                (select count(*) from profiles where merged_into is not null) as merged,
+                (select count(*) from identities) as identities,
+                (select count(*) from dead_letters) as dead",
+    )
+    .fetch_one(pool)
+    .await?;
+    let mut sources = Vec::new();
+    for src in &cfg.sources {
+        let cp: Option<(String, bool)> = sqlx::query_as("select lsn::text, snapshot_completed_at is not null from checkpoints where source = $1")
+            .bind(&src.name)
+            .fetch_optional(pool)
+            .await?;
+        let last: Option<DateTime<Utc>> =
+            sqlx::query_scalar("select commit_time from events where source = $1 and op <> 'snapshot' order by commit_lsn desc, seq desc limit 1")
+                .bind(&src.name)
+                .fetch_optional(pool)
+                .await?;
+        let mut s = SourceStatus {
+            name: src.name.clone(),
+            slot: src.slot.clone(),
+            slot_exists: false,
+            active: false,
+            confirmed_flush_lsn: None,
+            checkpoint_lsn: cp.as_ref().map(|c| c.0.clone()),
+            snapshot_completed: cp.is_some_and(|c| c.1),
+            wal_retained_bytes: None,
+            lag_bytes: None,
+            last_event_commit_time: last,
+            #[allow(clippy::cast_precision_loss)]
+            lag_seconds: last.map(|t| (Utc::now() - t).num_milliseconds() as f64 / 1000.0),
+            error: None,
+        };
+        match query_conn(src).await {
+            Ok(mut conn) => {
+                let row = sqlx::query(
+                    "select active, confirmed_flush_lsn::text as flush,
+                            pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)::bigint as retained,
+                            pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn)::bigint as lag
+                       from pg_replication_slots where slot_name = $1",
+                )
+                .bind(&src.slot)
+                .fetch_optional(&mut conn)
+                .await;
+                match row {
+                    Ok(Some(r)) => {
+                        s.slot_exists = true;
+                        s.active = r.get("active");
+                        s.confirmed_flush_lsn = r.get("flush");
+                        s.wal_retained_bytes = r.get("retained");
+                        s.lag_bytes = r.get("lag");
+                    }
+                    Ok(None) => {}
+                    Err(e) => s.error = Some(e.to_string()),
+                }
+                conn.close().await.ok();
+            }
+            Err(e) => s.error = Some(format!("{e:#}")),
+        }
+        sources.push(s);
+    }
+    Ok(Status {
+        sources,
+        profiles: counts.get("live"),
+        merged_profiles: counts.get("merged"),
+        identities: counts.get("identities"),
+        dead_letters: counts.get("dead"),
+    })
+}
+
+/// Human rendering.
+pub fn print_human(s: &Status) {
+    for src in &s.sources {
+        println!(
+            "source {:<12} slot {} ({}) confirmed_flush {} checkpoint {} snapshot {} wal_retained {} lag {} last_event {}",
+            src.name,
+            src.slot,
+            if !src.slot_exists { "missing" } else if src.active { "active" } else { "inactive" },
+            src.confirmed_flush_lsn.as_deref().unwrap_or("-"),
+            src.checkpoint_lsn.as_deref().unwrap_or("-"),
+            if src.snapshot_completed { "done" } else { "pending" },
+            src.wal_retained_bytes.map_or("-".into(), |b| format!("{b}B")),
+            src.lag_bytes.map_or("-".into(), |b| format!("{b}B")),
+            src.last_event_commit_time.map_or("-".into(), |t| t.to_rfc3339()),
+        );
+        if let Some(e) = &src.error {
+            println!("  error: {e}");
+        }
+    }
+    println!(
+        "profiles {} (merged {}), identities {}, dead letters {}",
+        s.profiles, s.merged_profiles, s.identities, s.dead_letters
+    );
+}
