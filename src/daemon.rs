@@ -304,10 +304,13 @@ impl SourceCtx {
                         // Nothing received is waiting to be applied: everything the
                         // server has sent up to wal_end is in the store, so the slot
                         // may advance even when the WAL was all unpublished tables.
-                        if open.is_none() && batch_end.is_none() && wal_end > flushed {
+                        let advanced = open.is_none() && batch_end.is_none() && wal_end > flushed;
+                        if advanced {
                             flushed = wal_end;
                         }
-                        if reply {
+                        // The server stops sending keepalives once we report what it
+                        // sent, so answering an advance at once cannot ping-pong.
+                        if reply || advanced {
                             rep.send_status(flushed).await?;
                         }
                     }

@@ -54,17 +54,29 @@ where
         .unwrap_or_else(|e| panic!("{e}: {sql}"))
 }
 
-/// Writes a config file into a fresh temp dir and returns its path.
-pub fn write_config(text: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!(
-        "tributary-test-{}-{}",
-        std::process::id(),
-        rand::random::<u32>()
-    ));
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join("tributary.toml");
+/// A config file in its own temp dir, deleted (with the daemon logs next to
+/// it) when dropped. Derefs to its path.
+pub struct ConfigFile {
+    _dir: tempfile::TempDir,
+    path: PathBuf,
+}
+
+impl std::ops::Deref for ConfigFile {
+    type Target = Path;
+    fn deref(&self) -> &Path {
+        &self.path
+    }
+}
+
+/// Writes a config file into a fresh temp dir.
+pub fn write_config(text: &str) -> ConfigFile {
+    let dir = tempfile::Builder::new()
+        .prefix("tributary-test-")
+        .tempdir()
+        .unwrap();
+    let path = dir.path().join("tributary.toml");
     std::fs::write(&path, text).unwrap();
-    path
+    ConfigFile { _dir: dir, path }
 }
 
 /// The binary under test.

@@ -2,7 +2,9 @@
 //! its own throwaway PostgreSQL cluster(s) from the machine's server binaries.
 
 mod check;
+mod faults;
 mod harness;
 mod merge;
 mod migrate;
 mod pipeline;
+mod snapshot;

@@ -1,0 +1,126 @@
+//! The initial snapshot: rows that existed before the first `run` arrive, and
+//! changes made while the snapshot is being read are not lost (each row is seen
+//! exactly once, in the snapshot or in the stream after the slot's consistent point).
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use rand::{Rng, SeedableRng};
+use sqlx::{Connection, PgConnection};
+
+use crate::harness::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshot_brings_existing_rows_and_loses_no_concurrent_change() {
+    let pg = cluster();
+    let crm = create_db(&pg, "crm").await;
+    let shop = create_db(&pg, "shop").await;
+    let sink = create_db(&pg, "profiles").await;
+    exec(&crm, CRM_SCHEMA).await;
+    exec(&shop, SHOP_SCHEMA).await;
+    exec(&crm, "insert into contacts (id, email, first_name) select g, 'u' || g || '@x.com', 'F' || g from generate_series(1, 40000) g").await;
+    exec(&shop, "insert into accounts (id, email) select g, 'u' || g || '@x.com' from generate_series(1, 2000) g").await;
+
+    // Writers run before, during and after the snapshot.
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let (crm, stop) = (crm.clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut rng = rand::rngs::StdRng::seed_from_u64(3);
+            let mut conn = PgConnection::connect(&crm).await.unwrap();
+            let mut n = 0u32;
+            while !stop.load(Ordering::Relaxed) {
+                let id = rng.random_range(1..=41000);
+                let sql = match rng.random_range(0..10) {
+                    0 => format!("delete from contacts where id = {id}"),
+                    1..=2 => format!("insert into contacts (id, email, first_name) values ({id}, 'u{id}@x.com', 'I{n}') on conflict (id) do update set first_name = excluded.first_name, row_version = contacts.row_version + 1"),
+                    _ => format!("update contacts set first_name = 'U{n}', row_version = row_version + 1 where id = {id}"),
+                };
+                sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
+                    .execute(&mut conn)
+                    .await
+                    .unwrap();
+                n += 1;
+            }
+            n
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let cfg = write_config(&pipeline_config(&crm, &shop, &sink, "snap"));
+    let daemon = Daemon::start(&cfg);
+    wait_until("snapshot complete", Duration::from_secs(60), || async {
+        scalar::<i64>(&sink, "select count(*) from pg_catalog.pg_tables where schemaname = 'tributary' and tablename = 'checkpoints'").await == 1
+            && scalar::<i64>(&sink, "select count(*) from tributary.checkpoints where snapshot_completed_at is not null").await == 2
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.store(true, Ordering::Relaxed);
+    let writes = writer.await.unwrap();
+    assert!(writes > 100, "only {writes} concurrent writes");
+
+    let source = || async {
+        let mut c = PgConnection::connect(&crm).await.unwrap();
+        sqlx::query_as::<_, (i64, String)>("select id, first_name from contacts")
+            .fetch_all(&mut c)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|(i, f)| (i.to_string(), Some(f)))
+            .collect::<BTreeMap<_, _>>()
+    };
+    let stored = || async {
+        let mut c = PgConnection::connect(&sink).await.unwrap();
+        sqlx::query_as::<_, (String, Option<String>)>(
+            "select i.value, p.traits ->> 'first_name' from tributary.identities i join tributary.profiles p on p.profile_id = i.profile_id
+              where i.kind = 'crm_contact' and p.merged_into is null",
+        )
+        .fetch_all(&mut c)
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|(_, f)| f.is_some())
+        .collect::<BTreeMap<_, _>>()
+    };
+    let want = source().await;
+    assert!(
+        want.len() > 30_000,
+        "{} rows left after {writes} writes",
+        want.len()
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let got = stored().await;
+        if got == want {
+            break;
+        }
+        if std::time::Instant::now() > deadline {
+            let diff: Vec<_> = want
+                .iter()
+                .filter(|(k, v)| got.get(*k) != Some(v))
+                .take(10)
+                .collect();
+            let extra: Vec<_> = got
+                .iter()
+                .filter(|(k, _)| !want.contains_key(*k))
+                .take(10)
+                .collect();
+            panic!(
+                "store differs from source: missing or wrong {diff:?}; extra {extra:?}\n{}",
+                daemon.log_text()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let snapshot_events: i64 = scalar(
+        &sink,
+        "select count(*) from tributary.events where op = 'snapshot' and source = 'crm'",
+    )
+    .await;
+    assert!(
+        snapshot_events >= 30_000,
+        "snapshot rows are logged as events: {snapshot_events}"
+    );
+    assert_eq!(daemon.stop(), Some(0));
+}
