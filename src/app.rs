@@ -29,6 +29,7 @@ pub async fn stop_on_signal(token: CancellationToken) {
 /// Runs one command; `Ok(code)` is the process exit code (0 or 1).
 pub async fn execute(cli: Cli) -> anyhow::Result<u8> {
     match cli.command {
+        Command::Demo { duration, keep } => crate::demo::demo(duration, keep, cli.json).await,
         Command::Migrate => {
             let cfg = Config::load(&cli.config)?;
             let store = Store::connect(&cfg.sink).await?;

@@ -39,6 +39,15 @@ pub enum LogFormat {
 /// The commands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Self-contained first run on throwaway local clusters; needs no config.
+    Demo {
+        /// Seconds of live changes to stream.
+        #[arg(long, default_value_t = 20)]
+        duration: u64,
+        /// Keep the clusters running (until Ctrl-C) and print how to connect.
+        #[arg(long)]
+        keep: bool,
+    },
     /// Validate the config and every database; one line per check with the fix.
     Check,
     /// Apply the profile-store migrations.

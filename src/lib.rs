@@ -23,6 +23,7 @@ pub mod cluster;
 pub mod config;
 pub mod conninfo;
 pub mod daemon;
+pub mod demo;
 pub mod event;
 pub mod identity;
 pub mod mapping;

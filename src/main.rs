@@ -11,7 +11,7 @@ use tributary::config::ConfigError;
 
 fn init_tracing(format: Option<LogFormat>) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,sqlx=warn"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,sqlx=error"));
     let human = match format {
         Some(f) => f == LogFormat::Human,
         None => std::io::stderr().is_terminal(),

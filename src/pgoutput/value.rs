@@ -53,9 +53,10 @@ fn array_element(type_oid: u32) -> Option<u32> {
 /// Converts one text-format value of type `type_oid` to JSON.
 pub fn text_to_json(type_oid: u32, text: &str) -> Value {
     match type_oid {
+        // pgoutput sends t/f; a `::text` cast (the snapshot) gives true/false.
         oid::BOOL => match text {
-            "t" => Value::Bool(true),
-            "f" => Value::Bool(false),
+            "t" | "true" => Value::Bool(true),
+            "f" | "false" => Value::Bool(false),
             other => Value::String(other.to_owned()),
         },
         oid::INT2 | oid::INT4 | oid::INT8 | oid::OID => text
@@ -205,6 +206,7 @@ mod tests {
     fn scalars_are_typed() {
         assert_eq!(text_to_json(oid::INT8, "42"), json!(42));
         assert_eq!(text_to_json(oid::BOOL, "t"), json!(true));
+        assert_eq!(text_to_json(oid::BOOL, "false"), json!(false));
         assert_eq!(text_to_json(oid::FLOAT8, "1.5"), json!(1.5));
         assert_eq!(text_to_json(oid::FLOAT8, "NaN"), json!("NaN"));
         assert_eq!(text_to_json(oid::NUMERIC, "12.50"), json!(12.5));

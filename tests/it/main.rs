@@ -2,6 +2,7 @@
 //! its own throwaway PostgreSQL cluster(s) from the machine's server binaries.
 
 mod check;
+mod demo;
 mod faults;
 mod harness;
 mod merge;
