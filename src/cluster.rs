@@ -300,6 +300,18 @@ impl Cluster {
         Ok(())
     }
 
+    /// Replaces `pg_hba.conf` with `lines` and reloads the server.
+    pub fn set_hba(&self, lines: &str) -> Result<(), ClusterError> {
+        std::fs::write(self.data_dir().join("pg_hba.conf"), lines)?;
+        self.run(
+            "pg_ctl reload",
+            Command::new(self.bin.join("pg_ctl"))
+                .arg("-D")
+                .arg(self.data_dir())
+                .arg("reload"),
+        )
+    }
+
     /// Waits until the server accepts TCP connections (after a restart).
     pub fn wait_ready(&self, timeout: Duration) -> bool {
         let deadline = Instant::now() + timeout;

@@ -333,6 +333,9 @@ pub struct ChangeLog {
     pub merges: Vec<(ProfileId, ProfileId)>,
     /// Profiles whose traits must be recomputed.
     pub dirty: BTreeSet<ProfileId>,
+    /// The subset of `dirty` whose field values may have changed (the rest
+    /// changed only aggregates).
+    pub fields_dirty: BTreeSet<ProfileId>,
 }
 
 /// What happened to one event.
@@ -455,6 +458,8 @@ impl State {
         self.log.merges.push((loser, survivor));
         self.log.dirty.insert(survivor);
         self.log.dirty.insert(loser);
+        self.log.fields_dirty.insert(survivor);
+        self.log.fields_dirty.insert(loser);
     }
 
     fn withdraw(&mut self, c: &Contribution) {
@@ -472,6 +477,9 @@ impl State {
                 .remove(func, input);
         }
         self.log.dirty.insert(p);
+        if !c.fields.is_empty() {
+            self.log.fields_dirty.insert(p);
+        }
     }
 
     fn contribute(&mut self, c: &Contribution, p: ProfileId) {
@@ -486,6 +494,9 @@ impl State {
                 .add(func, input);
         }
         self.log.dirty.insert(p);
+        if !c.fields.is_empty() {
+            self.log.fields_dirty.insert(p);
+        }
     }
 
     fn put(&mut self, c: Contribution) {

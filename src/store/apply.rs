@@ -20,8 +20,8 @@ use crate::event::{ChangeEvent, Lsn, Op};
 use crate::identity::Ident;
 use crate::mapping::Mapper;
 use crate::resolve::{
-    extreme, resolve_fields, traits, truncate_as_deletes, AggState, Contribution, Outcome,
-    ProfileId, ProfileState, RowRef, State,
+    extreme, resolve_fields, traits, truncate_as_deletes, AggState, ChangeLog, Contribution,
+    Outcome, ProfileId, ProfileState, RowRef, State, Winner,
 };
 
 /// Key of the advisory lock that serialises profile writes.
@@ -253,15 +253,17 @@ async fn apply_in(
         .copied()
         .chain(state.contributions.values().filter_map(|c| c.profile_id))
         .collect();
+    // What the store holds for each loaded profile, to write only what changes.
+    let mut before: HashMap<ProfileId, StoredProfile> = HashMap::new();
     while !want.is_empty() {
         let ids: Vec<i64> = std::mem::take(&mut want).into_iter().collect();
         let profs: Vec<ProfileRow> = sqlx::query_as(
-            "select profile_id, merged_into, agg_state from profiles where profile_id = any($1)",
+            "select profile_id, merged_into, agg_state, traits from profiles where profile_id = any($1)",
         )
         .bind(&ids)
         .fetch_all(&mut *tx)
         .await?;
-        for (p, merged_into, aggs) in profs {
+        for (p, merged_into, aggs, traits) in profs {
             if let Some(m) = merged_into.filter(|m| !state.profiles.contains_key(m)) {
                 want.insert(m);
             }
@@ -269,7 +271,15 @@ async fn apply_in(
                 p,
                 ProfileState {
                     merged_into,
+                    aggs: aggs.0.clone(),
+                },
+            );
+            before.insert(
+                p,
+                StoredProfile {
+                    merged_into,
                     aggs: aggs.0,
+                    traits: traits.0,
                 },
             );
         }
@@ -342,9 +352,8 @@ async fn apply_in(
     .await?;
 
     // 6. Recompute traits of every touched profile from its stored rows.
-    let dirty: Vec<ProfileId> = log.dirty.iter().copied().collect();
-    stats.profiles_touched = dirty.len();
-    refresh_profiles(tx, mapper, &mut state, &dirty).await?;
+    stats.profiles_touched = log.dirty.len();
+    refresh_profiles(tx, mapper, &mut state, &log, &before).await?;
 
     // 7. Dead letters: the stream goes on.
     if !dead.is_empty() {
@@ -430,8 +439,20 @@ async fn write_contributions<'a>(
     Ok(())
 }
 
-/// `(profile_id, merged_into, agg_state)` as stored.
-type ProfileRow = (i64, Option<i64>, Json<BTreeMap<String, AggState>>);
+/// `(profile_id, merged_into, agg_state, traits)` as stored.
+type ProfileRow = (
+    i64,
+    Option<i64>,
+    Json<BTreeMap<String, AggState>>,
+    Json<Map<String, Value>>,
+);
+
+/// A profile row as it was before the batch.
+struct StoredProfile {
+    merged_into: Option<ProfileId>,
+    aggs: BTreeMap<String, AggState>,
+    traits: Map<String, Value>,
+}
 
 /// `profile_fields` rows, column by column, for one `unnest` insert.
 #[derive(Default)]
@@ -446,22 +467,36 @@ struct FieldRows {
     lsn: Vec<String>,
 }
 
-/// Recomputes traits and provenance of `dirty` profiles from their stored
-/// contributions and writes them with their aggregate state.
+/// Recomputes the traits of the batch's dirty profiles and writes what changed:
+/// profiles whose field values may have changed are resolved again from their
+/// stored rows (and their provenance diffed against `profile_fields`); the
+/// others changed only aggregates, which are patched into their stored traits.
 async fn refresh_profiles(
     tx: &mut PgConnection,
     mapper: &Mapper,
     state: &mut State,
-    dirty: &[ProfileId],
+    log: &ChangeLog,
+    before: &HashMap<ProfileId, StoredProfile>,
 ) -> Result<(), StoreError> {
-    if dirty.is_empty() {
+    if log.dirty.is_empty() {
         return Ok(());
     }
-    // Rows with field values, per profile (aggregate-only rows are not needed).
+    let fields_dirty: Vec<ProfileId> = log
+        .fields_dirty
+        .iter()
+        .copied()
+        .filter(|p| {
+            state
+                .profiles
+                .get(p)
+                .is_some_and(|s| s.merged_into.is_none())
+        })
+        .collect();
+    // Rows with field values of those profiles (aggregate-only rows are not needed).
     let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
         "select {CONTRIBUTION_COLUMNS} from contributions c where c.profile_id = any($1) and not c.deleted and c.fields <> '{{}}'::jsonb"
     )))
-    .bind(dirty)
+    .bind(&fields_dirty)
     .fetch_all(&mut *tx)
     .await?;
     let mut by_profile: HashMap<ProfileId, Vec<Contribution>> = HashMap::new();
@@ -472,7 +507,8 @@ async fn refresh_profiles(
         }
     }
     // Max/min whose extreme was withdrawn: rescan that aggregate's inputs.
-    let stale: Vec<(ProfileId, String)> = dirty
+    let stale: Vec<(ProfileId, String)> = log
+        .dirty
         .iter()
         .filter_map(|p| state.profiles.get(p).map(|s| (p, s)))
         .flat_map(|(p, s)| {
@@ -483,8 +519,13 @@ async fn refresh_profiles(
         })
         .collect();
     for (p, name) in stale {
-        let inputs: Vec<Json<Value>> =
-            sqlx::query_scalar("select aggs -> $2 from contributions where profile_id = $1 and not deleted and aggs ? $2").bind(p).bind(&name).fetch_all(&mut *tx).await?;
+        let inputs: Vec<Json<Value>> = sqlx::query_scalar(
+            "select aggs -> $2 from contributions where profile_id = $1 and not deleted and aggs ? $2",
+        )
+        .bind(p)
+        .bind(&name)
+        .fetch_all(&mut *tx)
+        .await?;
         let func = mapper.aggregates().get(&name).map(|a| a.func);
         if let (Some(func), Some(a)) = (
             func,
@@ -498,76 +539,164 @@ async fn refresh_profiles(
         }
     }
 
-    let mut ids = Vec::new();
-    let mut merged = Vec::new();
-    let mut trait_docs = Vec::new();
-    let mut agg_docs = Vec::new();
+    // Current provenance of the field-dirty profiles, to diff against.
+    let stored_fields: Vec<StoredField> = sqlx::query_as(
+        "select profile_id, field, value, source, table_name, row_key, freshness, lsn::text as lsn
+           from profile_fields where profile_id = any($1)",
+    )
+    .bind(&fields_dirty)
+    .fetch_all(&mut *tx)
+    .await?;
+    let mut old_winners: HashMap<(ProfileId, String), Winner> = HashMap::new();
+    for f in stored_fields {
+        let row = RowRef {
+            source: f.source,
+            table: f.table_name,
+            row_key: f.row_key,
+        };
+        let w = Winner {
+            value: f.value.0,
+            row,
+            freshness: f.freshness,
+            lsn: f.lsn.parse().unwrap_or_default(),
+        };
+        old_winners.insert((f.profile_id, f.field), w);
+    }
+
+    let mut upd = ProfileRows::default();
     let mut pf = FieldRows::default();
-    for p in dirty {
+    let mut removed: (Vec<i64>, Vec<String>) = Default::default();
+    let full: BTreeSet<ProfileId> = fields_dirty.iter().copied().collect();
+    for p in &log.dirty {
         let Some(st) = state.profiles.get(p) else {
             continue;
         };
-        let empty = Vec::new();
-        let contribs = by_profile.get(p).unwrap_or(&empty);
+        let old = before.get(p);
+        let live_aggs: BTreeMap<String, AggState> = st
+            .aggs
+            .iter()
+            .filter(|(_, a)| a.n != 0)
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
         let (t, aggs) = if st.merged_into.is_some() {
             (Map::new(), BTreeMap::new())
-        } else {
-            let winners = resolve_fields(contribs, |f| mapper.strategy(f));
+        } else if full.contains(p) {
+            let winners = resolve_fields(by_profile.get(p).map_or(&[][..], Vec::as_slice), |f| {
+                mapper.strategy(f)
+            });
             for (field, w) in &winners {
-                pf.profile.push(*p);
-                pf.field.push(field.clone());
-                pf.value.push(w.value.to_string());
-                pf.source.push(w.row.source.clone());
-                pf.table.push(w.row.table.clone());
-                pf.row_key.push(w.row.row_key.clone());
-                pf.freshness.push(w.freshness);
-                pf.lsn.push(w.lsn.to_string());
+                if old_winners.remove(&(*p, field.clone())).as_ref() != Some(w) {
+                    pf.push(*p, field, w);
+                }
             }
-            let aggs: BTreeMap<String, AggState> = st
-                .aggs
-                .iter()
-                .filter(|(_, a)| a.n != 0)
-                .map(|(k, v)| (k.clone(), v.clone()))
-                .collect();
-            (traits(&winners, &aggs, mapper.aggregates()), aggs)
+            (traits(&winners, &live_aggs, mapper.aggregates()), live_aggs)
+        } else {
+            // Only aggregates changed: keep the stored field values.
+            let mut t = old.map(|o| o.traits.clone()).unwrap_or_default();
+            for name in mapper.aggregates().keys() {
+                t.remove(name);
+            }
+            for (name, a) in &live_aggs {
+                if let Some(v) = mapper.aggregates().get(name).and_then(|d| a.value(d.func)) {
+                    t.insert(name.clone(), v);
+                }
+            }
+            (t, live_aggs)
         };
-        ids.push(*p);
-        merged.push(st.merged_into);
-        trait_docs.push(Value::Object(t).to_string());
-        agg_docs.push(serde_json::to_string(&aggs).unwrap_or_else(|_| "{}".into()));
+        let unchanged =
+            old.is_some_and(|o| o.traits == t && o.aggs == aggs && o.merged_into == st.merged_into);
+        if !unchanged {
+            upd.id.push(*p);
+            upd.merged_into.push(st.merged_into);
+            upd.traits.push(Value::Object(t).to_string());
+            upd.aggs
+                .push(serde_json::to_string(&aggs).unwrap_or_else(|_| "{}".into()));
+        }
     }
-    sqlx::query(
-        "insert into profiles (profile_id, merged_into, traits, agg_state)
-         select * from unnest($1::bigint[], $2::bigint[], $3::text[]::jsonb[], $4::text[]::jsonb[])
-         on conflict (profile_id) do update set merged_into = excluded.merged_into, traits = excluded.traits,
-           agg_state = excluded.agg_state, updated_at = now()
-         where profiles.traits is distinct from excluded.traits or profiles.agg_state is distinct from excluded.agg_state
-            or profiles.merged_into is distinct from excluded.merged_into",
-    )
-    .bind(&ids)
-    .bind(&merged)
-    .bind(&trait_docs)
-    .bind(&agg_docs)
-    .execute(&mut *tx)
-    .await?;
-    sqlx::query("delete from profile_fields where profile_id = any($1)")
-        .bind(&ids)
+    // Fields that no longer have a winner.
+    for (p, field) in old_winners.into_keys() {
+        removed.0.push(p);
+        removed.1.push(field);
+    }
+
+    if !upd.id.is_empty() {
+        sqlx::query(
+            "insert into profiles (profile_id, merged_into, traits, agg_state)
+             select * from unnest($1::bigint[], $2::bigint[], $3::text[]::jsonb[], $4::text[]::jsonb[])
+             on conflict (profile_id) do update set merged_into = excluded.merged_into, traits = excluded.traits,
+               agg_state = excluded.agg_state, updated_at = now()",
+        )
+        .bind(&upd.id)
+        .bind(&upd.merged_into)
+        .bind(&upd.traits)
+        .bind(&upd.aggs)
         .execute(&mut *tx)
         .await?;
-    sqlx::query(
-        "insert into profile_fields (profile_id, field, value, source, table_name, row_key, freshness, lsn)
-         select p, f, v::jsonb, s, t, k, fr, l::pg_lsn
-           from unnest($1::bigint[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::timestamptz[], $8::text[]) as u(p, f, v, s, t, k, fr, l)",
-    )
-    .bind(&pf.profile)
-    .bind(&pf.field)
-    .bind(&pf.value)
-    .bind(&pf.source)
-    .bind(&pf.table)
-    .bind(&pf.row_key)
-    .bind(&pf.freshness)
-    .bind(&pf.lsn)
-    .execute(&mut *tx)
-    .await?;
+    }
+    if !removed.0.is_empty() {
+        sqlx::query(
+            "delete from profile_fields pf using unnest($1::bigint[], $2::text[]) as u(p, f)
+              where pf.profile_id = u.p and pf.field = u.f",
+        )
+        .bind(&removed.0)
+        .bind(&removed.1)
+        .execute(&mut *tx)
+        .await?;
+    }
+    if !pf.profile.is_empty() {
+        sqlx::query(
+            "insert into profile_fields (profile_id, field, value, source, table_name, row_key, freshness, lsn)
+             select p, f, v::jsonb, s, t, k, fr, l::pg_lsn
+               from unnest($1::bigint[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::timestamptz[], $8::text[])
+                 as u(p, f, v, s, t, k, fr, l)
+             on conflict (profile_id, field) do update set value = excluded.value, source = excluded.source,
+               table_name = excluded.table_name, row_key = excluded.row_key, freshness = excluded.freshness, lsn = excluded.lsn",
+        )
+        .bind(&pf.profile)
+        .bind(&pf.field)
+        .bind(&pf.value)
+        .bind(&pf.source)
+        .bind(&pf.table)
+        .bind(&pf.row_key)
+        .bind(&pf.freshness)
+        .bind(&pf.lsn)
+        .execute(&mut *tx)
+        .await?;
+    }
     Ok(())
+}
+
+/// A `profile_fields` row as stored.
+#[derive(sqlx::FromRow)]
+struct StoredField {
+    profile_id: i64,
+    field: String,
+    value: Json<Value>,
+    source: String,
+    table_name: String,
+    row_key: String,
+    freshness: chrono::DateTime<chrono::Utc>,
+    lsn: String,
+}
+
+/// `profiles` rows to upsert, column by column.
+#[derive(Default)]
+struct ProfileRows {
+    id: Vec<i64>,
+    merged_into: Vec<Option<i64>>,
+    traits: Vec<String>,
+    aggs: Vec<String>,
+}
+
+impl FieldRows {
+    fn push(&mut self, p: ProfileId, field: &str, w: &Winner) {
+        self.profile.push(p);
+        self.field.push(field.to_owned());
+        self.value.push(w.value.to_string());
+        self.source.push(w.row.source.clone());
+        self.table.push(w.row.table.clone());
+        self.row_key.push(w.row.row_key.clone());
+        self.freshness.push(w.freshness);
+        self.lsn.push(w.lsn.to_string());
+    }
 }

@@ -291,3 +291,28 @@ pub async fn traits_of(sink: &str, kind: &str, value: &str) -> Option<serde_json
     .await
     .expect("read traits")
 }
+
+/// Every live profile's provenance as (identities, {field: [value, source, table, row_key]}),
+/// and a check that each provenance value is the trait's value.
+pub async fn provenance(sink: &str) -> Vec<(serde_json::Value, serde_json::Value)> {
+    let mut conn = PgConnection::connect(sink).await.expect("connect sink");
+    let inconsistent: i64 = sqlx::query_scalar(
+        "select count(*) from tributary.profile_fields pf join tributary.profiles p on p.profile_id = pf.profile_id
+          where p.traits -> pf.field is distinct from pf.value or p.merged_into is not null",
+    )
+    .fetch_one(&mut conn)
+    .await
+    .unwrap();
+    assert_eq!(
+        inconsistent, 0,
+        "profile_fields disagrees with traits in {sink}"
+    );
+    sqlx::query_as(
+        "select v.identities, coalesce((select jsonb_object_agg(pf.field, jsonb_build_array(pf.value, pf.source, pf.table_name, pf.row_key))
+                                          from tributary.profile_fields pf where pf.profile_id = v.profile_id), '{}')
+           from tributary.profile_view v order by v.identities::text",
+    )
+    .fetch_all(&mut conn)
+    .await
+    .expect("read provenance")
+}

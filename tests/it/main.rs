@@ -3,9 +3,11 @@
 
 mod check;
 mod demo;
+mod deploy;
 mod faults;
 mod harness;
 mod merge;
 mod migrate;
 mod pipeline;
+mod replication;
 mod snapshot;
