@@ -253,18 +253,43 @@ impl SourceCtx {
     }
 
     /// The streaming loop: read, batch, apply with checkpoint, acknowledge.
+    ///
+    /// While one batch is applied by a background task, the next one is read
+    /// and decoded. At most one batch per source is in flight, so batches commit
+    /// in order; a full batch stops reading until the one in flight is done
+    /// (that is the backpressure), and an LSN is acknowledged only after the
+    /// batch that ends there has committed.
     async fn stream(&self, rep: &mut Replication, checkpoint: Lsn) -> Result<(), LoopError> {
         let linger = Duration::from_millis(self.sink.batch_max_wait_ms);
+        let max = self.sink.batch_max_events;
         let mut flushed = checkpoint; // what the store has committed (or what needs nothing)
         let mut open: Option<Vec<ChangeEvent>> = None; // the transaction being received
         let mut batch: Vec<ChangeEvent> = Vec::new();
-        let mut batch_end: Option<Lsn> = None;
+        let mut batch_end: Option<Lsn> = None; // end LSN of the last whole transaction in `batch`
         let mut batch_deadline: Option<Instant> = None;
+        let mut inflight: Option<InFlight> = None;
         loop {
-            let deadline = batch_deadline.unwrap_or_else(|| Instant::now() + STATUS_INTERVAL);
+            if let Some(end) = batch_end {
+                let due = batch.len() >= max || batch_deadline.is_some_and(|d| d <= Instant::now());
+                if due && inflight.is_none() {
+                    inflight = Some(self.start_apply(std::mem::take(&mut batch), end));
+                    batch_end = None;
+                    batch_deadline = None;
+                }
+            }
+            // A due batch waiting for the one in flight is started when that one
+            // completes, not by the timer (which would fire at once, in a loop).
+            let deadline = match batch_deadline {
+                Some(d) if inflight.is_none() => d,
+                _ => Instant::now() + STATUS_INTERVAL,
+            };
+            let reading = batch.len() < max;
             tokio::select! {
                 biased;
                 () = self.shutdown.cancelled() => {
+                    if let Some(f) = inflight.take() {
+                        flushed = f.finish().await?;
+                    }
                     if let Some(end) = batch_end {
                         self.store.apply(&self.mapper, &self.src.name, &batch, Some(end)).await?;
                         flushed = end;
@@ -273,7 +298,14 @@ impl SourceCtx {
                     tracing::info!(source = %self.src.name, lsn = %flushed, "stopped cleanly");
                     return Ok(());
                 }
-                item = rep.next() => match item? {
+                res = async { inflight.as_mut().map(|f| &mut f.task).expect("guarded by inflight.is_some()").await }, if inflight.is_some() => {
+                    let f = inflight.take().expect("in flight");
+                    let stats = res.map_err(|e| LoopError::Other(anyhow::anyhow!("apply task failed: {e}")))??;
+                    tracing::debug!(source = %self.src.name, events = stats.events, stale = stats.stale, dead = stats.dead_letters, merges = stats.merges, lsn = %f.end, ms = f.started.elapsed().as_millis(), "batch applied");
+                    flushed = f.end;
+                    rep.send_status(flushed).await?;
+                }
+                item = rep.next(), if reading => match item? {
                     StreamItem::Decoded(items) => {
                         for d in items {
                             match d {
@@ -285,7 +317,8 @@ impl SourceCtx {
                                 Decoded::Commit { end_lsn, .. } => {
                                     let txn = open.take().unwrap_or_default();
                                     // The server may resend transactions at or before the checkpoint.
-                                    if end_lsn <= flushed.max(batch_end.unwrap_or_default()) {
+                                    let seen = flushed.max(inflight.as_ref().map_or(Lsn::ZERO, |f| f.end)).max(batch_end.unwrap_or_default());
+                                    if end_lsn <= seen {
                                         continue;
                                     }
                                     batch.extend(txn);
@@ -295,16 +328,12 @@ impl SourceCtx {
                                 Decoded::Message { .. } | Decoded::Nothing => {}
                             }
                         }
-                        if batch.len() >= self.sink.batch_max_events {
-                            flushed = self.flush(rep, &mut batch, &mut batch_end, flushed).await?;
-                            batch_deadline = None;
-                        }
                     }
                     StreamItem::Keepalive { wal_end, reply } => {
                         // Nothing received is waiting to be applied: everything the
                         // server has sent up to wal_end is in the store, so the slot
                         // may advance even when the WAL was all unpublished tables.
-                        let advanced = open.is_none() && batch_end.is_none() && wal_end > flushed;
+                        let advanced = open.is_none() && batch_end.is_none() && inflight.is_none() && wal_end > flushed;
                         if advanced {
                             flushed = wal_end;
                         }
@@ -316,10 +345,6 @@ impl SourceCtx {
                     }
                 },
                 () = tokio::time::sleep_until(deadline) => {
-                    if batch_end.is_some() {
-                        flushed = self.flush(rep, &mut batch, &mut batch_end, flushed).await?;
-                        batch_deadline = None;
-                    }
                     if rep.since_status() >= STATUS_INTERVAL {
                         rep.send_status(flushed).await?;
                     }
@@ -328,25 +353,44 @@ impl SourceCtx {
         }
     }
 
-    /// Applies the batch with its checkpoint, then acknowledges it to the server.
-    async fn flush(
-        &self,
-        rep: &mut Replication,
-        batch: &mut Vec<ChangeEvent>,
-        batch_end: &mut Option<Lsn>,
-        flushed: Lsn,
-    ) -> Result<Lsn, LoopError> {
-        let Some(end) = batch_end.take() else {
-            return Ok(flushed);
-        };
-        let started = std::time::Instant::now();
-        let stats = self
-            .store
-            .apply(&self.mapper, &self.src.name, batch, Some(end))
-            .await?;
-        tracing::debug!(source = %self.src.name, events = stats.events, stale = stats.stale, dead = stats.dead_letters, merges = stats.merges, lsn = %end, ms = started.elapsed().as_millis(), "batch applied");
-        batch.clear();
-        rep.send_status(end).await?;
-        Ok(end)
+    /// Starts applying a batch (with the checkpoint `end`) in the background.
+    fn start_apply(&self, batch: Vec<ChangeEvent>, end: Lsn) -> InFlight {
+        let (store, mapper, source) = (
+            self.store.clone(),
+            self.mapper.clone(),
+            self.src.name.clone(),
+        );
+        let task =
+            tokio::spawn(async move { store.apply(&mapper, &source, &batch, Some(end)).await });
+        InFlight {
+            end,
+            started: std::time::Instant::now(),
+            task,
+        }
+    }
+}
+
+/// A batch being applied by a background task. Dropped unfinished (the loop
+/// failed), the task is aborted: its transaction rolls back, nothing was
+/// acknowledged, and the batch is streamed again after the reconnect.
+struct InFlight {
+    end: Lsn,
+    started: std::time::Instant,
+    task: tokio::task::JoinHandle<Result<crate::store::apply::ApplyStats, StoreError>>,
+}
+
+impl InFlight {
+    /// Waits for the batch to commit; returns its end LSN.
+    async fn finish(mut self) -> Result<Lsn, LoopError> {
+        (&mut self.task)
+            .await
+            .map_err(|e| LoopError::Other(anyhow::anyhow!("apply task failed: {e}")))??;
+        Ok(self.end)
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.task.abort();
     }
 }

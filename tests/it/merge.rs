@@ -146,6 +146,43 @@ fn same_field_from_two_sources_resolves_to_the_freshest_then_priority() {
 }
 
 #[test]
+fn strategy_priority_puts_the_source_priority_before_freshness() {
+    let text = CONFIG.replace(
+        "[identity.email]",
+        "[fields.phone]\nstrategy = \"priority\"\n\n[identity.email]",
+    );
+    let m = Mapper::new(&Config::parse(&text, Path::new("test.toml")).unwrap());
+    let mut s = State::new(&m);
+    s.apply(
+        &m,
+        &ev(
+            "crm",
+            "contacts",
+            Op::Insert,
+            json!({"id": 1, "email": "a@x.com", "phone": "111", "version": 1}),
+            1,
+        ),
+    )
+    .unwrap();
+    s.apply(
+        &m,
+        &ev(
+            "shop",
+            "accounts",
+            Op::Insert,
+            json!({"id": 9, "email": "a@x.com", "phone": "222"}),
+            2,
+        ),
+    )
+    .unwrap();
+    assert_eq!(
+        only(&mut s, &m)["phone"],
+        "111",
+        "crm (priority 10) wins although the shop row is fresher"
+    );
+}
+
+#[test]
 fn a_later_row_linking_two_profiles_merges_them_into_the_smaller_id() {
     let m = mapper();
     let mut s = State::new(&m);

@@ -197,6 +197,22 @@ async fn two_sources_stream_into_one_profile_per_person() {
         "the shop's phone takes over when the crm row is gone"
     );
 
+    // TRUNCATE withdraws every row of the table: no orders, no order aggregates.
+    exec(&s.shop, "truncate orders").await;
+    let t = wait_traits(&s.sink, "email", "bob@example.com", "truncate", |t| {
+        t.get("order_count").is_none()
+    })
+    .await;
+    assert!(
+        t.get("lifetime_value_cents").is_none() && t.get("last_order_at").is_none(),
+        "{t}"
+    );
+    assert!(traits_of(&s.sink, "shop_account", "10")
+        .await
+        .unwrap()
+        .get("order_count")
+        .is_none());
+
     // Provenance and checkpoints are readable with SQL.
     let src: String = scalar(&s.sink, "select pf.source from tributary.profile_fields pf join tributary.identities i on i.profile_id = pf.profile_id where i.kind = 'shop_account' and i.value = '10' and pf.field = 'phone'").await;
     assert_eq!(src, "shop");
