@@ -63,6 +63,7 @@ pub struct Cluster {
     bin: PathBuf,
     port: u16,
     run_as: Option<String>,
+    owner: Option<(u32, u32)>,
     stopped: bool,
 }
 
@@ -162,6 +163,7 @@ impl Cluster {
             bin,
             port: 0,
             run_as,
+            owner,
             stopped: true,
         };
         let data = cluster.dir.join("data");
@@ -297,6 +299,24 @@ impl Cluster {
                 .arg("start"),
         )?;
         self.stopped = false;
+        Ok(())
+    }
+
+    /// Writes a file into the data directory, owned by the server's OS user with
+    /// `mode` (e.g. a TLS key, which the server requires to be private).
+    pub fn write_server_file(
+        &self,
+        name: &str,
+        contents: &[u8],
+        mode: u32,
+    ) -> Result<(), ClusterError> {
+        use std::os::unix::fs::PermissionsExt;
+        let path = self.data_dir().join(name);
+        std::fs::write(&path, contents)?;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode))?;
+        if let Some((uid, gid)) = self.owner {
+            std::os::unix::fs::chown(&path, Some(uid), Some(gid))?;
+        }
         Ok(())
     }
 

@@ -250,11 +250,7 @@ async fn sigkill_mid_stream_loses_nothing_and_doubles_nothing() {
     let mut killed = Some(Daemon::start(&cfg_killed));
     // Both slots exist and both snapshots are done before the workload starts.
     for sink in [&sink_killed, &sink_clean] {
-        wait_until("initial snapshots", Duration::from_secs(30), || async {
-            scalar::<i64>(sink, "select count(*) from pg_catalog.pg_tables where schemaname = 'tributary' and tablename = 'checkpoints'").await == 1
-                && scalar::<i64>(sink, "select count(*) from tributary.checkpoints where snapshot_completed_at is not null").await == 2
-        })
-        .await;
+        wait_snapshots(sink, 2).await;
     }
 
     // The workload runs on its own; the killer waits until the daemon has

@@ -316,3 +316,12 @@ pub async fn provenance(sink: &str) -> Vec<(serde_json::Value, serde_json::Value
     .await
     .expect("read provenance")
 }
+
+/// Waits until `n` sources have completed their initial snapshot in `sink`.
+pub async fn wait_snapshots(sink: &str, n: i64) {
+    wait_until("initial snapshots", Duration::from_secs(60), || async {
+        scalar::<i64>(sink, "select count(*) from pg_catalog.pg_tables where schemaname = 'tributary' and tablename = 'checkpoints'").await == 1
+            && scalar::<i64>(sink, "select count(*) from tributary.checkpoints where snapshot_completed_at is not null").await == n
+    })
+    .await;
+}

@@ -2,6 +2,7 @@
 //! its own throwaway PostgreSQL cluster(s) from the machine's server binaries.
 
 mod check;
+mod dead_letters;
 mod demo;
 mod deploy;
 mod faults;
@@ -11,3 +12,4 @@ mod migrate;
 mod pipeline;
 mod replication;
 mod snapshot;
+mod tls;

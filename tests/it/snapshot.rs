@@ -50,11 +50,7 @@ async fn snapshot_brings_existing_rows_and_loses_no_concurrent_change() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     let cfg = write_config(&pipeline_config(&crm, &shop, &sink, "snap"));
     let daemon = Daemon::start(&cfg);
-    wait_until("snapshot complete", Duration::from_secs(60), || async {
-        scalar::<i64>(&sink, "select count(*) from pg_catalog.pg_tables where schemaname = 'tributary' and tablename = 'checkpoints'").await == 1
-            && scalar::<i64>(&sink, "select count(*) from tributary.checkpoints where snapshot_completed_at is not null").await == 2
-    })
-    .await;
+    wait_snapshots(&sink, 2).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     stop.store(true, Ordering::Relaxed);
     let writes = writer.await.unwrap();

@@ -1,0 +1,67 @@
+//! Rows that cannot be mapped go to dead_letters with the reason; the rest of
+//! the stream (even the same transaction) applies, and `status` counts them.
+
+use std::time::Duration;
+
+use crate::harness::*;
+
+#[tokio::test]
+async fn bad_rows_become_dead_letters_and_the_stream_goes_on() {
+    let pg = cluster();
+    let crm = create_db(&pg, "crm").await;
+    let shop = create_db(&pg, "shop").await;
+    let sink = create_db(&pg, "profiles").await;
+    exec(&crm, CRM_SCHEMA).await;
+    exec(&shop, SHOP_SCHEMA).await;
+    let cfg = write_config(&pipeline_config(&crm, &shop, &sink, "dl"));
+    let daemon = Daemon::start(&cfg);
+    wait_snapshots(&sink, 2).await;
+
+    // One transaction mixing good and bad rows.
+    exec(
+        &crm,
+        "begin;
+         insert into contacts (id, email, first_name) values (1, 'good@x.com', 'Good');
+         insert into contacts (id, email, first_name) values (2, 'not-an-email', 'Bad');
+         commit;",
+    )
+    .await;
+    exec(&shop, "insert into orders (id, account_id, status, total_cents) values (1, null, 'paid', 100), (2, 7, 'paid', 200)").await;
+    wait_until("good rows applied", Duration::from_secs(30), || async {
+        traits_of(&sink, "email", "good@x.com")
+            .await
+            .is_some_and(|t| t["first_name"] == "Good")
+            && traits_of(&sink, "shop_account", "7")
+                .await
+                .is_some_and(|t| t["order_count"] == 1)
+    })
+    .await;
+    wait_until("dead letters written", Duration::from_secs(30), || async {
+        scalar::<i64>(&sink, "select count(*) from tributary.dead_letters").await == 2
+    })
+    .await;
+    let email_err: String = scalar(
+        &sink,
+        "select error from tributary.dead_letters where table_name = 'public.contacts'",
+    )
+    .await;
+    assert!(
+        email_err.contains("not-an-email") && email_err.contains("email"),
+        "{email_err}"
+    );
+    let order_err: String = scalar(&sink, "select error || ' ' || row::text || ' ' || source from tributary.dead_letters where table_name = 'public.orders'").await;
+    assert!(
+        order_err.contains("no identifier")
+            && order_err.contains("\"id\": 1")
+            && order_err.contains("shop"),
+        "{order_err}"
+    );
+    // The bad row left no trace in the profiles.
+    assert!(traits_of(&sink, "crm_contact", "2").await.is_none());
+
+    let out = run_cmd(&cfg, &["status", "--json"]);
+    let doc: serde_json::Value =
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|_| panic!("{}", text(&out)));
+    assert_eq!(doc["dead_letters"], 2, "{doc}");
+    assert_eq!(daemon.stop(), Some(0));
+}
