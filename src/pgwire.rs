@@ -495,7 +495,9 @@ impl PgConn {
                         }
                     }
                 }
-                b'c' => return Ok(CopyMessage::Done),
+                // A walsender that shuts down ends the stream with CommandComplete
+                // (and ReadyForQuery), without a CopyDone first.
+                b'c' | b'C' | b'Z' => return Ok(CopyMessage::Done),
                 b'E' => return Err(PgWireError::Server(parse_error(&msg.body))),
                 b'N' | b'S' => {}
                 t => {

@@ -325,3 +325,64 @@ pub async fn wait_snapshots(sink: &str, n: i64) {
     })
     .await;
 }
+
+/// A loopback TCP proxy the test controls: `cut()` drops every open connection
+/// (new ones are accepted again), so a client sees its connection reset.
+pub struct Proxy {
+    pub port: u16,
+    conns: std::sync::Arc<std::sync::Mutex<Vec<tokio::task::AbortHandle>>>,
+    accept: tokio::task::JoinHandle<()>,
+}
+
+impl Proxy {
+    /// Forwards 127.0.0.1:<new port> to 127.0.0.1:`target`.
+    pub async fn start(target: u16) -> Proxy {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let conns: std::sync::Arc<std::sync::Mutex<Vec<tokio::task::AbortHandle>>> =
+            Default::default();
+        let list = conns.clone();
+        let accept = tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                let task = tokio::spawn(async move {
+                    if let Ok(mut outbound) =
+                        tokio::net::TcpStream::connect(("127.0.0.1", target)).await
+                    {
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                    }
+                });
+                list.lock().unwrap().push(task.abort_handle());
+            }
+        });
+        Proxy {
+            port,
+            conns,
+            accept,
+        }
+    }
+
+    /// Drops every open connection; returns how many there were.
+    pub fn cut(&self) -> usize {
+        let mut list = self.conns.lock().unwrap();
+        let n = list.iter().filter(|h| !h.is_finished()).count();
+        for h in list.drain(..) {
+            h.abort();
+        }
+        n
+    }
+
+    /// A URL for database `db` through the proxy.
+    pub fn url(&self, db: &str) -> String {
+        format!(
+            "postgres://postgres@127.0.0.1:{}/{db}?sslmode=disable",
+            self.port
+        )
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.accept.abort();
+        self.cut();
+    }
+}

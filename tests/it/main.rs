@@ -11,5 +11,6 @@ mod merge;
 mod migrate;
 mod pipeline;
 mod replication;
+mod resilience;
 mod snapshot;
 mod tls;

@@ -1,0 +1,117 @@
+//! The source server restarted mid-stream, the sink restarted mid-batch, and
+//! connections to both cut by a loopback proxy: each time the daemon recovers
+//! by itself, and in the end every aggregate equals SQL over the sources and
+//! every change is logged exactly once.
+
+use std::time::Duration;
+
+use crate::faults::{expected_aggregates, stored_aggregates, Workload};
+use crate::harness::*;
+
+async fn converge(shop: &str, sink: &str, w: &Workload, daemon: &Daemon) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    loop {
+        let ok = expected_aggregates(shop, sink).await == stored_aggregates(sink).await
+            && scalar::<i64>(
+                sink,
+                "select count(*) from tributary.events where op <> 'snapshot'",
+            )
+            .await
+                == w.changes.values().sum::<i64>();
+        if ok {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "did not converge; daemon log:\n{}",
+            daemon.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let dup: i64 = scalar(
+        sink,
+        "select count(*) - count(distinct (source, commit_lsn, seq)) from tributary.events",
+    )
+    .await;
+    assert_eq!(dup, 0, "an event was logged twice");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn source_and_sink_restarts_mid_stream_recover_without_loss() {
+    let mut sources = cluster();
+    let mut store = cluster();
+    let crm = create_db(&sources, "crm").await;
+    let shop = create_db(&sources, "shop").await;
+    let sink = create_db(&store, "profiles").await;
+    exec(&crm, CRM_SCHEMA).await;
+    exec(&shop, SHOP_SCHEMA).await;
+    let cfg = write_config(&pipeline_config(&crm, &shop, &sink, "r"));
+    let mut daemon = Daemon::start(&cfg);
+    wait_snapshots(&sink, 2).await;
+
+    let mut w = Workload::default();
+    w.run(&crm, &shop, 3000, 1, |_| {}).await;
+    // The daemon is still working through the backlog: restart the source server.
+    tokio::task::block_in_place(|| sources.restart()).unwrap();
+    w.run(&crm, &shop, 3000, 2, |_| {}).await;
+    // And now the profile store, while batches are being applied.
+    tokio::task::block_in_place(|| store.restart()).unwrap();
+    w.run(&crm, &shop, 3000, 3, |_| {}).await;
+
+    converge(&shop, &sink, &w, &daemon).await;
+    assert!(daemon.alive(), "the daemon must survive both restarts");
+    let log = daemon.log_text();
+    assert!(
+        log.contains("reconnecting"),
+        "the interruptions were seen and retried:\n{log}"
+    );
+    assert_eq!(daemon.stop(), Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_cut_by_a_proxy_recover_without_loss() {
+    let pg = cluster();
+    let crm = create_db(&pg, "crm").await;
+    let shop = create_db(&pg, "shop").await;
+    let sink = create_db(&pg, "profiles").await;
+    exec(&crm, CRM_SCHEMA).await;
+    exec(&shop, SHOP_SCHEMA).await;
+    // The daemon reaches the sources and the store only through proxies.
+    let to_sources = Proxy::start(pg.port()).await;
+    let to_store = Proxy::start(pg.port()).await;
+    let cfg = write_config(&pipeline_config(
+        &to_sources.url("crm"),
+        &to_sources.url("shop"),
+        &to_store.url("profiles"),
+        "p",
+    ));
+    let daemon = Daemon::start(&cfg);
+    wait_snapshots(&sink, 2).await;
+
+    let workload = {
+        let (crm, shop) = (crm.clone(), shop.clone());
+        tokio::spawn(async move {
+            let mut w = Workload::default();
+            w.run(&crm, &shop, 6000, 9, |_| {
+                std::thread::sleep(Duration::from_millis(2))
+            })
+            .await;
+            w
+        })
+    };
+    let mut cuts = 0;
+    let mut i = 0;
+    while !workload.is_finished() {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        cuts += if i % 2 == 0 {
+            to_sources.cut()
+        } else {
+            to_store.cut()
+        };
+        i += 1;
+    }
+    let w = workload.await.unwrap();
+    assert!(cuts >= 4, "only {cuts} connections were cut");
+    converge(&shop, &sink, &w, &daemon).await;
+    assert_eq!(daemon.stop(), Some(0));
+}
