@@ -170,6 +170,19 @@ impl SourceCtx {
         let checkpoint = self.store.checkpoint(&src.name).await?;
         let slot = slot_info(src).await?;
         let mut rep = Replication::connect(src).await?;
+        if let (Some(cp), Some(info)) = (&checkpoint, &slot) {
+            if cp.snapshot_completed && info.wal_status.as_deref() == Some("lost") {
+                return Err(SourceError::SlotInvalidated {
+                    source_name: src.name.clone(),
+                    slot: src.slot.clone(),
+                    checkpoint: cp.lsn,
+                }
+                .into());
+            }
+            if let Some(safe) = info.safe_wal_size.filter(|b| *b < 64 * 1024 * 1024) {
+                tracing::warn!(source = %src.name, slot = %src.slot, safe_wal_size = safe, "slot is close to invalidation by max_slot_wal_keep_size");
+            }
+        }
         let from = match (&checkpoint, &slot) {
             (Some(cp), Some(_)) if cp.snapshot_completed => cp.lsn,
             (Some(cp), None) if cp.snapshot_completed => {

@@ -30,6 +30,10 @@ pub struct SourceStatus {
     pub wal_retained_bytes: Option<i64>,
     /// Current WAL LSN − confirmed_flush_lsn, bytes.
     pub lag_bytes: Option<i64>,
+    /// The slot's `wal_status` (reserved, extended, unreserved, lost).
+    pub wal_status: Option<String>,
+    /// Bytes of WAL left before the slot risks invalidation (`max_slot_wal_keep_size`).
+    pub safe_wal_size: Option<i64>,
     /// Commit time of the last applied event.
     pub last_event_commit_time: Option<DateTime<Utc>>,
     /// Now − last event commit time, seconds.
@@ -86,6 +90,8 @@ pub async fn status(cfg: &Config) -> anyhow::Result<Status> {
             snapshot_completed: cp.is_some_and(|c| c.1),
             wal_retained_bytes: None,
             lag_bytes: None,
+            wal_status: None,
+            safe_wal_size: None,
             last_event_commit_time: last,
             #[allow(clippy::cast_precision_loss)]
             lag_seconds: last.map(|t| (Utc::now() - t).num_milliseconds() as f64 / 1000.0),
@@ -96,7 +102,8 @@ pub async fn status(cfg: &Config) -> anyhow::Result<Status> {
                 let row = sqlx::query(
                     "select active, confirmed_flush_lsn::text as flush,
                             pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)::bigint as retained,
-                            pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn)::bigint as lag
+                            pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn)::bigint as lag,
+                            wal_status, safe_wal_size
                        from pg_replication_slots where slot_name = $1",
                 )
                 .bind(&src.slot)
@@ -109,6 +116,8 @@ pub async fn status(cfg: &Config) -> anyhow::Result<Status> {
                         s.confirmed_flush_lsn = r.get("flush");
                         s.wal_retained_bytes = r.get("retained");
                         s.lag_bytes = r.get("lag");
+                        s.wal_status = r.get("wal_status");
+                        s.safe_wal_size = r.get("safe_wal_size");
                     }
                     Ok(None) => {}
                     Err(e) => s.error = Some(e.to_string()),
@@ -145,6 +154,13 @@ pub fn print_human(s: &Status) {
         );
         if let Some(e) = &src.error {
             println!("  error: {e}");
+        }
+        match (src.wal_status.as_deref(), src.safe_wal_size) {
+            (Some("lost"), _) => println!("  SLOT INVALIDATED: the WAL it needed is gone; re-snapshot the source (docs/operations.md)"),
+            (_, Some(safe)) if safe < 64 * 1024 * 1024 => {
+                println!("  warning: only {safe} bytes of WAL left before max_slot_wal_keep_size invalidates the slot")
+            }
+            _ => {}
         }
     }
     println!(

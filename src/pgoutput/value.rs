@@ -107,6 +107,14 @@ fn numeric(text: &str) -> Value {
     if let Ok(i) = text.parse::<i64>() {
         return Value::from(i);
     }
+    // An integral value with a scale (`250.00`) stays an integer, so sums stay exact.
+    if let Some((int, frac)) = text.split_once('.') {
+        if frac.bytes().all(|b| b == b'0') {
+            if let Ok(i) = int.parse::<i64>() {
+                return Value::from(i);
+            }
+        }
+    }
     match text.parse::<f64>().ok().and_then(Number::from_f64) {
         // exact only when the shortest round-trip text is the same number
         Some(n) if same_decimal(&n.to_string(), text) => Value::Number(n),
@@ -210,6 +218,8 @@ mod tests {
         assert_eq!(text_to_json(oid::FLOAT8, "1.5"), json!(1.5));
         assert_eq!(text_to_json(oid::FLOAT8, "NaN"), json!("NaN"));
         assert_eq!(text_to_json(oid::NUMERIC, "12.50"), json!(12.5));
+        assert_eq!(text_to_json(oid::NUMERIC, "250.00"), json!(250));
+        assert_eq!(text_to_json(oid::NUMERIC, "-3.0"), json!(-3));
         assert_eq!(
             text_to_json(oid::NUMERIC, "123456789012345678901234567890"),
             json!("123456789012345678901234567890")

@@ -62,10 +62,25 @@ pub enum SourceError {
     /// The slot the checkpoint refers to is gone: changes may have been lost.
     #[error(
         "source {source_name}: replication slot {slot} is missing, but the store has a checkpoint at {checkpoint}; \
-         changes after it may be lost. Re-snapshot the source (tributary snapshot --source {source_name}) and reconcile; \
-         Tributary will not silently recreate the slot and skip the gap"
+         changes after it may be lost. Tributary will not silently recreate the slot and skip the gap. To re-snapshot \
+         the source: DELETE FROM tributary.checkpoints WHERE source = '{source_name}'; then start tributary run again"
     )]
     SlotLost {
+        /// Source name.
+        source_name: String,
+        /// Slot name.
+        slot: String,
+        /// Stored checkpoint.
+        checkpoint: Lsn,
+    },
+    /// The server invalidated the slot (WAL removed past `max_slot_wal_keep_size`).
+    #[error(
+        "source {source_name}: replication slot {slot} was invalidated by the server (wal_status = lost: the WAL it needed \
+         was removed, see max_slot_wal_keep_size); changes after checkpoint {checkpoint} are gone. To re-snapshot the \
+         source: DELETE FROM tributary.checkpoints WHERE source = '{source_name}'; then start tributary run again \
+         (it drops the invalid slot and creates a new one)"
+    )]
+    SlotInvalidated {
         /// Source name.
         source_name: String,
         /// Slot name.
@@ -91,7 +106,8 @@ impl SourceError {
             }
             SourceError::Decode { .. }
             | SourceError::WalLevel { .. }
-            | SourceError::SlotLost { .. } => false,
+            | SourceError::SlotLost { .. }
+            | SourceError::SlotInvalidated { .. } => false,
         }
     }
 }
@@ -195,26 +211,39 @@ pub struct SlotInfo {
     pub confirmed_flush: Lsn,
     /// Someone is streaming from it.
     pub active: bool,
+    /// `wal_status`: reserved, extended, unreserved or lost.
+    pub wal_status: Option<String>,
+    /// Bytes of WAL that can still be written before the slot is in danger of
+    /// invalidation (`safe_wal_size`; None without `max_slot_wal_keep_size`).
+    pub safe_wal_size: Option<i64>,
 }
 
 /// Looks the slot up; None when it does not exist.
 pub async fn slot_info(src: &SourceConfig) -> Result<Option<SlotInfo>, SourceError> {
     let mut conn = query_conn(src).await?;
-    let row: Option<(Option<String>, bool)> = sqlx::query_as(
-        "select confirmed_flush_lsn::text, active from pg_replication_slots where slot_name = $1",
+    #[derive(sqlx::FromRow)]
+    struct Row {
+        confirmed_flush_lsn: Option<String>,
+        active: bool,
+        wal_status: Option<String>,
+        safe_wal_size: Option<i64>,
+    }
+    let row: Option<Row> = sqlx::query_as(
+        "select confirmed_flush_lsn::text, active, wal_status, safe_wal_size from pg_replication_slots where slot_name = $1",
     )
     .bind(&src.slot)
     .fetch_optional(&mut conn)
     .await
-    .map_err(|error| SourceError::Query {
-        source_name: src.name.clone(),
-        what: "look up slot".into(),
-        error,
-    })?;
+    .map_err(|error| SourceError::Query { source_name: src.name.clone(), what: "look up slot".into(), error })?;
     conn.close().await.ok();
-    Ok(row.map(|(lsn, active)| SlotInfo {
-        confirmed_flush: lsn.and_then(|l| l.parse().ok()).unwrap_or_default(),
-        active,
+    Ok(row.map(|r| SlotInfo {
+        confirmed_flush: r
+            .confirmed_flush_lsn
+            .and_then(|l| l.parse().ok())
+            .unwrap_or_default(),
+        active: r.active,
+        wal_status: r.wal_status,
+        safe_wal_size: r.safe_wal_size,
     }))
 }
 

@@ -12,5 +12,7 @@ mod migrate;
 mod pipeline;
 mod replication;
 mod resilience;
+mod schema;
 mod snapshot;
 mod tls;
+mod wal;
