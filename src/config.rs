@@ -121,6 +121,8 @@ struct RawSink {
     batch_max_events: Option<usize>,
     batch_max_wait_ms: Option<u64>,
     pool_size: Option<u32>,
+    max_txn_memory_mb: Option<usize>,
+    spill_dir: Option<PathBuf>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -219,6 +221,10 @@ pub struct SinkConfig {
     pub batch_max_wait_ms: u64,
     /// Connections to the store (default 4).
     pub pool_size: u32,
+    /// Memory one source transaction may hold before it is spilled to disk (default 64 MiB).
+    pub max_txn_memory_bytes: usize,
+    /// Where large transactions are spilled (default the system temp dir).
+    pub spill_dir: PathBuf,
 }
 
 /// One `[[source]]`.
@@ -428,6 +434,8 @@ fn validate(raw: RawConfig, path: &Path) -> Result<Config, ConfigError> {
         batch_max_events: raw.sink.batch_max_events.unwrap_or(5000).max(1),
         batch_max_wait_ms: raw.sink.batch_max_wait_ms.unwrap_or(100),
         pool_size: raw.sink.pool_size.unwrap_or(4).max(2),
+        max_txn_memory_bytes: raw.sink.max_txn_memory_mb.unwrap_or(64).max(1) * 1024 * 1024,
+        spill_dir: raw.sink.spill_dir.unwrap_or_else(std::env::temp_dir),
     };
 
     if raw.source.is_empty() {

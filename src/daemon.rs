@@ -13,6 +13,7 @@
 //! exponential backoff; definite ones (wal_level, slot lost, auth) stop the
 //! daemon with an error that says what to do.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -28,6 +29,7 @@ use crate::event::{ChangeEvent, Lsn, Op};
 use crate::mapping::Mapper;
 use crate::pgoutput::Decoded;
 use crate::source::snapshot::{snapshot, SnapshotSink};
+use crate::source::spill::TxnBuffer;
 use crate::source::{ensure_publication, slot_info, Replication, SourceError, StreamItem};
 use crate::store::{Store, StoreError};
 
@@ -272,71 +274,104 @@ impl SourceCtx {
     /// in order; a full batch stops reading until the one in flight is done
     /// (that is the backpressure), and an LSN is acknowledged only after the
     /// batch that ends there has committed.
+    ///
+    /// A transaction is buffered until its commit within `max_txn_memory_mb`
+    /// and spilled to disk beyond it; protocol v2 streams in-progress
+    /// transactions, buffered the same way per transaction and dropped on
+    /// Stream Abort (or only the aborted subtransaction's changes).
     async fn stream(&self, rep: &mut Replication, checkpoint: Lsn) -> Result<(), LoopError> {
         let linger = Duration::from_millis(self.sink.batch_max_wait_ms);
         let max = self.sink.batch_max_events;
-        let mut flushed = checkpoint; // what the store has committed (or what needs nothing)
-        let mut open: Option<Vec<ChangeEvent>> = None; // the transaction being received
-        let mut batch: Vec<ChangeEvent> = Vec::new();
-        let mut batch_end: Option<Lsn> = None; // end LSN of the last whole transaction in `batch`
-        let mut batch_deadline: Option<Instant> = None;
-        let mut inflight: Option<InFlight> = None;
+        let budget = self.sink.max_txn_memory_bytes;
+        let spill = self.sink.spill_dir.clone();
+        let mut p = Pending {
+            flushed: checkpoint,
+            batch: Vec::new(),
+            end: None,
+            deadline: None,
+            inflight: None,
+        };
+        let mut open: Option<TxnBuffer> = None; // the (non-streamed) transaction being received
+        let mut streams: HashMap<u32, TxnBuffer> = HashMap::new(); // protocol v2, by top-level xid
+        let mut in_stream: Option<u32> = None;
+        let io = |e: std::io::Error| {
+            LoopError::Other(anyhow::Error::new(e).context("spill a large transaction to disk"))
+        };
         loop {
-            if let Some(end) = batch_end {
-                let due = batch.len() >= max || batch_deadline.is_some_and(|d| d <= Instant::now());
-                if due && inflight.is_none() {
-                    inflight = Some(self.start_apply(std::mem::take(&mut batch), end));
-                    batch_end = None;
-                    batch_deadline = None;
+            if let Some(end) = p.end {
+                let due = p.batch.len() >= max || p.deadline.is_some_and(|d| d <= Instant::now());
+                if due && p.inflight.is_none() {
+                    p.inflight = Some(self.start_apply(std::mem::take(&mut p.batch), end));
+                    p.end = None;
+                    p.deadline = None;
                 }
             }
             // A due batch waiting for the one in flight is started when that one
             // completes, not by the timer (which would fire at once, in a loop).
-            let deadline = match batch_deadline {
-                Some(d) if inflight.is_none() => d,
+            let deadline = match p.deadline {
+                Some(d) if p.inflight.is_none() => d,
                 _ => Instant::now() + STATUS_INTERVAL,
             };
-            let reading = batch.len() < max;
+            let reading = p.batch.len() < max;
             tokio::select! {
                 biased;
                 () = self.shutdown.cancelled() => {
-                    if let Some(f) = inflight.take() {
-                        flushed = f.finish().await?;
-                    }
-                    if let Some(end) = batch_end {
-                        self.store.apply(&self.mapper, &self.src.name, &batch, Some(end)).await?;
-                        flushed = end;
-                    }
-                    rep.send_status(flushed).await?;
-                    tracing::info!(source = %self.src.name, lsn = %flushed, "stopped cleanly");
+                    p.settle(self).await?;
+                    rep.send_status(p.flushed).await?;
+                    tracing::info!(source = %self.src.name, lsn = %p.flushed, "stopped cleanly");
                     return Ok(());
                 }
-                res = async { inflight.as_mut().map(|f| &mut f.task).expect("guarded by inflight.is_some()").await }, if inflight.is_some() => {
-                    let f = inflight.take().expect("in flight");
+                res = async { p.inflight.as_mut().map(|f| &mut f.task).expect("guarded by inflight.is_some()").await }, if p.inflight.is_some() => {
+                    let f = p.inflight.take().expect("in flight");
                     let stats = res.map_err(|e| LoopError::Other(anyhow::anyhow!("apply task failed: {e}")))??;
                     tracing::debug!(source = %self.src.name, events = stats.events, stale = stats.stale, dead = stats.dead_letters, merges = stats.merges, lsn = %f.end, ms = f.started.elapsed().as_millis(), "batch applied");
-                    flushed = f.end;
-                    rep.send_status(flushed).await?;
+                    p.flushed = f.end;
+                    rep.send_status(p.flushed).await?;
                 }
                 item = rep.next(), if reading => match item? {
                     StreamItem::Decoded(items) => {
                         for d in items {
                             match d {
-                                Decoded::Begin { .. } => open = Some(Vec::new()),
-                                Decoded::Change(ev) => match open.as_mut() {
-                                    Some(txn) => txn.push(ev),
-                                    None => return Err(SourceError::Decode { source_name: self.src.name.clone(), lsn: ev.lsn, error: crate::pgoutput::DecodeError::OutsideTransaction }.into()),
-                                },
+                                Decoded::Begin { .. } => open = Some(TxnBuffer::new(budget)),
+                                Decoded::Change(ev) => {
+                                    let buf = match in_stream {
+                                        Some(xid) => streams.entry(xid).or_insert_with(|| TxnBuffer::new(budget)),
+                                        None => open.as_mut().ok_or_else(|| SourceError::Decode {
+                                            source_name: self.src.name.clone(),
+                                            lsn: ev.lsn,
+                                            error: crate::pgoutput::DecodeError::OutsideTransaction,
+                                        })?,
+                                    };
+                                    buf.push(ev, &spill).map_err(io)?;
+                                }
                                 Decoded::Commit { end_lsn, .. } => {
-                                    let txn = open.take().unwrap_or_default();
-                                    // The server may resend transactions at or before the checkpoint.
-                                    let seen = flushed.max(inflight.as_ref().map_or(Lsn::ZERO, |f| f.end)).max(batch_end.unwrap_or_default());
-                                    if end_lsn <= seen {
-                                        continue;
+                                    let txn = open.take().unwrap_or_else(|| TxnBuffer::new(budget));
+                                    if end_lsn <= p.seen() {
+                                        continue; // the server may resend transactions at or before the checkpoint
                                     }
-                                    batch.extend(txn);
-                                    batch_end = Some(end_lsn);
-                                    batch_deadline.get_or_insert_with(|| Instant::now() + linger);
+                                    if txn.spilled() || txn.len() > max {
+                                        self.apply_large(rep, &mut p, txn, end_lsn, None).await?;
+                                    } else {
+                                        let mut chunks = txn.into_chunks(max).map_err(io)?;
+                                        p.batch.extend(chunks.next_chunk().map_err(io)?);
+                                        p.end = Some(end_lsn);
+                                        p.deadline.get_or_insert_with(|| Instant::now() + linger);
+                                    }
+                                }
+                                Decoded::StreamStart { xid } => in_stream = Some(xid),
+                                Decoded::StreamStop => in_stream = None,
+                                Decoded::StreamCommit { xid, commit_lsn, end_lsn, commit_time } => {
+                                    let txn = streams.remove(&xid).unwrap_or_else(|| TxnBuffer::new(budget));
+                                    if end_lsn > p.seen() {
+                                        self.apply_large(rep, &mut p, txn, end_lsn, Some((commit_lsn, commit_time))).await?;
+                                    }
+                                }
+                                Decoded::StreamAbort { xid, subxid } => {
+                                    if xid == subxid {
+                                        streams.remove(&xid); // dropping the buffer deletes its spill file
+                                    } else if let Some(buf) = streams.get_mut(&xid) {
+                                        buf.abort_subtransaction(subxid);
+                                    }
                                 }
                                 Decoded::Message { .. } | Decoded::Nothing => {}
                             }
@@ -346,24 +381,79 @@ impl SourceCtx {
                         // Nothing received is waiting to be applied: everything the
                         // server has sent up to wal_end is in the store, so the slot
                         // may advance even when the WAL was all unpublished tables.
-                        let advanced = open.is_none() && batch_end.is_none() && inflight.is_none() && wal_end > flushed;
+                        let idle = open.is_none() && streams.is_empty() && p.end.is_none() && p.inflight.is_none();
+                        let advanced = idle && wal_end > p.flushed;
                         if advanced {
-                            flushed = wal_end;
+                            p.flushed = wal_end;
                         }
                         // The server stops sending keepalives once we report what it
                         // sent, so answering an advance at once cannot ping-pong.
                         if reply || advanced {
-                            rep.send_status(flushed).await?;
+                            rep.send_status(p.flushed).await?;
                         }
                     }
                 },
                 () = tokio::time::sleep_until(deadline) => {
                     if rep.since_status() >= STATUS_INTERVAL {
-                        rep.send_status(flushed).await?;
+                        rep.send_status(p.flushed).await?;
                     }
                 }
             }
         }
+    }
+
+    /// Applies one transaction that does not fit a batch (or was spilled), in
+    /// chunks of `batch_max_events`: everything before it is settled first, the
+    /// chunks commit one by one and only the last moves the checkpoint to
+    /// `end`. A crash between chunks replays the whole transaction, whose
+    /// already-applied changes are then stale and change nothing. `stamp`
+    /// (commit LSN and time) is given for a streamed transaction, whose changes
+    /// learn their place only now.
+    async fn apply_large(
+        &self,
+        rep: &mut Replication,
+        p: &mut Pending,
+        txn: TxnBuffer,
+        end: Lsn,
+        stamp: Option<(Lsn, chrono::DateTime<chrono::Utc>)>,
+    ) -> Result<(), LoopError> {
+        let io = |e: std::io::Error| {
+            LoopError::Other(anyhow::Error::new(e).context("read back a spilled transaction"))
+        };
+        p.settle(self).await?;
+        let started = std::time::Instant::now();
+        let total = txn.len();
+        let mut chunks = txn.into_chunks(self.sink.batch_max_events).map_err(io)?;
+        let mut seq: u64 = 0;
+        let mut next = chunks.next_chunk().map_err(io)?;
+        while !next.is_empty() {
+            let mut chunk = std::mem::replace(&mut next, chunks.next_chunk().map_err(io)?);
+            if let Some((commit_lsn, commit_time)) = stamp {
+                for ev in &mut chunk {
+                    ev.commit_lsn = commit_lsn;
+                    ev.commit_time = commit_time;
+                    ev.seq = seq;
+                    seq += 1;
+                }
+            }
+            let last = next.is_empty();
+            self.store
+                .apply(&self.mapper, &self.src.name, &chunk, last.then_some(end))
+                .await?;
+            // Status updates between chunks keep the connection alive (the
+            // server counts them as replies) without acknowledging anything new.
+            rep.send_status(if last { end } else { p.flushed }).await?;
+        }
+        if seq == 0 && stamp.is_some() || total == 0 {
+            // Nothing survived (all subtransactions aborted): just move the checkpoint.
+            self.store
+                .apply(&self.mapper, &self.src.name, &[], Some(end))
+                .await?;
+            rep.send_status(end).await?;
+        }
+        p.flushed = end;
+        tracing::info!(source = %self.src.name, changes = total, lsn = %end, ms = started.elapsed().as_millis(), streamed = stamp.is_some(), "large transaction applied");
+        Ok(())
     }
 
     /// Starts applying a batch (with the checkpoint `end`) in the background.
@@ -380,6 +470,45 @@ impl SourceCtx {
             started: std::time::Instant::now(),
             task,
         }
+    }
+}
+
+/// What the streaming loop has read but not yet acknowledged.
+struct Pending {
+    /// What the store has committed (or what needs nothing): reported as flushed.
+    flushed: Lsn,
+    /// Whole transactions waiting to be applied.
+    batch: Vec<ChangeEvent>,
+    /// End LSN of the last transaction in `batch`.
+    end: Option<Lsn>,
+    /// When `batch` is due even if not full.
+    deadline: Option<Instant>,
+    /// The batch being applied.
+    inflight: Option<InFlight>,
+}
+
+impl Pending {
+    /// The highest end LSN received: a transaction ending at or before it is a resend.
+    fn seen(&self) -> Lsn {
+        self.flushed
+            .max(self.inflight.as_ref().map_or(Lsn::ZERO, |f| f.end))
+            .max(self.end.unwrap_or_default())
+    }
+
+    /// Waits for the batch in flight and applies the pending one.
+    async fn settle(&mut self, ctx: &SourceCtx) -> Result<(), LoopError> {
+        if let Some(f) = self.inflight.take() {
+            self.flushed = f.finish().await?;
+        }
+        if let Some(end) = self.end.take() {
+            ctx.store
+                .apply(&ctx.mapper, &ctx.src.name, &self.batch, Some(end))
+                .await?;
+            self.batch.clear();
+            self.deadline = None;
+            self.flushed = end;
+        }
+        Ok(())
     }
 }
 

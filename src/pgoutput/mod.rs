@@ -171,6 +171,34 @@ pub enum Message {
         /// Relation OIDs.
         relations: Vec<u32>,
     },
+    /// Protocol v2: the following messages belong to in-progress transaction `xid`.
+    StreamStart {
+        /// Top-level transaction id.
+        xid: u32,
+        /// First block of this transaction?
+        first: bool,
+    },
+    /// Protocol v2: end of a block of streamed changes.
+    StreamStop,
+    /// Protocol v2: a streamed transaction committed.
+    StreamCommit {
+        /// Top-level transaction id.
+        xid: u32,
+        /// LSN of the commit record.
+        commit_lsn: Lsn,
+        /// End of the commit record: the resume point.
+        end_lsn: Lsn,
+        /// Commit time.
+        commit_time: i64,
+    },
+    /// Protocol v2: a streamed transaction (`subxid == xid`) or one of its
+    /// subtransactions aborted.
+    StreamAbort {
+        /// Top-level transaction id.
+        xid: u32,
+        /// Aborted (sub)transaction id.
+        subxid: u32,
+    },
     /// Logical decoding message (`pg_logical_emit_message`).
     LogicalMessage {
         /// Transactional?
@@ -263,11 +291,37 @@ impl Reader {
     }
 }
 
-/// Parses one pgoutput message.
-pub fn parse(data: Bytes) -> Result<Message, DecodeError> {
+/// Parses one pgoutput message. Inside a stream block (protocol v2, between
+/// Stream Start and Stream Stop) row, relation, type and logical messages carry
+/// the (sub)transaction id first; it is returned beside the message.
+pub fn parse(data: Bytes, in_stream: bool) -> Result<(Option<u32>, Message), DecodeError> {
     let mut r = Reader(data);
     let tag = r.u8("message tag")?;
-    Ok(match tag {
+    let xid = if in_stream && matches!(tag, b'R' | b'Y' | b'I' | b'U' | b'D' | b'T' | b'M') {
+        Some(r.u32("stream xid")?)
+    } else {
+        None
+    };
+    let msg = match tag {
+        b'S' => Message::StreamStart {
+            xid: r.u32("stream xid")?,
+            first: r.u8("first segment")? == 1,
+        },
+        b'E' => Message::StreamStop,
+        b'c' => {
+            let xid = r.u32("stream xid")?;
+            let _flags = r.u8("commit flags")?;
+            Message::StreamCommit {
+                xid,
+                commit_lsn: Lsn(r.u64("commit lsn")?),
+                end_lsn: Lsn(r.u64("end lsn")?),
+                commit_time: r.i64("commit time")?,
+            }
+        }
+        b'A' => Message::StreamAbort {
+            xid: r.u32("stream xid")?,
+            subxid: r.u32("stream subxid")?,
+        },
         b'B' => Message::Begin {
             final_lsn: Lsn(r.u64("final lsn")?),
             commit_time: r.i64("commit time")?,
@@ -398,7 +452,8 @@ pub fn parse(data: Bytes) -> Result<Message, DecodeError> {
                 tag,
             })
         }
-    })
+    };
+    Ok((xid, msg))
 }
 
 /// PostgreSQL timestamp (µs since 2000-01-01 UTC) → UTC time.
@@ -436,6 +491,32 @@ pub enum Decoded {
         /// Payload.
         content: Bytes,
     },
+    /// Protocol v2: changes of in-progress transaction `xid` follow.
+    StreamStart {
+        /// Top-level transaction id.
+        xid: u32,
+    },
+    /// Protocol v2: end of a block of streamed changes.
+    StreamStop,
+    /// Protocol v2: streamed transaction `xid` committed.
+    StreamCommit {
+        /// Top-level transaction id.
+        xid: u32,
+        /// Commit record LSN.
+        commit_lsn: Lsn,
+        /// End of the commit record.
+        end_lsn: Lsn,
+        /// Commit time.
+        commit_time: DateTime<Utc>,
+    },
+    /// Protocol v2: transaction `xid` (when `subxid == xid`) or subtransaction
+    /// `subxid` aborted: drop its changes.
+    StreamAbort {
+        /// Top-level transaction id.
+        xid: u32,
+        /// Aborted (sub)transaction.
+        subxid: u32,
+    },
     /// Nothing for the caller (Relation, Type, Origin).
     Nothing,
 }
@@ -455,6 +536,8 @@ pub struct Decoder {
     source: String,
     relations: HashMap<u32, Relation>,
     txn: Option<OpenTxn>,
+    /// Inside a protocol v2 stream block of this transaction.
+    stream: Option<u32>,
 }
 
 impl Decoder {
@@ -464,6 +547,7 @@ impl Decoder {
             source: source.to_owned(),
             relations: HashMap::new(),
             txn: None,
+            stream: None,
         }
     }
 
@@ -476,7 +560,30 @@ impl Decoder {
     /// yield two events (a primary-key change is a delete of the old key and an
     /// insert of the new row), hence the Vec.
     pub fn decode(&mut self, lsn: Lsn, data: Bytes) -> Result<Vec<Decoded>, DecodeError> {
-        Ok(match parse(data)? {
+        let (sx, msg) = parse(data, self.stream.is_some())?;
+        Ok(match msg {
+            Message::StreamStart { xid, .. } => {
+                self.stream = Some(xid);
+                vec![Decoded::StreamStart { xid }]
+            }
+            Message::StreamStop => {
+                self.stream = None;
+                vec![Decoded::StreamStop]
+            }
+            Message::StreamCommit {
+                xid,
+                commit_lsn,
+                end_lsn,
+                commit_time,
+            } => {
+                vec![Decoded::StreamCommit {
+                    xid,
+                    commit_lsn,
+                    end_lsn,
+                    commit_time: pg_time(commit_time),
+                }]
+            }
+            Message::StreamAbort { xid, subxid } => vec![Decoded::StreamAbort { xid, subxid }],
             Message::Begin {
                 final_lsn,
                 commit_time,
@@ -511,7 +618,7 @@ impl Decoder {
             } => vec![Decoded::Message { prefix, content }],
             Message::Insert { relation, new } => {
                 let (key, row, unchanged) = self.image(relation, &new)?;
-                vec![self.change(lsn, relation, Op::Insert, key, row, unchanged)?]
+                vec![self.change(sx, lsn, relation, Op::Insert, (key, row, unchanged))?]
             }
             Message::Update { relation, old, new } => {
                 let (key, row, unchanged) = self.image(relation, &new)?;
@@ -523,32 +630,30 @@ impl Decoder {
                     // The key itself changed: the old row is gone, a new one exists.
                     Some(old_key) if !old_key.is_empty() && old_key != key => vec![
                         self.change(
+                            sx,
                             lsn,
                             relation,
                             Op::Delete,
-                            old_key.clone(),
-                            old_key,
-                            Vec::new(),
+                            (old_key.clone(), old_key, Vec::new()),
                         )?,
-                        self.change(lsn, relation, Op::Insert, key, row, unchanged)?,
+                        self.change(sx, lsn, relation, Op::Insert, (key, row, unchanged))?,
                     ],
-                    _ => vec![self.change(lsn, relation, Op::Update, key, row, unchanged)?],
+                    _ => vec![self.change(sx, lsn, relation, Op::Update, (key, row, unchanged))?],
                 }
             }
             Message::Delete { relation, old } => {
                 let (key, row, _) = self.image(relation, &old)?;
-                vec![self.change(lsn, relation, Op::Delete, key, row, Vec::new())?]
+                vec![self.change(sx, lsn, relation, Op::Delete, (key, row, Vec::new()))?]
             }
             Message::Truncate { relations, .. } => {
                 let mut out = Vec::new();
                 for relation in relations {
                     out.push(self.change(
+                        sx,
                         lsn,
                         relation,
                         Op::Truncate,
-                        Map::new(),
-                        Map::new(),
-                        Vec::new(),
+                        (Map::new(), Map::new(), Vec::new()),
                     )?);
                 }
                 out
@@ -598,21 +703,28 @@ impl Decoder {
 
     fn change(
         &mut self,
+        stream_xid: Option<u32>,
         lsn: Lsn,
         relation: u32,
         op: Op,
-        key: Map<String, Value>,
-        row: Map<String, Value>,
-        unchanged: Vec<String>,
+        image: Image,
     ) -> Result<Decoded, DecodeError> {
+        let (key, row, unchanged) = image;
         let table = self
             .relations
             .get(&relation)
             .ok_or(DecodeError::UnknownRelation(relation))?
             .qualified();
-        let txn = self.txn.as_mut().ok_or(DecodeError::OutsideTransaction)?;
-        let seq = txn.seq;
-        txn.seq += 1;
+        // A streamed change learns its commit LSN, time and position in the
+        // transaction only at Stream Commit; the source loop fills them in.
+        let (xid, commit_lsn, seq, commit_time) = match stream_xid {
+            Some(xid) => (xid, Lsn::ZERO, 0, DateTime::<Utc>::default()),
+            None => {
+                let txn = self.txn.as_mut().ok_or(DecodeError::OutsideTransaction)?;
+                txn.seq += 1;
+                (txn.xid, txn.final_lsn, txn.seq - 1, txn.commit_time)
+            }
+        };
         Ok(Decoded::Change(ChangeEvent {
             source: self.source.clone(),
             table,
@@ -621,10 +733,10 @@ impl Decoder {
             row,
             unchanged,
             lsn,
-            commit_lsn: txn.final_lsn,
+            commit_lsn,
             seq,
-            xid: txn.xid,
-            commit_time: txn.commit_time,
+            xid,
+            commit_time,
         }))
     }
 }

@@ -243,3 +243,75 @@ proptest! {
         prop_assert!(d.decode(Lsn(1), full.slice(..cut)).is_err());
     }
 }
+
+#[test]
+fn protocol_v2_stream_messages_carry_the_xid_inside_a_block() {
+    let mut d = Decoder::new("crm");
+    let mut b = BytesMut::new();
+    b.put_u8(b'S');
+    b.put_u32(900);
+    b.put_u8(1);
+    assert_eq!(
+        d.decode(Lsn(1), b.freeze()).unwrap(),
+        vec![Decoded::StreamStart { xid: 900 }]
+    );
+    // Inside the block, Relation and Insert carry the (sub)transaction id first.
+    let rel = relation_msg();
+    let mut b = BytesMut::new();
+    b.put_u8(b'R');
+    b.put_u32(900);
+    b.put_slice(&rel[1..]);
+    d.decode(Lsn(2), b.freeze()).unwrap();
+    let mut b = BytesMut::new();
+    b.put_u8(b'I');
+    b.put_u32(901);
+    b.put_u32(16384);
+    b.put_u8(b'N');
+    tuple(&mut b, &[Some("7"), Some("a@x.com"), None], None);
+    let out = d.decode(Lsn(3), b.freeze()).unwrap();
+    let [Decoded::Change(ev)] = out.as_slice() else {
+        panic!("{out:?}")
+    };
+    assert_eq!(
+        (ev.xid, ev.commit_lsn),
+        (901, Lsn::ZERO),
+        "a streamed change belongs to its subtransaction"
+    );
+    let mut b = BytesMut::new();
+    b.put_u8(b'E');
+    assert_eq!(
+        d.decode(Lsn(4), b.freeze()).unwrap(),
+        vec![Decoded::StreamStop]
+    );
+    let mut b = BytesMut::new();
+    b.put_u8(b'A');
+    b.put_u32(900);
+    b.put_u32(901);
+    assert_eq!(
+        d.decode(Lsn(5), b.freeze()).unwrap(),
+        vec![Decoded::StreamAbort {
+            xid: 900,
+            subxid: 901
+        }]
+    );
+    let mut b = BytesMut::new();
+    b.put_u8(b'c');
+    b.put_u32(900);
+    b.put_u8(0);
+    b.put_u64(0x200);
+    b.put_u64(0x280);
+    b.put_i64(0);
+    let out = d.decode(Lsn(6), b.freeze()).unwrap();
+    assert!(
+        matches!(
+            &out[..],
+            [Decoded::StreamCommit {
+                xid: 900,
+                commit_lsn: Lsn(0x200),
+                end_lsn: Lsn(0x280),
+                ..
+            }]
+        ),
+        "{out:?}"
+    );
+}

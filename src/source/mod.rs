@@ -7,6 +7,7 @@
 //! flush feedback) and [`snapshot`].
 
 pub mod snapshot;
+pub mod spill;
 
 use std::time::{Duration, Instant};
 
@@ -340,15 +341,33 @@ impl Replication {
         Ok(())
     }
 
-    /// `START_REPLICATION` from `from` (the stored checkpoint), pgoutput v1.
+    /// Major version of the server (from the startup parameters).
+    pub fn server_major(&self) -> u32 {
+        self.conn
+            .params
+            .get("server_version")
+            .and_then(|v| v.split(['.', ' ']).next())
+            .and_then(|m| m.parse().ok())
+            .unwrap_or(0)
+    }
+
+    /// `START_REPLICATION` from `from` (the stored checkpoint). On PostgreSQL 14+
+    /// pgoutput protocol version 2 with `streaming 'on'`: large transactions
+    /// arrive in chunks while in progress instead of being spilled by the server
+    /// and sent at commit; older servers get version 1.
     pub async fn start(
         &mut self,
         slot: &str,
         publication: &str,
         from: Lsn,
     ) -> Result<(), SourceError> {
+        let proto = if self.server_major() >= 14 {
+            "proto_version '2', streaming 'on'"
+        } else {
+            "proto_version '1'"
+        };
         let sql = format!(
-            "START_REPLICATION SLOT {} LOGICAL {from} (proto_version '1', publication_names {}, messages 'true')",
+            "START_REPLICATION SLOT {} LOGICAL {from} ({proto}, publication_names {}, messages 'true')",
             quote_ident(slot),
             quote_literal(&quote_ident(publication))
         );
@@ -356,7 +375,7 @@ impl Replication {
             .start_replication(&sql)
             .await
             .map_err(|e| self.wire(e))?;
-        tracing::info!(source = %self.source, slot, from = %from, "streaming");
+        tracing::info!(source = %self.source, slot, from = %from, protocol = if self.server_major() >= 14 { 2 } else { 1 }, "streaming");
         Ok(())
     }
 

@@ -7,6 +7,7 @@ mod demo;
 mod deploy;
 mod faults;
 mod harness;
+mod large;
 mod merge;
 mod migrate;
 mod pipeline;
