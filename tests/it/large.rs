@@ -165,3 +165,59 @@ async fn a_transaction_sent_whole_is_spilled_and_applied_in_chunks() {
     );
     assert_eq!(daemon.stop(), Some(0));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn changes_sharing_a_commit_resume_exactly_after_a_crash_between_chunks() {
+    // 40,000 rows of one COPY share one commit LSN; applied in chunks of 500, the
+    // daemon is killed between chunks and restarted: each change lands once.
+    let (_pg, crm, shop, sink) = setup("64MB").await;
+    let spill = tempfile::tempdir().unwrap();
+    let text = config(&crm, &shop, &sink, "copy", spill.path()).replacen(
+        "batch_max_wait_ms = 20",
+        "batch_max_wait_ms = 20\nbatch_max_events = 500",
+        1,
+    );
+    let cfg = write_config(&text);
+    let daemon = Daemon::start(&cfg);
+    wait_snapshots(&sink, 2).await;
+    exec(&shop, "copy orders (id, account_id, status, total_cents) from program 'seq 1 40000 | awk ''{print $1\"\\t\"($1%7)\"\\tpaid\\t3\"}'''").await;
+    let logged = || async {
+        scalar::<i64>(
+            &sink,
+            "select count(*) from tributary.events where table_name = 'public.orders'",
+        )
+        .await
+    };
+    wait_until("some chunks applied", Duration::from_secs(60), || async {
+        logged().await > 2000
+    })
+    .await;
+    daemon.kill9();
+    let before = logged().await;
+    assert!(
+        before < 40_000,
+        "the kill came too late to land between chunks ({before})"
+    );
+    let daemon = Daemon::start(&cfg);
+    wait_until(
+        "all 40,000 applied after the restart",
+        Duration::from_secs(120),
+        || async { order_total(&sink).await == 40_000 },
+    )
+    .await;
+    assert_eq!(logged().await, 40_000, "each change logged exactly once");
+    let commits: i64 = scalar(&sink, "select count(distinct commit_lsn) from tributary.events where table_name = 'public.orders'").await;
+    assert_eq!(commits, 1, "all rows share one commit");
+    let shared: bool = scalar(&sink, "select count(*) > count(distinct lsn) from tributary.events where table_name = 'public.orders'").await;
+    assert!(
+        shared,
+        "COPY's multi-insert records put several changes at one LSN"
+    );
+    let value: i64 = scalar(
+        &sink,
+        "select sum((traits->>'lifetime_value_cents')::bigint)::bigint from tributary.profiles",
+    )
+    .await;
+    assert_eq!(value, 120_000);
+    assert_eq!(daemon.stop(), Some(0));
+}

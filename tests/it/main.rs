@@ -14,6 +14,7 @@ mod pipeline;
 mod replication;
 mod resilience;
 mod schema;
+mod secrets;
 mod snapshot;
 mod tls;
 mod wal;
