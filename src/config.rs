@@ -111,6 +111,14 @@ struct RawConfig {
     fields: BTreeMap<String, RawField>,
     kafka: Option<RawKafka>,
     metrics: Option<RawMetrics>,
+    #[serde(default)]
+    merge: RawMerge,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMerge {
+    max_identities: Option<i64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -206,6 +214,16 @@ pub struct Config {
     pub kafka: Option<KafkaConfig>,
     /// Optional Prometheus endpoint.
     pub metrics: Option<MetricsConfig>,
+    /// Identity-merge guard rails.
+    pub merge: MergeConfig,
+}
+
+/// `[merge]`.
+#[derive(Debug, Clone, Default)]
+pub struct MergeConfig {
+    /// The most identifiers one profile may own; a row that would link beyond it
+    /// goes to dead_letters (default: no limit).
+    pub max_identities: Option<i64>,
 }
 
 /// `[sink]`.
@@ -584,6 +602,12 @@ fn validate(raw: RawConfig, path: &Path) -> Result<Config, ConfigError> {
             ));
         }
     }
+    if let Some(n) = raw.merge.max_identities.filter(|n| *n < 1) {
+        return Err(invalid(
+            "merge.max_identities".into(),
+            format!("{n} is not a positive number of identifiers"),
+        ));
+    }
     let kafka = raw.kafka.map(|k| KafkaConfig {
         brokers: k.brokers.0,
         topic_prefix: k.topic_prefix.unwrap_or_else(|| "tributary".into()),
@@ -618,6 +642,9 @@ fn validate(raw: RawConfig, path: &Path) -> Result<Config, ConfigError> {
             .collect(),
         kafka,
         metrics,
+        merge: MergeConfig {
+            max_identities: raw.merge.max_identities,
+        },
     })
 }
 

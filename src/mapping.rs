@@ -44,6 +44,16 @@ pub enum MapError {
         /// Value as JSON.
         value: String,
     },
+    /// Linking the row would give a profile more identifiers than allowed.
+    #[error("linking this row would give a profile {identities} identifiers (merging {profiles} profiles), more than merge.max_identities = {limit}")]
+    MergeLimit {
+        /// Identifiers the profile would own.
+        identities: i64,
+        /// The configured limit.
+        limit: i64,
+        /// Profiles the row would merge.
+        profiles: usize,
+    },
     /// A mapped column is absent from the row image (dropped or renamed upstream).
     #[error("mapped column {0} is missing from the row")]
     MissingColumn(String),
@@ -69,6 +79,7 @@ pub struct Mapper {
     strategies: BTreeMap<String, Strategy>,
     aggregates: BTreeMap<String, AggregateConfig>,
     priorities: BTreeMap<String, i32>,
+    max_identities: Option<i64>,
 }
 
 impl Mapper {
@@ -76,6 +87,7 @@ impl Mapper {
     pub fn new(cfg: &Config) -> Mapper {
         let mut m = Mapper {
             strategies: cfg.fields.clone(),
+            max_identities: cfg.merge.max_identities,
             ..Default::default()
         };
         for s in &cfg.sources {
@@ -110,6 +122,11 @@ impl Mapper {
     /// Resolution strategy of a field.
     pub fn strategy(&self, field: &str) -> Strategy {
         self.strategies.get(field).copied().unwrap_or_default()
+    }
+
+    /// The most identifiers one profile may own (`merge.max_identities`).
+    pub fn max_identities(&self) -> Option<i64> {
+        self.max_identities
     }
 
     /// Every aggregate by name.

@@ -243,6 +243,9 @@ pub fn extreme<'a>(func: AggFn, inputs: impl Iterator<Item = &'a Value>) -> Opti
 pub struct ProfileState {
     /// Set when merged into another profile.
     pub merged_into: Option<ProfileId>,
+    /// Identifiers the profile owns (for the merge limit).
+    #[serde(default, skip)]
+    pub identities: i64,
     /// Running aggregates by name.
     pub aggs: BTreeMap<String, AggState>,
 }
@@ -397,12 +400,37 @@ impl State {
     }
 
     /// Links identifiers into one profile (creating or merging); returns it.
-    fn link(&mut self, idents: &[Ident]) -> ProfileId {
+    /// Refused, with nothing changed, when the profile would own more than
+    /// `limit` identifiers.
+    fn link(&mut self, idents: &[Ident], limit: Option<i64>) -> Result<ProfileId, MapError> {
         let mut owners: BTreeSet<ProfileId> = idents
             .iter()
             .filter_map(|i| self.owners.get(i))
             .map(|p| self.live(*p))
             .collect();
+        if let Some(limit) = limit {
+            let unowned = idents
+                .iter()
+                .filter(|i| !self.owners.contains_key(*i))
+                .count();
+            let size = owners
+                .iter()
+                .map(|p| self.profiles.get(p).map_or(0, |s| s.identities))
+                .sum::<i64>()
+                + i64::try_from(unowned).unwrap_or(i64::MAX);
+            let largest = owners
+                .iter()
+                .map(|p| self.profiles.get(p).map_or(0, |s| s.identities))
+                .max()
+                .unwrap_or(0);
+            if size > limit && size > largest {
+                return Err(MapError::MergeLimit {
+                    identities: size,
+                    limit,
+                    profiles: owners.len(),
+                });
+            }
+        }
         let target = match owners.pop_first() {
             Some(p) => p,
             None => {
@@ -421,9 +449,10 @@ impl State {
             if self.owners.get(i) != Some(&target) {
                 self.owners.insert(i.clone(), target);
                 self.log.identities.insert(i.clone());
+                self.profiles.entry(target).or_default().identities += 1;
             }
         }
-        target
+        Ok(target)
     }
 
     fn merge(&mut self, loser: ProfileId, survivor: ProfileId) {
@@ -449,6 +478,8 @@ impl State {
                 self.log.identities.insert(ident.clone());
             }
         }
+        // Identifiers re-pointed here and in the store (those not loaded) alike.
+        self.profiles.entry(survivor).or_default().identities += loser_state.identities;
         for c in self.contributions.values_mut() {
             if c.profile_id == Some(loser) {
                 c.profile_id = Some(survivor);
@@ -519,7 +550,7 @@ impl State {
         match ev.op {
             Op::Insert | Op::Update | Op::Snapshot => {
                 let mut new = mapping.contribution(ev, prev.as_ref().filter(|p| !p.deleted))?;
-                let p = self.link(&new.identities);
+                let p = self.link(&new.identities, mapper.max_identities())?;
                 if let Some(prev) = &prev {
                     if !is_newer(&new, prev) {
                         return Ok(Outcome::Stale);

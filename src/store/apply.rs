@@ -272,6 +272,7 @@ async fn apply_in(
                 ProfileState {
                     merged_into,
                     aggs: aggs.0.clone(),
+                    identities: 0,
                 },
             );
             before.insert(
@@ -282,6 +283,20 @@ async fn apply_in(
                     traits: traits.0,
                 },
             );
+        }
+    }
+    if mapper.max_identities().is_some() {
+        // Only the merge limit needs to know how many identifiers a profile owns.
+        let ids: Vec<i64> = state.profiles.keys().copied().collect();
+        let counts: Vec<(i64, i64)> =
+            sqlx::query_as("select profile_id, count(*) from identities where profile_id = any($1) group by profile_id")
+                .bind(&ids)
+                .fetch_all(&mut *tx)
+                .await?;
+        for (p, n) in counts {
+            if let Some(st) = state.profiles.get_mut(&p) {
+                st.identities = n;
+            }
         }
     }
     state.next_profile_id =

@@ -13,7 +13,10 @@ async fn bad_rows_become_dead_letters_and_the_stream_goes_on() {
     let sink = create_db(&pg, "profiles").await;
     exec(&crm, CRM_SCHEMA).await;
     exec(&shop, SHOP_SCHEMA).await;
-    let cfg = write_config(&pipeline_config(&crm, &shop, &sink, "dl"));
+    let cfg = write_config(&pipeline_config(&crm, &shop, &sink, "dl").replace(
+        "[identity.email]",
+        "[merge]\nmax_identities = 3\n\n[identity.email]",
+    ));
     let daemon = Daemon::start(&cfg);
     wait_snapshots(&sink, 2).await;
 
@@ -56,12 +59,33 @@ async fn bad_rows_become_dead_letters_and_the_stream_goes_on() {
             && order_err.contains("shop"),
         "{order_err}"
     );
+    // A row that would give a profile a 4th identifier (merge.max_identities = 3).
+    exec(
+        &shop,
+        "insert into accounts (id, email) values (8, 'good@x.com')",
+    )
+    .await; // 3: email, crm_contact 1, shop_account 8
+    exec(
+        &shop,
+        "insert into accounts (id, email) values (9, 'good@x.com')",
+    )
+    .await; // would be 4
+    wait_until("merge-limit dead letter", Duration::from_secs(30), || async {
+        scalar::<i64>(&sink, "select count(*) from tributary.dead_letters where error like '%max_identities = 3%'").await == 1
+    })
+    .await;
+    assert!(
+        traits_of(&sink, "shop_account", "9").await.is_none(),
+        "the refused row linked nothing"
+    );
+    assert!(traits_of(&sink, "shop_account", "8").await.is_some());
+
     // The bad row left no trace in the profiles.
     assert!(traits_of(&sink, "crm_contact", "2").await.is_none());
 
     let out = run_cmd(&cfg, &["status", "--json"]);
     let doc: serde_json::Value =
         serde_json::from_slice(&out.stdout).unwrap_or_else(|_| panic!("{}", text(&out)));
-    assert_eq!(doc["dead_letters"], 2, "{doc}");
+    assert_eq!(doc["dead_letters"], 3, "{doc}");
     assert_eq!(daemon.stop(), Some(0));
 }

@@ -598,3 +598,88 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn a_row_that_would_exceed_the_merge_limit_is_refused_and_changes_nothing() {
+    let text = CONFIG.replace(
+        "[identity.email]",
+        "[merge]\nmax_identities = 3\n\n[identity.email]",
+    );
+    let m = Mapper::new(&Config::parse(&text, Path::new("test.toml")).unwrap());
+    let mut s = State::new(&m);
+    // email + crm_contact 1, then shop_account 9 links in: 3 identifiers, allowed.
+    s.apply(
+        &m,
+        &ev(
+            "crm",
+            "contacts",
+            Op::Insert,
+            json!({"id": 1, "email": "a@x.com", "version": 1}),
+            1,
+        ),
+    )
+    .unwrap();
+    s.apply(
+        &m,
+        &ev(
+            "shop",
+            "accounts",
+            Op::Insert,
+            json!({"id": 9, "email": "a@x.com", "phone": "1"}),
+            2,
+        ),
+    )
+    .unwrap();
+    let before = s.canonical(&m);
+    // Another account with the same email would make 4.
+    let err = s
+        .apply(
+            &m,
+            &ev(
+                "shop",
+                "accounts",
+                Op::Insert,
+                json!({"id": 10, "email": "a@x.com"}),
+                3,
+            ),
+        )
+        .unwrap_err();
+    assert!(err.to_string().contains("max_identities = 3"), "{err}");
+    assert_eq!(s.canonical(&m), before, "a refused row changes nothing");
+    // Rows within the limit still apply (an order of account 9 adds no identifier).
+    s.apply(
+        &m,
+        &ev(
+            "shop",
+            "orders",
+            Op::Insert,
+            json!({"id": 5, "account_id": 9, "status": "paid", "total_cents": 7}),
+            4,
+        ),
+    )
+    .unwrap();
+    assert_eq!(only(&mut s, &m)["order_count"], 1);
+    // A merge of two profiles that would exceed it is refused too.
+    s.apply(
+        &m,
+        &ev(
+            "crm",
+            "contacts",
+            Op::Insert,
+            json!({"id": 2, "email": "b@x.com", "version": 1}),
+            5,
+        ),
+    )
+    .unwrap();
+    let err = s.apply(
+        &m,
+        &ev(
+            "shop",
+            "accounts",
+            Op::Insert,
+            json!({"id": 9, "email": "b@x.com"}),
+            6,
+        ),
+    );
+    assert!(err.is_err(), "merging 3 + 2 identifiers exceeds 3");
+}
