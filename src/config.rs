@@ -142,6 +142,7 @@ struct RawSource {
     slot: Option<String>,
     #[serde(default)]
     priority: i32,
+    heartbeat_interval_s: Option<u64>,
     #[serde(default)]
     table: Vec<RawTable>,
 }
@@ -258,6 +259,9 @@ pub struct SourceConfig {
     pub slot: String,
     /// Tie-break between sources; higher wins.
     pub priority: i32,
+    /// Seconds without changes after which an idle source gets a heartbeat
+    /// (`pg_logical_emit_message`) so its slot can advance; 0 = never.
+    pub heartbeat_interval_s: u64,
     /// Mapped tables.
     pub tables: Vec<TableConfig>,
 }
@@ -584,6 +588,7 @@ fn validate(raw: RawConfig, path: &Path) -> Result<Config, ConfigError> {
             publication,
             slot,
             priority: s.priority,
+            heartbeat_interval_s: s.heartbeat_interval_s.unwrap_or(30),
             tables,
         });
     }

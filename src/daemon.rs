@@ -294,6 +294,9 @@ impl SourceCtx {
         let mut open: Option<TxnBuffer> = None; // the (non-streamed) transaction being received
         let mut streams: HashMap<u32, TxnBuffer> = HashMap::new(); // protocol v2, by top-level xid
         let mut in_stream: Option<u32> = None;
+        let heartbeat_every = Duration::from_secs(self.src.heartbeat_interval_s);
+        let mut last_data = Instant::now();
+        let mut heartbeat: Option<tokio::task::JoinHandle<()>> = None;
         let io = |e: std::io::Error| {
             LoopError::Other(anyhow::Error::new(e).context("spill a large transaction to disk"))
         };
@@ -308,9 +311,14 @@ impl SourceCtx {
             }
             // A due batch waiting for the one in flight is started when that one
             // completes, not by the timer (which would fire at once, in a loop).
+            let idle_tick = if heartbeat_every.is_zero() {
+                STATUS_INTERVAL
+            } else {
+                heartbeat_every.min(STATUS_INTERVAL)
+            };
             let deadline = match p.deadline {
                 Some(d) if p.inflight.is_none() => d,
-                _ => Instant::now() + STATUS_INTERVAL,
+                _ => Instant::now() + idle_tick,
             };
             let reading = p.batch.len() < max;
             tokio::select! {
@@ -330,6 +338,7 @@ impl SourceCtx {
                 }
                 item = rep.next(), if reading => match item? {
                     StreamItem::Decoded(items) => {
+                        last_data = Instant::now();
                         for d in items {
                             match d {
                                 Decoded::Begin { .. } => open = Some(TxnBuffer::new(budget)),
@@ -396,6 +405,19 @@ impl SourceCtx {
                 () = tokio::time::sleep_until(deadline) => {
                     if rep.since_status() >= STATUS_INTERVAL {
                         rep.send_status(p.flushed).await?;
+                    }
+                    // An idle source gets a heartbeat in its own WAL (fire and forget:
+                    // a failure only means the slot advances a little later).
+                    let idle = !heartbeat_every.is_zero() && last_data.elapsed() >= heartbeat_every;
+                    if idle && heartbeat.as_ref().is_none_or(tokio::task::JoinHandle::is_finished) {
+                        let src = self.src.clone();
+                        last_data = Instant::now();
+                        heartbeat = Some(tokio::spawn(async move {
+                            match crate::source::heartbeat(&src).await {
+                                Ok(()) => tracing::debug!(source = %src.name, "heartbeat"),
+                                Err(e) => tracing::warn!(source = %src.name, error = %format!("{e:#}"), "heartbeat failed"),
+                            }
+                        }));
                     }
                 }
             }

@@ -205,6 +205,23 @@ pub async fn ensure_publication(src: &SourceConfig) -> Result<(), SourceError> {
     Ok(())
 }
 
+/// Writes a non-transactional logical message into the source's WAL. An idle
+/// database then still has something in its own WAL for the slot to decode and
+/// confirm, so the slot advances even when keepalives alone would not move it.
+pub async fn heartbeat(src: &SourceConfig) -> Result<(), SourceError> {
+    let mut conn = query_conn(src).await?;
+    sqlx::query("select pg_logical_emit_message(false, 'tributary', 'heartbeat')")
+        .execute(&mut conn)
+        .await
+        .map_err(|error| SourceError::Query {
+            source_name: src.name.clone(),
+            what: "emit a heartbeat message".into(),
+            error,
+        })?;
+    conn.close().await.ok();
+    Ok(())
+}
+
 /// The slot as the server sees it.
 #[derive(Debug, Clone)]
 pub struct SlotInfo {

@@ -56,11 +56,13 @@ async fn a_million_change_transaction_is_applied_within_a_memory_budget() {
     )
     .await;
     let peak = daemon.peak_rss();
-    let streamed = daemon.log_text().contains("streamed=true");
-    assert!(
-        streamed,
-        "the server streamed the transaction (protocol v2)"
-    );
+    // The log line follows the commit the test just saw.
+    wait_until(
+        "the server streamed the transaction (protocol v2)",
+        Duration::from_secs(10),
+        || async { daemon.log_text().contains("streamed=true") },
+    )
+    .await;
     let value: i64 = scalar(
         &sink,
         "select sum((traits->>'lifetime_value_cents')::bigint)::bigint from tributary.profiles",
@@ -158,11 +160,16 @@ async fn a_transaction_sent_whole_is_spilled_and_applied_in_chunks() {
         || async { order_total(&sink).await == 60_000 },
     )
     .await;
-    let log = daemon.log_text();
-    assert!(
-        log.contains("large transaction applied") && log.contains("streamed=false"),
-        "{log}"
-    );
+    // The log line follows the commit the test just saw.
+    wait_until(
+        "the spilled transaction applied in chunks",
+        Duration::from_secs(10),
+        || async {
+            let log = daemon.log_text();
+            log.contains("large transaction applied") && log.contains("streamed=false")
+        },
+    )
+    .await;
     assert_eq!(daemon.stop(), Some(0));
 }
 

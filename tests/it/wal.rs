@@ -140,3 +140,45 @@ async fn an_invalidated_slot_stops_the_source_with_the_resnapshot_path() {
     .await;
     assert_eq!(daemon.stop(), Some(0));
 }
+
+#[tokio::test]
+async fn an_idle_source_gets_heartbeats_and_its_slot_advances() {
+    // No autovacuum: once the slots exist, only heartbeats write WAL on this server.
+    let pg = cluster_with(tributary::cluster::ClusterOptions {
+        extra_conf: vec!["autovacuum = off".into()],
+        ..Default::default()
+    });
+    let crm = create_db(&pg, "crm").await;
+    let shop = create_db(&pg, "shop").await;
+    let sink = create_db(&pg, "profiles").await;
+    exec(&crm, CRM_SCHEMA).await;
+    exec(&shop, SHOP_SCHEMA).await;
+    let text = pipeline_config(&crm, &shop, &sink, "hb")
+        .replace("priority = 10", "priority = 10\nheartbeat_interval_s = 1");
+    let cfg = write_config(&text);
+    let daemon = Daemon::start(&cfg);
+    wait_snapshots(&sink, 2).await;
+    let flush = || async {
+        scalar::<String>(
+            &crm,
+            "select confirmed_flush_lsn::text from pg_replication_slots where slot_name = 'crm_hb'",
+        )
+        .await
+    };
+    wait_until("a heartbeat", Duration::from_secs(30), || async {
+        daemon.log_text().contains("heartbeat")
+    })
+    .await;
+    let start = flush().await;
+    // Nothing writes anywhere on this server; only heartbeats put WAL in the crm database.
+    wait_until(
+        "the idle crm slot advances",
+        Duration::from_secs(30),
+        || async {
+            let now = flush().await;
+            scalar::<bool>(&crm, &format!("select '{now}'::pg_lsn > '{start}'::pg_lsn")).await
+        },
+    )
+    .await;
+    assert_eq!(daemon.stop(), Some(0));
+}
