@@ -64,6 +64,68 @@ pub async fn execute(cli: Cli) -> anyhow::Result<u8> {
             }
             Ok(0)
         }
+        Command::Replay {
+            source,
+            from_lsn,
+            to_lsn,
+            dry_run,
+        } => {
+            let cfg = Config::load(&cli.config)?;
+            if cfg.source(&source).is_none() {
+                anyhow::bail!(crate::config::ConfigError::Invalid {
+                    path: cfg.path.clone(),
+                    key: "--source".into(),
+                    message: format!("no source named `{source}` in the config"),
+                });
+            }
+            let store = Store::connect(&cfg.sink).await?;
+            store.migrate().await?;
+            let mapper = crate::mapping::Mapper::new(&cfg);
+            let r = store
+                .replay(
+                    &mapper,
+                    &source,
+                    from_lsn,
+                    to_lsn,
+                    dry_run,
+                    cfg.sink.batch_max_events,
+                )
+                .await?;
+            if cli.json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&r).context("serialize replay report")?
+                );
+            } else {
+                let verb = if dry_run { "would change" } else { "changed" };
+                println!(
+                    "replayed {} events of {source} from {from_lsn}: {} {verb} {} profiles",
+                    r.events,
+                    if dry_run { "dry run," } else { "" },
+                    r.profiles_changed.len()
+                );
+                for p in r.profiles_changed.iter().take(50) {
+                    println!("  profile {p}");
+                }
+            }
+            Ok(0)
+        }
+        Command::Rebuild => {
+            let cfg = Config::load(&cli.config)?;
+            let store = Store::connect(&cfg.sink).await?;
+            store.migrate().await?;
+            let mapper = crate::mapping::Mapper::new(&cfg);
+            let r = store.rebuild(&mapper, cfg.sink.batch_max_events).await?;
+            if cli.json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&r).context("serialize rebuild report")?
+                );
+            } else {
+                println!("rebuilt from {} events: {} profiles", r.events, r.profiles);
+            }
+            Ok(0)
+        }
         Command::Check => {
             let cfg = Config::load(&cli.config)?;
             let results = run_checks(&cfg).await;

@@ -56,4 +56,21 @@ pub enum Command {
     Run,
     /// Per-source replication state, profile counts and dead letters.
     Status,
+    /// Re-apply the logged change events of a source from an LSN (idempotent).
+    Replay {
+        /// Source name.
+        #[arg(long)]
+        source: String,
+        /// First commit LSN to replay, e.g. 16/B374D848.
+        #[arg(long)]
+        from_lsn: crate::event::Lsn,
+        /// Last commit LSN to replay.
+        #[arg(long)]
+        to_lsn: Option<crate::event::Lsn>,
+        /// Print what would change, change nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Rebuild all derived state (profiles, identities, provenance) from the event log.
+    Rebuild,
 }

@@ -29,6 +29,7 @@ pub mod identity;
 pub mod mapping;
 pub mod pgoutput;
 pub mod pgwire;
+pub mod replay;
 pub mod resolve;
 pub mod source;
 pub mod status;

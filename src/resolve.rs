@@ -656,6 +656,23 @@ impl State {
     }
 }
 
+/// Aggregate state computed from scratch over a profile's live contributions
+/// (what the incremental updates must always equal).
+pub fn aggregate_from<'a>(
+    contribs: impl IntoIterator<Item = &'a Contribution>,
+    defs: &BTreeMap<String, AggregateConfig>,
+) -> BTreeMap<String, AggState> {
+    let mut out: BTreeMap<String, AggState> = BTreeMap::new();
+    for c in contribs.into_iter().filter(|c| !c.deleted) {
+        for (name, input) in &c.aggs {
+            if let Some(def) = defs.get(name) {
+                out.entry(name.clone()).or_default().add(def.func, input);
+            }
+        }
+    }
+    out
+}
+
 /// A truncate withdraws every live row of the table: one delete per row, all
 /// at the truncate's position.
 pub fn truncate_as_deletes(

@@ -44,7 +44,16 @@ pub struct ApplyStats {
     pub merges: usize,
 }
 
-fn row_of(r: &sqlx::postgres::PgRow) -> Result<Contribution, sqlx::Error> {
+/// Takes the lock that serialises profile writes, for the rest of the transaction.
+pub(crate) async fn lock(tx: &mut PgConnection) -> Result<(), StoreError> {
+    sqlx::query("select pg_advisory_xact_lock($1)")
+        .bind(APPLY_LOCK)
+        .execute(&mut *tx)
+        .await?;
+    Ok(())
+}
+
+pub(crate) fn row_of(r: &sqlx::postgres::PgRow) -> Result<Contribution, sqlx::Error> {
     let identities: Json<Vec<(String, String)>> = r.try_get("identities")?;
     let fields: Json<BTreeMap<String, Value>> = r.try_get("fields")?;
     let aggs: Json<BTreeMap<String, Value>> = r.try_get("aggs")?;
@@ -68,7 +77,7 @@ fn row_of(r: &sqlx::postgres::PgRow) -> Result<Contribution, sqlx::Error> {
     })
 }
 
-const CONTRIBUTION_COLUMNS: &str =
+pub(crate) const CONTRIBUTION_COLUMNS: &str =
     "c.source, c.table_name, c.row_key, c.profile_id, c.deleted, c.identities, c.fields, c.aggs, c.version, c.lsn::text as lsn, c.seq, c.freshness, c.priority";
 
 fn i64_of(v: u64) -> i64 {
@@ -87,11 +96,8 @@ impl Store {
     ) -> Result<ApplyStats, StoreError> {
         self.ensure_partitions(events).await?;
         let mut tx = self.pool.begin().await?;
-        sqlx::query("select pg_advisory_xact_lock($1)")
-            .bind(APPLY_LOCK)
-            .execute(&mut *tx)
-            .await?;
-        let stats = apply_in(&mut tx, mapper, source, events).await?;
+        lock(&mut tx).await?;
+        let stats = apply_in(&mut tx, mapper, source, events, true).await?;
         if let Some(lsn) = checkpoint {
             sqlx::query(
                 "insert into checkpoints (source, lsn) values ($1, $2::pg_lsn)
@@ -162,11 +168,14 @@ impl Store {
     }
 }
 
-async fn apply_in(
+/// Applies `events` inside `tx` (which holds the lock). With `record_dead_letters`
+/// false (replay), rows that cannot be mapped are counted but not recorded again.
+pub(crate) async fn apply_in(
     tx: &mut PgConnection,
     mapper: &Mapper,
     source: &str,
     events: &[ChangeEvent],
+    record_dead_letters: bool,
 ) -> Result<ApplyStats, StoreError> {
     // 1. The event log, exactly as received (idempotent on (source, commit_lsn, seq)).
     insert_events(tx, events).await?;
@@ -371,7 +380,7 @@ async fn apply_in(
     refresh_profiles(tx, mapper, &mut state, &log, &before).await?;
 
     // 7. Dead letters: the stream goes on.
-    if !dead.is_empty() {
+    if record_dead_letters && !dead.is_empty() {
         for (e, err) in &dead {
             tracing::warn!(source = %e.source, table = %e.table, lsn = %e.commit_lsn, error = %err, "row sent to dead_letters");
         }
@@ -463,10 +472,10 @@ type ProfileRow = (
 );
 
 /// A profile row as it was before the batch.
-struct StoredProfile {
-    merged_into: Option<ProfileId>,
-    aggs: BTreeMap<String, AggState>,
-    traits: Map<String, Value>,
+pub(crate) struct StoredProfile {
+    pub(crate) merged_into: Option<ProfileId>,
+    pub(crate) aggs: BTreeMap<String, AggState>,
+    pub(crate) traits: Map<String, Value>,
 }
 
 /// `profile_fields` rows, column by column, for one `unnest` insert.

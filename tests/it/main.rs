@@ -11,6 +11,7 @@ mod large;
 mod merge;
 mod migrate;
 mod pipeline;
+mod replay;
 mod replication;
 mod resilience;
 mod schema;

@@ -120,6 +120,11 @@ async fn two_sources_stream_into_one_profile_per_person() {
         t.get("order_count") == Some(&json!(1))
     })
     .await;
+    // The contact comes from the other source (its own loop): wait for it too.
+    wait_traits(&s.sink, "email", "bob@example.com", "bob's contact", |t| {
+        t["first_name"] == "Bob"
+    })
+    .await;
     assert!(
         traits_of(&s.sink, "email", "bob@example.com")
             .await

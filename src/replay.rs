@@ -1,0 +1,345 @@
+//! Replay and rebuild from the event log.
+//!
+//! `replay` feeds a source's logged events from an LSN back through the normal
+//! apply path (idempotent: in a healthy store every event is stale), then
+//! re-derives the profiles those rows belong to from their contributions, the
+//! ground truth: aggregates recomputed from scratch, fields resolved again,
+//! identities re-pointed, profile rows recreated if missing. A healthy store
+//! therefore changes nothing; a store whose derived rows were damaged is put
+//! right. `--dry-run` does the same in a transaction that is rolled back.
+//!
+//! `rebuild` empties all derived state and applies the whole log again in the
+//! order it was first applied (`events.applied_seq`), so profile ids come out
+//! the same and the result equals the original row for row.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use serde::Serialize;
+use serde_json::{Map, Value};
+use sqlx::types::Json;
+use sqlx::{PgConnection, Row};
+
+use crate::event::{ChangeEvent, Lsn, Op};
+use crate::mapping::Mapper;
+use crate::resolve::{
+    aggregate_from, resolve_fields, traits, AggState, Contribution, ProfileId, Winner,
+};
+use crate::store::apply::{apply_in, lock, row_of, StoredProfile, CONTRIBUTION_COLUMNS};
+use crate::store::{Store, StoreError};
+
+/// What a replay did (or, with `--dry-run`, would do).
+#[derive(Debug, Serialize)]
+pub struct ReplayReport {
+    /// Source replayed.
+    pub source: String,
+    /// First LSN replayed.
+    pub from_lsn: Lsn,
+    /// Last LSN replayed, if bounded.
+    pub to_lsn: Option<Lsn>,
+    /// Events read from the log.
+    pub events: u64,
+    /// Profiles whose stored rows were (or would be) changed.
+    pub profiles_changed: Vec<ProfileId>,
+    /// Nothing was written.
+    pub dry_run: bool,
+}
+
+/// What a rebuild did.
+#[derive(Debug, Serialize)]
+pub struct RebuildReport {
+    /// Events applied again.
+    pub events: u64,
+    /// Live profiles afterwards.
+    pub profiles: i64,
+}
+
+fn op_of(s: &str) -> Op {
+    match s {
+        "insert" => Op::Insert,
+        "update" => Op::Update,
+        "delete" => Op::Delete,
+        "truncate" => Op::Truncate,
+        _ => Op::Snapshot,
+    }
+}
+
+fn event_of(r: &sqlx::postgres::PgRow) -> Result<ChangeEvent, sqlx::Error> {
+    let key: Json<Map<String, Value>> = r.try_get("key")?;
+    let row: Option<Json<Map<String, Value>>> = r.try_get("row")?;
+    let lsn: String = r.try_get("lsn")?;
+    let commit_lsn: String = r.try_get("commit_lsn")?;
+    Ok(ChangeEvent {
+        source: r.try_get("source")?,
+        table: r.try_get("table_name")?,
+        op: op_of(r.try_get::<&str, _>("op")?),
+        key: key.0,
+        row: row.map(|j| j.0).unwrap_or_default(),
+        unchanged: r
+            .try_get::<Option<Vec<String>>, _>("unchanged")?
+            .unwrap_or_default(),
+        lsn: lsn.parse().unwrap_or_default(),
+        commit_lsn: commit_lsn.parse().unwrap_or_default(),
+        seq: u64::try_from(r.try_get::<i64, _>("seq")?).unwrap_or(0),
+        xid: u32::try_from(r.try_get::<i64, _>("xid")?).unwrap_or(0),
+        commit_time: r.try_get("commit_time")?,
+    })
+}
+
+const EVENT_COLUMNS: &str =
+    "source, table_name, op, key, row, unchanged, lsn::text as lsn, commit_lsn::text as commit_lsn, seq, xid, commit_time";
+
+impl Store {
+    /// Re-applies the logged events of `source` from `from` (to `to`), then
+    /// re-derives the profiles of the rows they touched.
+    pub async fn replay(
+        &self,
+        mapper: &Mapper,
+        source: &str,
+        from: Lsn,
+        to: Option<Lsn>,
+        dry_run: bool,
+        batch: usize,
+    ) -> Result<ReplayReport, StoreError> {
+        let mut tx = self.pool().begin().await?;
+        lock(&mut tx).await?;
+        let (mut after_lsn, mut after_seq) = (from.to_string(), -1_i64);
+        let mut events = 0u64;
+        let mut profiles: BTreeSet<ProfileId> = BTreeSet::new();
+        loop {
+            let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+                "select {EVENT_COLUMNS} from events
+                  where source = $1 and commit_lsn >= $2::pg_lsn and ($3::text is null or commit_lsn <= $3::pg_lsn)
+                    and (commit_lsn, seq) > ($4::pg_lsn, $5)
+                  order by commit_lsn, seq limit $6"
+            )))
+            .bind(source)
+            .bind(from.to_string())
+            .bind(to.map(|l| l.to_string()))
+            .bind(&after_lsn)
+            .bind(after_seq)
+            .bind(i64::try_from(batch).unwrap_or(5000))
+            .fetch_all(&mut *tx)
+            .await?;
+            if rows.is_empty() {
+                break;
+            }
+            let chunk: Vec<ChangeEvent> = rows.iter().map(event_of).collect::<Result<_, _>>()?;
+            let last = chunk.last().expect("non-empty");
+            after_lsn = last.commit_lsn.to_string();
+            after_seq = i64::try_from(last.seq).unwrap_or(i64::MAX);
+            events += chunk.len() as u64;
+            apply_in(&mut tx, mapper, source, &chunk, false).await?;
+            // The profiles those rows belong to now.
+            let tables: Vec<&str> = chunk.iter().map(|e| e.table.as_str()).collect();
+            let keys: Vec<String> = chunk.iter().map(ChangeEvent::row_key).collect();
+            let ps: Vec<i64> = sqlx::query_scalar(
+                "select distinct c.profile_id from contributions c join unnest($2::text[], $3::text[]) as u(t, k)
+                   on c.table_name = u.t and c.row_key = u.k
+                  where c.source = $1 and c.profile_id is not null",
+            )
+            .bind(source)
+            .bind(&tables)
+            .bind(&keys)
+            .fetch_all(&mut *tx)
+            .await?;
+            profiles.extend(ps);
+        }
+        let changed = rederive(&mut tx, mapper, &profiles).await?;
+        if dry_run {
+            tx.rollback().await?;
+        } else {
+            tx.commit().await?;
+        }
+        Ok(ReplayReport {
+            source: source.to_owned(),
+            from_lsn: from,
+            to_lsn: to,
+            events,
+            profiles_changed: changed,
+            dry_run,
+        })
+    }
+
+    /// Empties all derived state and applies the whole event log again, in the
+    /// order it was first applied, in one transaction.
+    pub async fn rebuild(
+        &self,
+        mapper: &Mapper,
+        batch: usize,
+    ) -> Result<RebuildReport, StoreError> {
+        let mut tx = self.pool().begin().await?;
+        lock(&mut tx).await?;
+        sqlx::raw_sql("truncate profiles, identities, profile_fields, contributions, dead_letters")
+            .execute(&mut *tx)
+            .await?;
+        let mut after: i64 = 0;
+        let mut events = 0u64;
+        loop {
+            let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+                "select {EVENT_COLUMNS}, applied_seq from events where applied_seq > $1 order by applied_seq limit $2"
+            )))
+            .bind(after)
+            .bind(i64::try_from(batch).unwrap_or(5000))
+            .fetch_all(&mut *tx)
+            .await?;
+            let Some(last) = rows.last() else { break };
+            after = last.try_get("applied_seq")?;
+            let chunk: Vec<ChangeEvent> = rows.iter().map(event_of).collect::<Result<_, _>>()?;
+            events += chunk.len() as u64;
+            // apply() takes one source at a time: split into runs of one source.
+            let mut start = 0;
+            while start < chunk.len() {
+                let src = chunk[start].source.clone();
+                let end = chunk[start..]
+                    .iter()
+                    .position(|e| e.source != src)
+                    .map_or(chunk.len(), |n| start + n);
+                apply_in(&mut tx, mapper, &src, &chunk[start..end], true).await?;
+                start = end;
+            }
+        }
+        let profiles: i64 =
+            sqlx::query_scalar("select count(*) from profiles where merged_into is null")
+                .fetch_one(&mut *tx)
+                .await?;
+        tx.commit().await?;
+        Ok(RebuildReport { events, profiles })
+    }
+}
+
+/// Re-derives `profiles` from their live contributions and writes whatever
+/// differs (profile rows, identities, provenance). Returns the profiles changed.
+pub(crate) async fn rederive(
+    tx: &mut PgConnection,
+    mapper: &Mapper,
+    profiles: &BTreeSet<ProfileId>,
+) -> Result<Vec<ProfileId>, StoreError> {
+    let ids: Vec<i64> = profiles.iter().copied().collect();
+    let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+        "select {CONTRIBUTION_COLUMNS} from contributions c where c.profile_id = any($1) and not c.deleted"
+    )))
+    .bind(&ids)
+    .fetch_all(&mut *tx)
+    .await?;
+    let mut by_profile: BTreeMap<ProfileId, Vec<Contribution>> = BTreeMap::new();
+    for r in &rows {
+        let c = row_of(r)?;
+        if let Some(p) = c.profile_id {
+            by_profile.entry(p).or_default().push(c);
+        }
+    }
+    type Stored = (
+        i64,
+        Option<i64>,
+        Json<BTreeMap<String, AggState>>,
+        Json<Map<String, Value>>,
+    );
+    let stored: HashMap<i64, StoredProfile> =
+        sqlx::query_as::<_, Stored>("select profile_id, merged_into, agg_state, traits from profiles where profile_id = any($1)")
+            .bind(&ids)
+            .fetch_all(&mut *tx)
+            .await?
+            .into_iter()
+            .map(|(p, merged_into, a, t)| (p, StoredProfile { merged_into, aggs: a.0, traits: t.0 }))
+            .collect();
+    let mut changed = BTreeSet::new();
+    for (p, contribs) in &by_profile {
+        // Identities: every identifier of the profile's rows points at it.
+        let mut kinds = Vec::new();
+        let mut values = Vec::new();
+        for c in contribs {
+            for (k, v) in &c.identities {
+                kinds.push(k.as_str());
+                values.push(v.as_str());
+            }
+        }
+        let repointed = sqlx::query(
+            "insert into identities (kind, value, profile_id) select k, v, $3 from unnest($1::text[], $2::text[]) as u(k, v)
+             on conflict (kind, value) do update set profile_id = excluded.profile_id where identities.profile_id <> excluded.profile_id",
+        )
+        .bind(&kinds)
+        .bind(&values)
+        .bind(p)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        let aggs: BTreeMap<String, AggState> = aggregate_from(contribs, mapper.aggregates())
+            .into_iter()
+            .filter(|(_, a)| a.n != 0)
+            .collect();
+        let winners = resolve_fields(contribs, |f| mapper.strategy(f));
+        let t = traits(&winners, &aggs, mapper.aggregates());
+        let same = stored
+            .get(p)
+            .is_some_and(|o| o.merged_into.is_none() && o.aggs == aggs && o.traits == t);
+        if !same {
+            sqlx::query(
+                "insert into profiles (profile_id, traits, agg_state) values ($1, $2, $3)
+                 on conflict (profile_id) do update set traits = excluded.traits, agg_state = excluded.agg_state,
+                   merged_into = null, updated_at = now()",
+            )
+            .bind(p)
+            .bind(Json(&t))
+            .bind(Json(&aggs))
+            .execute(&mut *tx)
+            .await?;
+        }
+        let fields_changed = write_provenance(tx, *p, &winners).await?;
+        if repointed > 0 || !same || fields_changed {
+            changed.insert(*p);
+        }
+    }
+    Ok(changed.into_iter().collect())
+}
+
+/// Makes `profile_fields` of `p` equal to `winners`; true if anything changed.
+async fn write_provenance(
+    tx: &mut PgConnection,
+    p: ProfileId,
+    winners: &BTreeMap<String, Winner>,
+) -> Result<bool, StoreError> {
+    type Row = (
+        String,
+        Json<Value>,
+        String,
+        String,
+        String,
+        chrono::DateTime<chrono::Utc>,
+        String,
+    );
+    let old: BTreeMap<String, Winner> =
+        sqlx::query_as::<_, Row>("select field, value, source, table_name, row_key, freshness, lsn::text from profile_fields where profile_id = $1")
+            .bind(p)
+            .fetch_all(&mut *tx)
+            .await?
+            .into_iter()
+            .map(|(f, v, source, table, row_key, freshness, lsn)| {
+                let row = crate::resolve::RowRef { source, table, row_key };
+                (f, Winner { value: v.0, row, freshness, lsn: lsn.parse().unwrap_or_default() })
+            })
+            .collect();
+    if &old == winners {
+        return Ok(false);
+    }
+    sqlx::query("delete from profile_fields where profile_id = $1")
+        .bind(p)
+        .execute(&mut *tx)
+        .await?;
+    for (field, w) in winners {
+        sqlx::query(
+            "insert into profile_fields (profile_id, field, value, source, table_name, row_key, freshness, lsn)
+             values ($1, $2, $3, $4, $5, $6, $7, $8::pg_lsn)",
+        )
+        .bind(p)
+        .bind(field)
+        .bind(Json(&w.value))
+        .bind(&w.row.source)
+        .bind(&w.row.table)
+        .bind(&w.row.row_key)
+        .bind(w.freshness)
+        .bind(w.lsn.to_string())
+        .execute(&mut *tx)
+        .await?;
+    }
+    Ok(true)
+}
