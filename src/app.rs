@@ -126,6 +126,33 @@ pub async fn execute(cli: Cli) -> anyhow::Result<u8> {
             }
             Ok(0)
         }
+        Command::Forget { identity } => {
+            let cfg = Config::load(&cli.config)?;
+            let store = Store::connect(&cfg.sink).await?;
+            store.migrate().await?;
+            let r = match crate::forget::forget(&store, &cfg, &identity).await {
+                Err(e @ crate::forget::ForgetError::Usage(_)) => {
+                    anyhow::bail!(crate::config::ConfigError::Invalid {
+                        path: cfg.path.clone(),
+                        key: "--identity".into(),
+                        message: e.to_string(),
+                    })
+                }
+                other => other?,
+            };
+            if cli.json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&r).context("serialize forget report")?
+                );
+            } else {
+                match r.profile_id {
+                    Some(p) => println!("forgot profile {p}: {} identifiers suppressed, {} rows and {} events deleted", r.suppressed.len(), r.rows, r.events),
+                    None => println!("no profile owns {identity}; it is suppressed from now on"),
+                }
+            }
+            Ok(0)
+        }
         Command::Check => {
             let cfg = Config::load(&cli.config)?;
             let results = run_checks(&cfg).await;

@@ -73,4 +73,11 @@ pub enum Command {
     },
     /// Rebuild all derived state (profiles, identities, provenance) from the event log.
     Rebuild,
+    /// Erase a person: profile, identities, provenance, logged events; suppress
+    /// their identifiers so nothing brings them back.
+    Forget {
+        /// KIND=VALUE, e.g. email=ann@example.com.
+        #[arg(long)]
+        identity: String,
+    },
 }

@@ -25,6 +25,7 @@ pub mod conninfo;
 pub mod daemon;
 pub mod demo;
 pub mod event;
+pub mod forget;
 pub mod identity;
 pub mod mapping;
 pub mod pgoutput;

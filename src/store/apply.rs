@@ -9,7 +9,7 @@
 //! lock serialises batches from all sources (and all processes), so identity
 //! merges and profile-id allocation never race.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 use serde_json::{Map, Value};
 use sqlx::types::Json;
@@ -42,6 +42,8 @@ pub struct ApplyStats {
     pub profiles_touched: usize,
     /// Identity merges.
     pub merges: usize,
+    /// Changes of forgotten people, dropped.
+    pub suppressed: usize,
 }
 
 /// Takes the lock that serialises profile writes, for the rest of the transaction.
@@ -177,9 +179,6 @@ pub(crate) async fn apply_in(
     events: &[ChangeEvent],
     record_dead_letters: bool,
 ) -> Result<ApplyStats, StoreError> {
-    // 1. The event log, exactly as received (idempotent on (source, commit_lsn, seq)).
-    insert_events(tx, events).await?;
-
     // 2. Expand truncates into deletes of the table's live rows.
     let mut expanded: Vec<ChangeEvent> = Vec::with_capacity(events.len());
     for e in events {
@@ -229,9 +228,11 @@ pub(crate) async fn apply_in(
     }
     // Identifiers of the new images (unchanged TOAST ones come from the loaded rows).
     let mut idents: BTreeSet<Ident> = BTreeSet::new();
-    for e in expanded
+    let mut event_idents: Vec<Vec<Ident>> = vec![Vec::new(); expanded.len()];
+    for (i, e) in expanded
         .iter()
-        .filter(|e| matches!(e.op, Op::Insert | Op::Update | Op::Snapshot))
+        .enumerate()
+        .filter(|(_, e)| matches!(e.op, Op::Insert | Op::Update | Op::Snapshot))
     {
         if let Some(m) = mapper.table(&e.source, &e.table) {
             let prev = state.contributions.get(&RowRef {
@@ -240,7 +241,8 @@ pub(crate) async fn apply_in(
                 row_key: e.row_key(),
             });
             if let Ok(c) = m.contribution(e, prev.filter(|p| !p.deleted)) {
-                idents.extend(c.identities);
+                idents.extend(c.identities.iter().cloned());
+                event_idents[i] = c.identities;
             }
         }
     }
@@ -255,6 +257,37 @@ pub(crate) async fn apply_in(
     .await?;
     for (k, v, p) in owners {
         state.owners.insert((k, v), p);
+    }
+    // Forgotten people: a change that carries a suppressed identifier is neither
+    // logged nor applied, whether it is live, replayed or read by a snapshot.
+    let suppressed: BTreeSet<Ident> = sqlx::query_as::<_, (String, String)>(
+        "select s.kind, s.value from suppressions s join unnest($1::text[], $2::text[]) as u(k, v) on s.kind = u.k and s.value = u.v",
+    )
+    .bind(&kinds)
+    .bind(&values)
+    .fetch_all(&mut *tx)
+    .await?
+    .into_iter()
+    .collect();
+    let mut skipped: HashSet<(Lsn, u64)> = HashSet::new();
+    if !suppressed.is_empty() {
+        for (e, ids) in expanded.iter().zip(&event_idents) {
+            if ids.iter().any(|i| suppressed.contains(i)) {
+                skipped.insert((e.commit_lsn, e.seq));
+            }
+        }
+        expanded.retain(|e| !skipped.contains(&(e.commit_lsn, e.seq)));
+    }
+    // The event log, as received (idempotent on (source, commit_lsn, seq)).
+    if skipped.is_empty() {
+        insert_events(tx, events).await?;
+    } else {
+        let kept: Vec<ChangeEvent> = events
+            .iter()
+            .filter(|e| !skipped.contains(&(e.commit_lsn, e.seq)))
+            .cloned()
+            .collect();
+        insert_events(tx, &kept).await?;
     }
     let mut want: BTreeSet<ProfileId> = state
         .owners
@@ -316,6 +349,7 @@ pub(crate) async fn apply_in(
     // 4. The pure core, event by event.
     let mut stats = ApplyStats {
         events: expanded.len(),
+        suppressed: skipped.len(),
         ..Default::default()
     };
     let mut dead: Vec<(&ChangeEvent, String)> = Vec::new();

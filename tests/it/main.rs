@@ -6,6 +6,7 @@ mod dead_letters;
 mod demo;
 mod deploy;
 mod faults;
+mod forget;
 mod harness;
 mod large;
 mod merge;

@@ -1,0 +1,118 @@
+//! `forget --identity`: the person's profile, identities, provenance, rows and
+//! logged events are gone, and neither a late change of the source row, a
+//! replay, a rebuild nor a re-snapshot brings them back.
+
+use std::time::Duration;
+
+use serde_json::json;
+
+use crate::harness::*;
+
+async fn ann_gone(sink: &str) {
+    for (kind, value) in [
+        ("email", "ann@example.com"),
+        ("crm_contact", "1"),
+        ("shop_account", "10"),
+    ] {
+        assert!(
+            traits_of(sink, kind, value).await.is_none(),
+            "{kind}={value} came back"
+        );
+        let n: i64 = scalar(sink, &format!("select count(*) from tributary.identities where kind = '{kind}' and value = '{value}'")).await;
+        assert_eq!(n, 0, "identity {kind}={value} came back");
+    }
+    let rows: i64 = scalar(sink, "select count(*) from tributary.contributions where row_key in ('{\"id\":1}', '{\"id\":10}', '{\"id\":100}') and table_name <> 'public.orders' or row_key = '{\"id\":100}'").await;
+    assert_eq!(rows, 0, "the person's rows came back");
+    let events: i64 = scalar(sink, "select count(*) from tributary.events where (table_name = 'public.contacts' and key = '{\"id\": 1}') or (table_name = 'public.accounts' and key = '{\"id\": 10}') or (table_name = 'public.orders' and key = '{\"id\": 100}')").await;
+    assert_eq!(events, 0, "the person's events came back");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forgotten_person_never_comes_back() {
+    let pg = cluster();
+    let crm = create_db(&pg, "crm").await;
+    let shop = create_db(&pg, "shop").await;
+    let sink = create_db(&pg, "profiles").await;
+    exec(&crm, CRM_SCHEMA).await;
+    exec(&shop, SHOP_SCHEMA).await;
+    exec(&crm, "insert into contacts (id, email, first_name) values (1, 'ann@example.com', 'Ann'), (2, 'bob@example.com', 'Bob')").await;
+    exec(&shop, "insert into accounts (id, email) values (10, 'Ann@Example.com'); insert into orders (id, account_id, status, total_cents) values (100, 10, 'paid', 500)").await;
+    let cfg = write_config(&pipeline_config(&crm, &shop, &sink, "fg"));
+    let daemon = Daemon::start(&cfg);
+    wait_snapshots(&sink, 2).await;
+    wait_until("ann and bob", Duration::from_secs(30), || async {
+        traits_of(&sink, "email", "ann@example.com")
+            .await
+            .is_some_and(|t| t.get("order_count") == Some(&json!(1)))
+            && traits_of(&sink, "email", "bob@example.com").await.is_some()
+    })
+    .await;
+
+    // The identity is given as a user would type it; it is normalised like the stream's.
+    let out = run_cmd(
+        &cfg,
+        &["--json", "forget", "--identity", "email= ANN@example.com"],
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(r["suppressed"].as_array().unwrap().len(), 3, "{r}");
+    ann_gone(&sink).await;
+    assert!(
+        traits_of(&sink, "email", "bob@example.com").await.is_some(),
+        "bob is untouched"
+    );
+
+    // A late change of Ann's rows (then one of Bob's, to know the stream passed them).
+    exec(
+        &crm,
+        "update contacts set first_name = 'Ann again', row_version = 2 where id = 1",
+    )
+    .await;
+    exec(
+        &shop,
+        "insert into orders (id, account_id, status, total_cents) values (101, 10, 'paid', 1)",
+    )
+    .await;
+    exec(
+        &crm,
+        "update contacts set first_name = 'Bobby', row_version = 2 where id = 2",
+    )
+    .await;
+    wait_until("bob's later change", Duration::from_secs(30), || async {
+        traits_of(&sink, "email", "bob@example.com")
+            .await
+            .is_some_and(|t| t["first_name"] == "Bobby")
+    })
+    .await;
+    // The order of account 10 arrives after Ann's account was forgotten: shop_account 10 is suppressed.
+    ann_gone(&sink).await;
+    assert_eq!(daemon.stop(), Some(0));
+
+    // Replay, rebuild and a re-snapshot of both sources.
+    for src in ["crm", "shop"] {
+        let out = run_cmd(&cfg, &["replay", "--source", src, "--from-lsn", "0/0"]);
+        assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    }
+    ann_gone(&sink).await;
+    assert_eq!(run_cmd(&cfg, &["rebuild"]).status.code(), Some(0));
+    ann_gone(&sink).await;
+    exec(&sink, "delete from tributary.checkpoints").await;
+    let daemon = Daemon::start(&cfg);
+    wait_snapshots(&sink, 2).await;
+    wait_until(
+        "bob after the re-snapshot",
+        Duration::from_secs(30),
+        || async {
+            traits_of(&sink, "email", "bob@example.com")
+                .await
+                .is_some_and(|t| t["first_name"] == "Bobby")
+        },
+    )
+    .await;
+    ann_gone(&sink).await;
+    assert_eq!(daemon.stop(), Some(0));
+
+    let out = run_cmd(&cfg, &["forget", "--identity", "no-equals-sign"]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(text(&out).contains("KIND=VALUE"));
+}
