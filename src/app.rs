@@ -34,6 +34,9 @@ pub async fn execute(cli: Cli) -> anyhow::Result<u8> {
             let cfg = Config::load(&cli.config)?;
             let store = Store::connect(&cfg.sink).await?;
             store.migrate().await?;
+            if let Some(months) = cfg.sink.events_retention_months {
+                store.drop_old_events(months).await?;
+            }
             if cli.json {
                 println!(
                     "{}",

@@ -131,6 +131,7 @@ struct RawSink {
     pool_size: Option<u32>,
     max_txn_memory_mb: Option<usize>,
     spill_dir: Option<PathBuf>,
+    events_retention_months: Option<u32>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -244,6 +245,8 @@ pub struct SinkConfig {
     pub max_txn_memory_bytes: usize,
     /// Where large transactions are spilled (default the system temp dir).
     pub spill_dir: PathBuf,
+    /// Months of event log to keep (None: keep everything).
+    pub events_retention_months: Option<u32>,
 }
 
 /// One `[[source]]`.
@@ -458,6 +461,7 @@ fn validate(raw: RawConfig, path: &Path) -> Result<Config, ConfigError> {
         pool_size: raw.sink.pool_size.unwrap_or(4).max(2),
         max_txn_memory_bytes: raw.sink.max_txn_memory_mb.unwrap_or(64).max(1) * 1024 * 1024,
         spill_dir: raw.sink.spill_dir.unwrap_or_else(std::env::temp_dir),
+        events_retention_months: raw.sink.events_retention_months.filter(|m| *m > 0),
     };
 
     if raw.source.is_empty() {

@@ -42,6 +42,21 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
     store.migrate().await?;
     let mapper = Arc::new(Mapper::new(&cfg));
     let mut tasks = JoinSet::new();
+    if let Some(months) = cfg.sink.events_retention_months {
+        // Once at start and then daily; a failure is logged and tried again tomorrow.
+        let (store, shutdown) = (store.clone(), shutdown.clone());
+        tokio::spawn(async move {
+            loop {
+                if let Err(e) = store.drop_old_events(months).await {
+                    tracing::warn!(error = %format!("{e:#}"), "event-log retention failed");
+                }
+                tokio::select! {
+                    () = tokio::time::sleep(Duration::from_secs(24 * 3600)) => {}
+                    () = shutdown.cancelled() => return,
+                }
+            }
+        });
+    }
     for src in cfg.sources.clone() {
         let ctx = SourceCtx {
             src,

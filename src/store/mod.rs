@@ -106,6 +106,49 @@ impl Store {
     }
 }
 
+impl Store {
+    /// Drops the monthly `events` partitions that end before the start of the
+    /// month `months` months ago (the current month counts as one). Returns the
+    /// partitions dropped. Replay and rebuild can reach only what is kept.
+    pub async fn drop_old_events(&self, months: u32) -> Result<Vec<String>, StoreError> {
+        use chrono::Datelike;
+        let now = chrono::Utc::now();
+        let total = now.year() * 12 + i32::try_from(now.month0()).unwrap_or(0)
+            - i32::try_from(months).unwrap_or(i32::MAX / 2)
+            + 1;
+        let (keep_y, keep_m) = (total.div_euclid(12), total.rem_euclid(12) + 1);
+        let names: Vec<String> = sqlx::query_scalar(
+            "select c.relname::text from pg_inherits i join pg_class c on c.oid = i.inhrelid join pg_class p on p.oid = i.inhparent
+              join pg_namespace n on n.oid = p.relnamespace
+             where p.relname = 'events' and n.nspname = $1 and c.relname ~ '^events_y[0-9]{4}m[0-9]{2}$'",
+        )
+        .bind(&self.schema)
+        .fetch_all(&self.pool)
+        .await?;
+        let mut dropped = Vec::new();
+        for name in names {
+            let (y, m): (i32, i32) = (
+                name[8..12].parse().unwrap_or(i32::MAX),
+                name[13..15].parse().unwrap_or(12),
+            );
+            if (y, m) < (keep_y, keep_m) {
+                // Names match ^events_y[0-9]{4}m[0-9]{2}$ (checked above).
+                sqlx::query(sqlx::AssertSqlSafe(format!("drop table {name}")))
+                    .execute(&self.pool)
+                    .await?;
+                if let Ok(mut p) = self.partitions.lock() {
+                    p.remove(&(y, u32::try_from(m).unwrap_or(0)));
+                }
+                dropped.push(name);
+            }
+        }
+        if !dropped.is_empty() {
+            tracing::info!(partitions = ?dropped, months, "dropped event-log partitions past retention");
+        }
+        Ok(dropped)
+    }
+}
+
 /// A source's stored progress.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Checkpoint {
