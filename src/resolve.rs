@@ -493,36 +493,35 @@ impl State {
         self.log.fields_dirty.insert(loser);
     }
 
+    /// Takes a row's contribution out of its profile's aggregates.
     fn withdraw(&mut self, c: &Contribution) {
-        let Some(p) = c.profile_id.map(|p| self.live(p)) else {
-            return;
-        };
-        for (name, input) in &c.aggs {
-            let func = self.func(name);
-            self.profiles
-                .entry(p)
-                .or_default()
-                .aggs
-                .entry(name.clone())
-                .or_default()
-                .remove(func, input);
-        }
-        self.log.dirty.insert(p);
-        if !c.fields.is_empty() {
-            self.log.fields_dirty.insert(p);
+        if let Some(p) = c.profile_id.map(|p| self.live(p)) {
+            self.account(c, p, false);
         }
     }
 
+    /// Adds a row's contribution to profile `p`'s aggregates.
     fn contribute(&mut self, c: &Contribution, p: ProfileId) {
+        self.account(c, p, true);
+    }
+
+    /// Adds or subtracts `c`'s aggregate inputs in `p`, and marks what must be
+    /// recomputed (fields too when the row has any).
+    fn account(&mut self, c: &Contribution, p: ProfileId, add: bool) {
         for (name, input) in &c.aggs {
             let func = self.func(name);
-            self.profiles
+            let st = self
+                .profiles
                 .entry(p)
                 .or_default()
                 .aggs
                 .entry(name.clone())
-                .or_default()
-                .add(func, input);
+                .or_default();
+            if add {
+                st.add(func, input);
+            } else {
+                st.remove(func, input);
+            }
         }
         self.log.dirty.insert(p);
         if !c.fields.is_empty() {

@@ -8,11 +8,7 @@ use crate::harness::*;
 #[tokio::test]
 async fn bad_rows_become_dead_letters_and_the_stream_goes_on() {
     let pg = cluster();
-    let crm = create_db(&pg, "crm").await;
-    let shop = create_db(&pg, "shop").await;
-    let sink = create_db(&pg, "profiles").await;
-    exec(&crm, CRM_SCHEMA).await;
-    exec(&shop, SHOP_SCHEMA).await;
+    let (crm, shop, sink) = two_sources(&pg).await;
     let cfg = write_config(&pipeline_config(&crm, &shop, &sink, "dl").replace(
         "[identity.email]",
         "[merge]\nmax_identities = 3\n\n[identity.email]",

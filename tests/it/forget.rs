@@ -30,11 +30,7 @@ async fn ann_gone(sink: &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_forgotten_person_never_comes_back() {
     let pg = cluster();
-    let crm = create_db(&pg, "crm").await;
-    let shop = create_db(&pg, "shop").await;
-    let sink = create_db(&pg, "profiles").await;
-    exec(&crm, CRM_SCHEMA).await;
-    exec(&shop, SHOP_SCHEMA).await;
+    let (crm, shop, sink) = two_sources(&pg).await;
     exec(&crm, "insert into contacts (id, email, first_name) values (1, 'ann@example.com', 'Ann'), (2, 'bob@example.com', 'Bob')").await;
     exec(&shop, "insert into accounts (id, email) values (10, 'Ann@Example.com'); insert into orders (id, account_id, status, total_cents) values (100, 10, 'paid', 500)").await;
     let cfg = write_config(&pipeline_config(&crm, &shop, &sink, "fg"));

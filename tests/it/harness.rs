@@ -33,6 +33,16 @@ pub async fn create_db(c: &Cluster, name: &str) -> String {
     c.url(name)
 }
 
+/// Databases `crm` and `shop` (with their schemas) and `profiles` on `pg`; their URLs.
+pub async fn two_sources(pg: &Cluster) -> (String, String, String) {
+    let crm = create_db(pg, "crm").await;
+    let shop = create_db(pg, "shop").await;
+    let sink = create_db(pg, "profiles").await;
+    exec(&crm, CRM_SCHEMA).await;
+    exec(&shop, SHOP_SCHEMA).await;
+    (crm, shop, sink)
+}
+
 /// Runs SQL (several statements allowed) on `url`.
 pub async fn exec(url: &str, sql: &str) {
     let mut conn = PgConnection::connect(url).await.expect("connect");

@@ -29,11 +29,7 @@ async fn setup(work_mem: &str) -> (tributary::cluster::Cluster, String, String, 
         extra_conf: vec![format!("logical_decoding_work_mem = {work_mem}")],
         ..Default::default()
     });
-    let crm = create_db(&pg, "crm").await;
-    let shop = create_db(&pg, "shop").await;
-    let sink = create_db(&pg, "profiles").await;
-    exec(&crm, CRM_SCHEMA).await;
-    exec(&shop, SHOP_SCHEMA).await;
+    let (crm, shop, sink) = two_sources(&pg).await;
     (pg, crm, shop, sink)
 }
 

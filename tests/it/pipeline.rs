@@ -15,11 +15,7 @@ struct Setup {
 
 async fn setup() -> Setup {
     let pg = cluster();
-    let crm = create_db(&pg, "crm").await;
-    let shop = create_db(&pg, "shop").await;
-    let sink = create_db(&pg, "profiles").await;
-    exec(&crm, CRM_SCHEMA).await;
-    exec(&shop, SHOP_SCHEMA).await;
+    let (crm, shop, sink) = two_sources(&pg).await;
     Setup {
         _pg: pg,
         crm,

@@ -35,11 +35,7 @@ fn json(out: &std::process::Output) -> Value {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replay_restores_damage_and_rebuild_reproduces_the_store() {
     let pg = cluster();
-    let crm = create_db(&pg, "crm").await;
-    let shop = create_db(&pg, "shop").await;
-    let sink = create_db(&pg, "profiles").await;
-    exec(&crm, CRM_SCHEMA).await;
-    exec(&shop, SHOP_SCHEMA).await;
+    let (crm, shop, sink) = two_sources(&pg).await;
     exec(&crm, "insert into contacts (id, email, first_name) select g, 'u' || g || '@x.com', 'Pre' || g from generate_series(1001, 1050) g").await;
     let cfg = write_config(&pipeline_config(&crm, &shop, &sink, "rp"));
     let daemon = Daemon::start(&cfg);

@@ -71,11 +71,7 @@ async fn source_and_sink_restarts_mid_stream_recover_without_loss() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_cut_by_a_proxy_recover_without_loss() {
     let pg = cluster();
-    let crm = create_db(&pg, "crm").await;
-    let shop = create_db(&pg, "shop").await;
-    let sink = create_db(&pg, "profiles").await;
-    exec(&crm, CRM_SCHEMA).await;
-    exec(&shop, SHOP_SCHEMA).await;
+    let (crm, shop, sink) = two_sources(&pg).await;
     // The daemon reaches the sources and the store only through proxies.
     let to_sources = Proxy::start(pg.port()).await;
     let to_store = Proxy::start(pg.port()).await;

@@ -12,11 +12,7 @@ use crate::harness::*;
 #[tokio::test]
 async fn add_drop_rename_and_retype_columns_while_streaming() {
     let pg = cluster();
-    let crm = create_db(&pg, "crm").await;
-    let shop = create_db(&pg, "shop").await;
-    let sink = create_db(&pg, "profiles").await;
-    exec(&crm, CRM_SCHEMA).await;
-    exec(&shop, SHOP_SCHEMA).await;
+    let (crm, shop, sink) = two_sources(&pg).await;
     let cfg = write_config(&pipeline_config(&crm, &shop, &sink, "ddl"));
     let mut daemon = Daemon::start(&cfg);
     wait_snapshots(&sink, 2).await;

@@ -12,11 +12,7 @@ async fn passwords_never_appear_in_logs_json_or_errors() {
     let admin = pg.url("postgres");
     exec(&admin, &format!("set password_encryption = 'scram-sha-256'; create role app with login replication superuser password '{PW}'")).await;
     pg.set_hba("local all all trust\nhost all postgres 127.0.0.1/32 trust\nhost all app 127.0.0.1/32 scram-sha-256\n").unwrap();
-    let crm = create_db(&pg, "crm").await;
-    let shop = create_db(&pg, "shop").await;
-    let sink = create_db(&pg, "profiles").await;
-    exec(&crm, CRM_SCHEMA).await;
-    exec(&shop, SHOP_SCHEMA).await;
+    let (crm, shop, sink) = two_sources(&pg).await;
     // The config names the variable; the value is only in the environment.
     std::env::set_var("TRIBUTARY_TEST_SECRET_PW", PW);
     let with_pw = |url: &str| {

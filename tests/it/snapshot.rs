@@ -15,11 +15,7 @@ use crate::harness::*;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn snapshot_brings_existing_rows_and_loses_no_concurrent_change() {
     let pg = cluster();
-    let crm = create_db(&pg, "crm").await;
-    let shop = create_db(&pg, "shop").await;
-    let sink = create_db(&pg, "profiles").await;
-    exec(&crm, CRM_SCHEMA).await;
-    exec(&shop, SHOP_SCHEMA).await;
+    let (crm, shop, sink) = two_sources(&pg).await;
     exec(&crm, "insert into contacts (id, email, first_name) select g, 'u' || g || '@x.com', 'F' || g from generate_series(1, 40000) g").await;
     exec(&shop, "insert into accounts (id, email) select g, 'u' || g || '@x.com' from generate_series(1, 2000) g").await;
 

@@ -82,11 +82,7 @@ async fn an_invalidated_slot_stops_the_source_with_the_resnapshot_path() {
         ],
         ..Default::default()
     });
-    let crm = create_db(&pg, "crm").await;
-    let shop = create_db(&pg, "shop").await;
-    let sink = create_db(&pg, "profiles").await;
-    exec(&crm, CRM_SCHEMA).await;
-    exec(&shop, SHOP_SCHEMA).await;
+    let (crm, shop, sink) = two_sources(&pg).await;
     exec(
         &crm,
         "create table filler (id bigserial primary key, payload text)",
@@ -148,11 +144,7 @@ async fn an_idle_source_gets_heartbeats_and_its_slot_advances() {
         extra_conf: vec!["autovacuum = off".into()],
         ..Default::default()
     });
-    let crm = create_db(&pg, "crm").await;
-    let shop = create_db(&pg, "shop").await;
-    let sink = create_db(&pg, "profiles").await;
-    exec(&crm, CRM_SCHEMA).await;
-    exec(&shop, SHOP_SCHEMA).await;
+    let (crm, shop, sink) = two_sources(&pg).await;
     let text = pipeline_config(&crm, &shop, &sink, "hb")
         .replace("priority = 10", "priority = 10\nheartbeat_interval_s = 1");
     let cfg = write_config(&text);
