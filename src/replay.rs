@@ -21,10 +21,8 @@ use sqlx::{PgConnection, Row};
 
 use crate::event::{ChangeEvent, Lsn, Op};
 use crate::mapping::Mapper;
-use crate::resolve::{
-    aggregate_from, resolve_fields, traits, AggState, Contribution, ProfileId, Winner,
-};
-use crate::store::apply::{apply_in, lock, row_of, StoredProfile, CONTRIBUTION_COLUMNS};
+use crate::resolve::{aggregate_from, resolve_fields, traits, AggState, ProfileId, Winner};
+use crate::store::apply::{apply_in, contributions_by_profile, lock, StoredProfile};
 use crate::store::{Store, StoreError};
 
 /// What a replay did (or, with `--dry-run`, would do).
@@ -215,19 +213,7 @@ pub(crate) async fn rederive(
     profiles: &BTreeSet<ProfileId>,
 ) -> Result<Vec<ProfileId>, StoreError> {
     let ids: Vec<i64> = profiles.iter().copied().collect();
-    let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
-        "select {CONTRIBUTION_COLUMNS} from contributions c where c.profile_id = any($1) and not c.deleted"
-    )))
-    .bind(&ids)
-    .fetch_all(&mut *tx)
-    .await?;
-    let mut by_profile: BTreeMap<ProfileId, Vec<Contribution>> = BTreeMap::new();
-    for r in &rows {
-        let c = row_of(r)?;
-        if let Some(p) = c.profile_id {
-            by_profile.entry(p).or_default().push(c);
-        }
-    }
+    let by_profile = contributions_by_profile(tx, &ids, false).await?;
     type Stored = (
         i64,
         Option<i64>,

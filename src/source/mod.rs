@@ -123,34 +123,31 @@ pub fn quote_literal(s: &str) -> String {
     format!("'{}'", s.replace('\'', "''"))
 }
 
+/// Wraps a query error with the source's name and what was being done.
+pub(crate) fn query_err(src: &SourceConfig, what: &str) -> impl FnOnce(sqlx::Error) -> SourceError {
+    let (source_name, what) = (src.name.clone(), what.to_owned());
+    move |error| SourceError::Query {
+        source_name,
+        what,
+        error,
+    }
+}
+
 /// An ordinary (non-replication) connection to the source.
 pub async fn query_conn(src: &SourceConfig) -> Result<PgConnection, SourceError> {
     PgConnection::connect_with(&src.conn.pg_options())
         .await
-        .map_err(|error| SourceError::Query {
-            source_name: src.name.clone(),
-            what: format!("connect to {}", src.conn),
-            error,
-        })
+        .map_err(query_err(src, &format!("connect to {}", src.conn)))
 }
 
 /// Checks `wal_level` and creates the publication for the mapped tables if it
 /// does not exist; adds mapped tables an existing publication lacks.
 pub async fn ensure_publication(src: &SourceConfig) -> Result<(), SourceError> {
-    let q = |what: &str| {
-        let source_name = src.name.clone();
-        let what = what.to_owned();
-        move |error| SourceError::Query {
-            source_name,
-            what,
-            error,
-        }
-    };
     let mut conn = query_conn(src).await?;
     let wal_level: String = sqlx::query_scalar("select current_setting('wal_level')")
         .fetch_one(&mut conn)
         .await
-        .map_err(q("read wal_level"))?;
+        .map_err(query_err(src, "read wal_level"))?;
     if wal_level != "logical" {
         return Err(SourceError::WalLevel {
             source_name: src.name.clone(),
@@ -167,7 +164,7 @@ pub async fn ensure_publication(src: &SourceConfig) -> Result<(), SourceError> {
             .bind(&src.publication)
             .fetch_one(&mut conn)
             .await
-            .map_err(q("look up publication"))?;
+            .map_err(query_err(src, "look up publication"))?;
     if !exists {
         let sql = format!(
             "create publication {} for table {}",
@@ -177,7 +174,7 @@ pub async fn ensure_publication(src: &SourceConfig) -> Result<(), SourceError> {
         sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
             .execute(&mut conn)
             .await
-            .map_err(q("create publication"))?;
+            .map_err(query_err(src, "create publication"))?;
         tracing::info!(source = %src.name, publication = %src.publication, "created publication");
     } else {
         let present: Vec<String> = sqlx::query_scalar(
@@ -186,7 +183,7 @@ pub async fn ensure_publication(src: &SourceConfig) -> Result<(), SourceError> {
         .bind(&src.publication)
         .fetch_all(&mut conn)
         .await
-        .map_err(q("list publication tables"))?;
+        .map_err(query_err(src, "list publication tables"))?;
         for (t, quoted) in src.tables.iter().zip(&tables) {
             if !present.contains(&t.qualified) {
                 let sql = format!(
@@ -196,7 +193,7 @@ pub async fn ensure_publication(src: &SourceConfig) -> Result<(), SourceError> {
                 sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
                     .execute(&mut conn)
                     .await
-                    .map_err(q("add table to publication"))?;
+                    .map_err(query_err(src, "add table to publication"))?;
                 tracing::info!(source = %src.name, table = %t.qualified, "added table to publication");
             }
         }
@@ -213,11 +210,7 @@ pub async fn heartbeat(src: &SourceConfig) -> Result<(), SourceError> {
     sqlx::query("select pg_logical_emit_message(false, 'tributary', 'heartbeat')")
         .execute(&mut conn)
         .await
-        .map_err(|error| SourceError::Query {
-            source_name: src.name.clone(),
-            what: "emit a heartbeat message".into(),
-            error,
-        })?;
+        .map_err(query_err(src, "emit a heartbeat message"))?;
     conn.close().await.ok();
     Ok(())
 }
@@ -252,7 +245,7 @@ pub async fn slot_info(src: &SourceConfig) -> Result<Option<SlotInfo>, SourceErr
     .bind(&src.slot)
     .fetch_optional(&mut conn)
     .await
-    .map_err(|error| SourceError::Query { source_name: src.name.clone(), what: "look up slot".into(), error })?;
+    .map_err(query_err(src, "look up slot"))?;
     conn.close().await.ok();
     Ok(row.map(|r| SlotInfo {
         confirmed_flush: r

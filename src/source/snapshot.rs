@@ -11,7 +11,7 @@ use futures_util::TryStreamExt;
 use serde_json::{Map, Value};
 use sqlx::{Connection, PgConnection, Row};
 
-use super::{query_conn, quote_ident, SourceConfig, SourceError};
+use super::{query_conn, query_err, quote_ident, SourceConfig};
 use crate::config::TableConfig;
 use crate::event::{ChangeEvent, Lsn, Op};
 use crate::pgoutput::value::text_to_json;
@@ -69,36 +69,29 @@ pub async fn snapshot(
     batch: usize,
     sink: &mut impl SnapshotSink,
 ) -> Result<u64, anyhow::Error> {
-    let q = |what: &str| {
-        let source_name = src.name.clone();
-        let what = what.to_owned();
-        move |error| SourceError::Query {
-            source_name,
-            what,
-            error,
-        }
-    };
     let mut conn = query_conn(src).await?;
     sqlx::raw_sql("set timezone = 'UTC'; set datestyle = 'ISO, YMD'; set extra_float_digits = 3; set intervalstyle = 'iso_8601'")
         .execute(&mut conn)
         .await
-        .map_err(q("set session"))?;
+        .map_err(query_err(src, "set session"))?;
     let mut tx = conn
         .begin_with("begin isolation level repeatable read, read only")
         .await
-        .map_err(q("begin snapshot transaction"))?;
+        .map_err(query_err(src, "begin snapshot transaction"))?;
     sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
         "set transaction snapshot '{}'",
         snapshot_name.replace('\'', "''")
     )))
     .execute(&mut *tx)
     .await
-    .map_err(q("import exported snapshot"))?;
+    .map_err(query_err(src, "import exported snapshot"))?;
     let now = Utc::now();
     let mut seq: u64 = 0;
     let mut pending = Vec::with_capacity(batch);
     for t in &src.tables {
-        let cols = columns(&mut tx, t).await.map_err(q("read table columns"))?;
+        let cols = columns(&mut tx, t)
+            .await
+            .map_err(query_err(src, "read table columns"))?;
         let select = cols
             .iter()
             .map(|c| format!("{}::text", quote_ident(&c.name)))
@@ -112,13 +105,17 @@ pub async fn snapshot(
         tracing::info!(source = %src.name, table = %t.qualified, "snapshot of table started");
         let mut rows = sqlx::query(sqlx::AssertSqlSafe(sql)).fetch(&mut *tx);
         let mut n: u64 = 0;
-        while let Some(r) = rows.try_next().await.map_err(q("read snapshot rows"))? {
+        while let Some(r) = rows
+            .try_next()
+            .await
+            .map_err(query_err(src, "read snapshot rows"))?
+        {
             let mut key = Map::new();
             let mut row = Map::new();
             for (i, c) in cols.iter().enumerate() {
                 let v = r
                     .try_get::<Option<String>, _>(i)
-                    .map_err(q("decode snapshot row"))?;
+                    .map_err(query_err(src, "decode snapshot row"))?;
                 let json = v.map_or(Value::Null, |text| text_to_json(c.type_oid, &text));
                 if c.key {
                     key.insert(c.name.clone(), json.clone());
@@ -150,6 +147,8 @@ pub async fn snapshot(
     if !pending.is_empty() {
         sink.apply(pending).await?;
     }
-    tx.commit().await.map_err(q("end snapshot transaction"))?;
+    tx.commit()
+        .await
+        .map_err(query_err(src, "end snapshot transaction"))?;
     Ok(seq)
 }

@@ -46,6 +46,34 @@ pub struct ApplyStats {
     pub suppressed: usize,
 }
 
+/// Live contributions of `profiles`, grouped by profile; with `with_fields`
+/// only the rows that carry field values.
+pub(crate) async fn contributions_by_profile(
+    tx: &mut PgConnection,
+    profiles: &[ProfileId],
+    with_fields: bool,
+) -> Result<BTreeMap<ProfileId, Vec<Contribution>>, StoreError> {
+    let filter = if with_fields {
+        " and c.fields <> '{}'::jsonb"
+    } else {
+        ""
+    };
+    let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+        "select {CONTRIBUTION_COLUMNS} from contributions c where c.profile_id = any($1) and not c.deleted{filter}"
+    )))
+    .bind(profiles)
+    .fetch_all(&mut *tx)
+    .await?;
+    let mut out: BTreeMap<ProfileId, Vec<Contribution>> = BTreeMap::new();
+    for r in &rows {
+        let c = row_of(r)?;
+        if let Some(p) = c.profile_id {
+            out.entry(p).or_default().push(c);
+        }
+    }
+    Ok(out)
+}
+
 /// Takes the lock that serialises profile writes, for the rest of the transaction.
 pub(crate) async fn lock(tx: &mut PgConnection) -> Result<(), StoreError> {
     sqlx::query("select pg_advisory_xact_lock($1)")
@@ -551,19 +579,7 @@ async fn refresh_profiles(
         })
         .collect();
     // Rows with field values of those profiles (aggregate-only rows are not needed).
-    let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
-        "select {CONTRIBUTION_COLUMNS} from contributions c where c.profile_id = any($1) and not c.deleted and c.fields <> '{{}}'::jsonb"
-    )))
-    .bind(&fields_dirty)
-    .fetch_all(&mut *tx)
-    .await?;
-    let mut by_profile: HashMap<ProfileId, Vec<Contribution>> = HashMap::new();
-    for r in &rows {
-        let c = row_of(r)?;
-        if let Some(p) = c.profile_id {
-            by_profile.entry(p).or_default().push(c);
-        }
-    }
+    let by_profile = contributions_by_profile(tx, &fields_dirty, true).await?;
     // Max/min whose extreme was withdrawn: rescan that aggregate's inputs.
     let stale: Vec<(ProfileId, String)> = log
         .dirty
