@@ -35,9 +35,15 @@ pub async fn create_db(c: &Cluster, name: &str) -> String {
 
 /// Databases `crm` and `shop` (with their schemas) and `profiles` on `pg`; their URLs.
 pub async fn two_sources(pg: &Cluster) -> (String, String, String) {
-    let crm = create_db(pg, "crm").await;
-    let shop = create_db(pg, "shop").await;
-    let sink = create_db(pg, "profiles").await;
+    sources_and_store(pg, pg).await
+}
+
+/// Databases `crm` and `shop` (with their schemas) on `sources` and `profiles` on
+/// `store`, so that a test can stop or restart one server without the other.
+pub async fn sources_and_store(sources: &Cluster, store: &Cluster) -> (String, String, String) {
+    let crm = create_db(sources, "crm").await;
+    let shop = create_db(sources, "shop").await;
+    let sink = create_db(store, "profiles").await;
     exec(&crm, CRM_SCHEMA).await;
     exec(&shop, SHOP_SCHEMA).await;
     (crm, shop, sink)

@@ -40,11 +40,7 @@ async fn converge(shop: &str, sink: &str, w: &Workload, daemon: &Daemon) {
 async fn source_and_sink_restarts_mid_stream_recover_without_loss() {
     let mut sources = cluster();
     let mut store = cluster();
-    let crm = create_db(&sources, "crm").await;
-    let shop = create_db(&sources, "shop").await;
-    let sink = create_db(&store, "profiles").await;
-    exec(&crm, CRM_SCHEMA).await;
-    exec(&shop, SHOP_SCHEMA).await;
+    let (crm, shop, sink) = sources_and_store(&sources, &store).await;
     let cfg = write_config(&pipeline_config(&crm, &shop, &sink, "r"));
     let mut daemon = Daemon::start(&cfg);
     wait_snapshots(&sink, 2).await;
@@ -116,11 +112,7 @@ async fn connections_cut_by_a_proxy_recover_without_loss() {
 async fn a_sink_that_is_down_makes_the_daemon_wait_without_advancing_the_slot() {
     let sources = cluster();
     let mut store = cluster();
-    let crm = create_db(&sources, "crm").await;
-    let shop = create_db(&sources, "shop").await;
-    let sink = create_db(&store, "profiles").await;
-    exec(&crm, CRM_SCHEMA).await;
-    exec(&shop, SHOP_SCHEMA).await;
+    let (crm, shop, sink) = sources_and_store(&sources, &store).await;
     let cfg = write_config(&pipeline_config(&crm, &shop, &sink, "bp"));
     let mut daemon = Daemon::start(&cfg);
     wait_snapshots(&sink, 2).await;
