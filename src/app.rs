@@ -156,6 +156,111 @@ pub async fn execute(cli: Cli) -> anyhow::Result<u8> {
             }
             Ok(0)
         }
+        Command::Snapshot {
+            source,
+            table,
+            wait_secs,
+        } => {
+            let cfg = Config::load(&cli.config)?;
+            if cfg.source(&source).is_none() {
+                anyhow::bail!(crate::config::ConfigError::Invalid {
+                    path: cfg.path.clone(),
+                    key: "--source".into(),
+                    message: format!("no source named `{source}` in the config"),
+                });
+            }
+            let store = Store::connect(&cfg.sink).await?;
+            store.migrate().await?;
+            let r = crate::resnapshot::snapshot(
+                &cfg,
+                &store,
+                &source,
+                table.as_deref(),
+                std::time::Duration::from_secs(wait_secs),
+            )
+            .await?;
+            if cli.json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&r).context("serialize snapshot report")?
+                );
+            } else {
+                for t in &r {
+                    println!(
+                        "{source} {}: {} rows read in {} chunks, {} applied, {} left to newer streamed changes, {} deleted",
+                        t.table, t.totals.rows, t.chunks, t.totals.applied, t.totals.skipped, t.totals.deleted
+                    );
+                }
+            }
+            Ok(0)
+        }
+        Command::Reconcile {
+            source,
+            repair,
+            sample,
+            wait_secs,
+        } => {
+            let cfg = Config::load(&cli.config)?;
+            let store = Store::connect(&cfg.sink).await?;
+            store.migrate().await?;
+            let opts = crate::reconcile::Options {
+                source,
+                repair,
+                sample,
+                wait: std::time::Duration::from_secs(wait_secs),
+            };
+            let r = crate::reconcile::reconcile(&cfg, &store, &opts).await?;
+            if cli.json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&r).context("serialize reconcile report")?
+                );
+            } else {
+                crate::reconcile::report::print_summary(&r);
+            }
+            Ok(u8::from(r.unrepaired() > 0))
+        }
+        Command::Report { run } => {
+            let cfg = Config::load(&cli.config)?;
+            let store = Store::connect(&cfg.sink).await?;
+            store.migrate().await?;
+            use crate::reconcile::report;
+            match run.as_deref() {
+                None => {
+                    let runs = report::runs(&store, 50).await?;
+                    if cli.json {
+                        println!(
+                            "{}",
+                            serde_json::to_string_pretty(&runs).context("serialize runs")?
+                        );
+                    } else {
+                        report::print_runs(&runs);
+                    }
+                }
+                Some(which) => {
+                    let id = match which {
+                        "latest" => None,
+                        n => Some(n.parse::<i64>().map_err(|_| crate::config::ConfigError::Invalid {
+                            path: cfg.path.clone(),
+                            key: "RUN_ID".into(),
+                            message: format!("`{n}` is not a run id; give a number from `tributary report`, or `latest`"),
+                        })?),
+                    };
+                    let Some(d) = report::run(&store, id).await? else {
+                        anyhow::bail!("no reconciliation run {which}");
+                    };
+                    if cli.json {
+                        println!(
+                            "{}",
+                            serde_json::to_string_pretty(&d).context("serialize run")?
+                        );
+                    } else {
+                        report::print_run(&d);
+                    }
+                }
+            }
+            Ok(0)
+        }
         Command::Check => {
             let cfg = Config::load(&cli.config)?;
             let results = run_checks(&cfg).await;

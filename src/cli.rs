@@ -71,6 +71,39 @@ pub enum Command {
         #[arg(long)]
         dry_run: bool,
     },
+    /// Re-snapshot one source (or one of its tables) while the daemon streams.
+    Snapshot {
+        /// Source name.
+        #[arg(long)]
+        source: String,
+        /// Only this table (`schema.table`, or `table` in `public`).
+        #[arg(long)]
+        table: Option<String>,
+        /// Seconds to wait for the daemon to apply up to each chunk's watermark.
+        #[arg(long, default_value_t = 120)]
+        wait_secs: u64,
+    },
+    /// Compare the sources' current rows with the profile store and record a report.
+    /// Exit 1 when unrepaired drift remains.
+    Reconcile {
+        /// Only this source's tables (profiles are always checked).
+        #[arg(long)]
+        source: Option<String>,
+        /// Repair drifted rows and profiles through the apply path.
+        #[arg(long)]
+        repair: bool,
+        /// Check only about N rows per table, and the profiles they belong to.
+        #[arg(long, value_name = "N")]
+        sample: Option<u64>,
+        /// Seconds to wait for the daemon to apply up to an anchor.
+        #[arg(long, default_value_t = 120)]
+        wait_secs: u64,
+    },
+    /// List reconciliation runs, or show one run's drift (`latest` for the newest).
+    Report {
+        /// A run id or `latest`.
+        run: Option<String>,
+    },
     /// Rebuild all derived state (profiles, identities, provenance) from the event log.
     Rebuild,
     /// Erase a person: profile, identities, provenance, logged events; suppress

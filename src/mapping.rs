@@ -247,6 +247,18 @@ impl TableMapping {
             .and_then(parse_freshness)
             .unwrap_or(ev.commit_time);
 
+        // The digest image: every mapped column, unless one was not sent.
+        let image = if t.mapped_columns().iter().any(|c| unchanged(c)) {
+            None
+        } else {
+            let img: Map<String, Value> = t
+                .mapped_columns()
+                .into_iter()
+                .map(|c| (c.to_owned(), ev.row.get(c).cloned().unwrap_or(Value::Null)))
+                .collect();
+            Some(Value::Object(img).to_string())
+        };
+
         Ok(Contribution {
             row: RowRef {
                 source: self.source.clone(),
@@ -263,6 +275,7 @@ impl TableMapping {
             seq: ev.seq,
             freshness,
             priority: self.priority,
+            image,
         })
     }
 }

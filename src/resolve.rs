@@ -75,6 +75,11 @@ pub struct Contribution {
     pub freshness: DateTime<Utc>,
     /// Source priority.
     pub priority: i32,
+    /// The mapped columns of the row image as JSON text, from which the store
+    /// computes the digest that reconciliation compares with the source's
+    /// (None when unknown: an unchanged TOAST value, or loaded from the store).
+    #[serde(skip)]
+    pub image: Option<String>,
 }
 
 /// Is `new` a later word of the row than `old`?
@@ -577,6 +582,7 @@ impl State {
                     seq: ev.seq,
                     freshness: ev.commit_time,
                     priority: mapping.priority,
+                    image: None,
                 };
                 if let Some(prev) = &prev {
                     if !is_newer(&tomb, prev) {

@@ -6,6 +6,7 @@
 //! create the slot with an exported snapshot, start streaming, next message,
 //! flush feedback) and [`snapshot`].
 
+pub mod read;
 pub mod snapshot;
 pub mod spill;
 

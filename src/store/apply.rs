@@ -104,6 +104,7 @@ pub(crate) fn row_of(r: &sqlx::postgres::PgRow) -> Result<Contribution, sqlx::Er
         seq: u64::try_from(r.try_get::<i64, _>("seq")?).unwrap_or(0),
         freshness: r.try_get("freshness")?,
         priority: r.try_get("priority")?,
+        image: None,
     })
 }
 
@@ -145,7 +146,7 @@ impl Store {
 
     /// Creates the monthly `events` partitions the batch needs (once per month
     /// per process), outside the batch transaction.
-    async fn ensure_partitions(&self, events: &[ChangeEvent]) -> Result<(), StoreError> {
+    pub(crate) async fn ensure_partitions(&self, events: &[ChangeEvent]) -> Result<(), StoreError> {
         use chrono::Datelike;
         let months: BTreeSet<(i32, u32)> = events
             .iter()
@@ -498,14 +499,18 @@ async fn write_contributions<'a>(
         return Ok(());
     }
     sqlx::query(
-        "insert into contributions (source, table_name, row_key, profile_id, deleted, identities, fields, aggs, version, lsn, seq, freshness, priority, updated_at)
-         select s, t, k, p, d, i::jsonb, f::jsonb, a::jsonb, v, l::pg_lsn, q, fr, pr, now()
+        "insert into contributions (source, table_name, row_key, profile_id, deleted, identities, fields, aggs, version, lsn, seq, freshness, priority, updated_at, digest)
+         select s, t, k, p, d, i::jsonb, f::jsonb, a::jsonb, v, l::pg_lsn, q, fr, pr, now(),
+                case when d then null else jsonb_hash_extended(g::jsonb, 0) end
            from unnest($1::text[], $2::text[], $3::text[], $4::bigint[], $5::bool[], $6::text[], $7::text[], $8::text[],
-                       $9::bigint[], $10::text[], $11::bigint[], $12::timestamptz[], $13::int[]) as u(s, t, k, p, d, i, f, a, v, l, q, fr, pr)
+                       $9::bigint[], $10::text[], $11::bigint[], $12::timestamptz[], $13::int[], $14::text[]) as u(s, t, k, p, d, i, f, a, v, l, q, fr, pr, g)
          on conflict (source, table_name, row_key) do update set
            profile_id = excluded.profile_id, deleted = excluded.deleted, identities = excluded.identities,
            fields = excluded.fields, aggs = excluded.aggs, version = excluded.version, lsn = excluded.lsn,
-           seq = excluded.seq, freshness = excluded.freshness, priority = excluded.priority, updated_at = now()",
+           seq = excluded.seq, freshness = excluded.freshness, priority = excluded.priority, updated_at = now(),
+           -- the same image re-written (a merge re-pointing it) keeps its digest
+           digest = case when (excluded.lsn, excluded.seq) = (contributions.lsn, contributions.seq)
+                         then coalesce(excluded.digest, contributions.digest) else excluded.digest end",
     )
     .bind(rows.iter().map(|c| c.row.source.as_str()).collect::<Vec<_>>())
     .bind(rows.iter().map(|c| c.row.table.as_str()).collect::<Vec<_>>())
@@ -520,6 +525,7 @@ async fn write_contributions<'a>(
     .bind(rows.iter().map(|c| i64_of(c.seq)).collect::<Vec<_>>())
     .bind(rows.iter().map(|c| c.freshness).collect::<Vec<_>>())
     .bind(rows.iter().map(|c| c.priority).collect::<Vec<_>>())
+    .bind(rows.iter().map(|c| c.image.as_deref()).collect::<Vec<_>>())
     .execute(&mut *tx)
     .await?;
     Ok(())

@@ -12,6 +12,7 @@ mod large;
 mod merge;
 mod migrate;
 mod pipeline;
+mod reconcile;
 mod replay;
 mod replication;
 mod resilience;

@@ -1,0 +1,348 @@
+//! Profile-level reconciliation: the store's derived state (profile rows,
+//! aggregates, provenance, identity ownership) against a recomputation from
+//! the profile's contributions with the merge code the daemon uses.
+//!
+//! Contributions are the mapped image of the sources' rows (the row-level
+//! pass proves that), so a profile that matches its recomputation matches the
+//! sources. Profiles are read in id ranges, each in one repeatable-read
+//! transaction of the store: every apply commits derived state consistent
+//! with its contributions, so a consistent read never sees a half-applied
+//! batch as drift.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use serde_json::{json, Map, Value};
+use sqlx::types::Json;
+use sqlx::{Connection, PgConnection};
+
+use super::{Drift, DriftKind, Fix};
+use crate::identity::Ident;
+use crate::mapping::Mapper;
+use crate::resolve::{
+    aggregate_from, resolve_fields, traits, AggState, Contribution, ProfileId, RowRef, Winner,
+};
+use crate::store::apply::{row_of, CONTRIBUTION_COLUMNS};
+use crate::store::StoreError;
+
+/// Profiles per store transaction.
+const CHUNK: i64 = 5_000;
+
+/// A profile row as stored.
+#[derive(Debug, Clone, Default)]
+pub struct StoredRow {
+    /// Merged into another profile.
+    pub merged_into: Option<ProfileId>,
+    /// `traits`.
+    pub traits: Map<String, Value>,
+    /// `agg_state`.
+    pub aggs: BTreeMap<String, AggState>,
+}
+
+/// Everything the store holds about one profile.
+#[derive(Debug, Default)]
+pub struct Stored<'a> {
+    /// The profile row (None: missing).
+    pub row: Option<&'a StoredRow>,
+    /// `profile_fields` by field.
+    pub provenance: Option<&'a BTreeMap<String, Winner>>,
+}
+
+/// Compares one profile's stored state with the recomputation from its live
+/// contributions. `owners` maps every identifier of those contributions to the
+/// profile the store says owns it. Pure.
+pub fn compare(
+    mapper: &Mapper,
+    p: ProfileId,
+    contribs: &[Contribution],
+    stored: &Stored<'_>,
+    owners: &HashMap<Ident, ProfileId>,
+) -> Vec<Drift> {
+    let aggs: BTreeMap<String, AggState> = aggregate_from(contribs, mapper.aggregates())
+        .into_iter()
+        .filter(|(_, a)| a.n != 0)
+        .collect();
+    let winners = resolve_fields(contribs, |f| mapper.strategy(f));
+    let expected = traits(&winners, &aggs, mapper.aggregates());
+    let drift = |field: String, expected: Option<Value>, actual: Option<Value>| {
+        let kind = match (&expected, &actual) {
+            (Some(_), None) => DriftKind::Missing,
+            (None, Some(_)) => DriftKind::Extra,
+            _ => DriftKind::Mismatch,
+        };
+        Drift {
+            profile_id: Some(p),
+            field,
+            expected,
+            actual,
+            kind,
+            fix: Fix::Rederive(p),
+        }
+    };
+    let mut out = Vec::new();
+
+    match stored.row {
+        None if contribs.is_empty() => return out,
+        None => out.push(drift("profile".into(), Some(Value::Object(expected)), None)),
+        Some(row) if row.merged_into.is_some() => {
+            if !contribs.is_empty() {
+                out.push(drift(
+                    "profile".into(),
+                    Some(Value::Object(expected)),
+                    Some(json!({ "merged_into": row.merged_into })),
+                ));
+            }
+            return out;
+        }
+        Some(row) => {
+            let fields: BTreeSet<&String> = expected.keys().chain(row.traits.keys()).collect();
+            for f in fields {
+                let (e, a) = (expected.get(f), row.traits.get(f));
+                if e != a {
+                    out.push(drift(f.clone(), e.cloned(), a.cloned()));
+                } else if mapper.aggregates().contains_key(f) && aggs.get(f) != row.aggs.get(f) {
+                    // The trait is right but the running state behind it is not:
+                    // the next change would make it wrong.
+                    out.push(drift(
+                        f.clone(),
+                        aggs.get(f).map(|s| json!(s)),
+                        row.aggs.get(f).map(|s| json!(s)),
+                    ));
+                }
+            }
+            // Provenance of the fields whose values agree.
+            let empty = BTreeMap::new();
+            let prov = stored.provenance.unwrap_or(&empty);
+            let names: BTreeSet<&String> = winners.keys().chain(prov.keys()).collect();
+            for f in names {
+                let (e, a) = (winners.get(f), prov.get(f));
+                if e != a && expected.get(f) == row.traits.get(f) {
+                    out.push(drift(
+                        format!("provenance.{f}"),
+                        e.map(winner_json),
+                        a.map(winner_json),
+                    ));
+                }
+            }
+        }
+    }
+
+    // Identity ownership: every identifier of a live row points at its profile.
+    let mut seen = BTreeSet::new();
+    for c in contribs {
+        for id in &c.identities {
+            if !seen.insert(id) {
+                continue;
+            }
+            let owner = owners.get(id).copied();
+            if owner != Some(p) {
+                out.push(drift(
+                    format!("identity.{}:{}", id.0, id.1),
+                    Some(json!(p)),
+                    owner.map(|o| json!(o)),
+                ));
+            }
+        }
+    }
+    out
+}
+
+fn winner_json(w: &Winner) -> Value {
+    json!({
+        "value": w.value,
+        "source": w.row.source,
+        "table": w.row.table,
+        "row_key": w.row.row_key,
+        "freshness": crate::pgoutput::value::format_utc(&w.freshness),
+        "lsn": w.lsn.to_string(),
+    })
+}
+
+/// Which profiles a pass covers.
+pub enum Scope<'a> {
+    /// Every profile in the store.
+    All,
+    /// These profiles.
+    Only(&'a [ProfileId]),
+}
+
+/// Checks the profiles in `scope`; returns the drifts and the number checked.
+pub async fn check(
+    conn: &mut PgConnection,
+    mapper: &Mapper,
+    scope: Scope<'_>,
+) -> Result<(Vec<Drift>, u64), StoreError> {
+    let mut drifts = Vec::new();
+    let mut checked = 0u64;
+    match scope {
+        Scope::All => {
+            let (lo, hi): (Option<i64>, Option<i64>) = sqlx::query_as(
+                "select least((select min(profile_id) from profiles), (select min(profile_id) from contributions)),
+                        greatest((select max(profile_id) from profiles), (select max(profile_id) from contributions))",
+            )
+            .fetch_one(&mut *conn)
+            .await?;
+            let (Some(lo), Some(hi)) = (lo, hi) else {
+                return Ok((drifts, 0));
+            };
+            let mut start = lo;
+            while start <= hi {
+                let end = start.saturating_add(CHUNK);
+                let (d, n) = check_chunk(conn, mapper, Chunk::Range(start, end)).await?;
+                drifts.extend(d);
+                checked += n;
+                start = end;
+            }
+        }
+        Scope::Only(ids) => {
+            for part in ids.chunks(usize::try_from(CHUNK).unwrap_or(5000)) {
+                let (d, n) = check_chunk(conn, mapper, Chunk::Ids(part)).await?;
+                drifts.extend(d);
+                checked += n;
+            }
+        }
+    }
+    Ok((drifts, checked))
+}
+
+enum Chunk<'a> {
+    Range(i64, i64),
+    Ids(&'a [i64]),
+}
+
+/// `(field, value, source, table_name, row_key, freshness, lsn)` of `profile_fields`.
+type ProvenanceRow = (
+    i64,
+    String,
+    Json<Value>,
+    String,
+    String,
+    String,
+    chrono::DateTime<chrono::Utc>,
+    String,
+);
+
+/// `(profile_id, merged_into, traits, agg_state)`.
+type ProfileRow = (
+    i64,
+    Option<i64>,
+    Json<Map<String, Value>>,
+    Json<BTreeMap<String, AggState>>,
+);
+
+async fn check_chunk(
+    conn: &mut PgConnection,
+    mapper: &Mapper,
+    chunk: Chunk<'_>,
+) -> Result<(Vec<Drift>, u64), StoreError> {
+    let (filter, lo, hi, ids): (&str, i64, i64, &[i64]) = match chunk {
+        Chunk::Range(lo, hi) => ("profile_id >= $1 and profile_id < $2", lo, hi, &[]),
+        Chunk::Ids(ids) => ("profile_id = any($3) and $1 <= $2", 0, 0, ids),
+    };
+    let mut tx = conn
+        .begin_with("begin isolation level repeatable read, read only")
+        .await?;
+    let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+        "select {CONTRIBUTION_COLUMNS} from contributions c where c.{filter} and not c.deleted"
+    )))
+    .bind(lo)
+    .bind(hi)
+    .bind(ids)
+    .fetch_all(&mut *tx)
+    .await?;
+    let mut by_profile: BTreeMap<ProfileId, Vec<Contribution>> = BTreeMap::new();
+    for r in &rows {
+        let c = row_of(r)?;
+        if let Some(p) = c.profile_id {
+            by_profile.entry(p).or_default().push(c);
+        }
+    }
+    let profiles: HashMap<i64, StoredRow> = sqlx::query_as::<_, ProfileRow>(sqlx::AssertSqlSafe(
+        format!("select profile_id, merged_into, traits, agg_state from profiles where {filter}"),
+    ))
+    .bind(lo)
+    .bind(hi)
+    .bind(ids)
+    .fetch_all(&mut *tx)
+    .await?
+    .into_iter()
+    .map(|(p, merged_into, t, a)| {
+        (
+            p,
+            StoredRow {
+                merged_into,
+                traits: t.0,
+                aggs: a.0,
+            },
+        )
+    })
+    .collect();
+    let mut provenance: HashMap<i64, BTreeMap<String, Winner>> = HashMap::new();
+    for (p, field, value, source, table, row_key, freshness, lsn) in
+        sqlx::query_as::<_, ProvenanceRow>(sqlx::AssertSqlSafe(format!(
+            "select profile_id, field, value, source, table_name, row_key, freshness, lsn::text from profile_fields where {filter}"
+        )))
+        .bind(lo)
+        .bind(hi)
+        .bind(ids)
+        .fetch_all(&mut *tx)
+        .await?
+    {
+        provenance.entry(p).or_default().insert(
+            field,
+            Winner {
+                value: value.0,
+                row: RowRef {
+                    source,
+                    table,
+                    row_key,
+                },
+                freshness,
+                lsn: lsn.parse().unwrap_or_default(),
+            },
+        );
+    }
+    let claimed: BTreeSet<&Ident> = by_profile
+        .values()
+        .flatten()
+        .flat_map(|c| c.identities.iter())
+        .collect();
+    let owners: HashMap<Ident, ProfileId> = sqlx::query_as::<_, (String, String, i64)>(
+        "select i.kind, i.value, i.profile_id from identities i
+           join unnest($1::text[], $2::text[]) as u(k, v) on i.kind = u.k and i.value = u.v",
+    )
+    .bind(claimed.iter().map(|i| i.0.as_str()).collect::<Vec<_>>())
+    .bind(claimed.iter().map(|i| i.1.as_str()).collect::<Vec<_>>())
+    .fetch_all(&mut *tx)
+    .await?
+    .into_iter()
+    .map(|(k, v, p)| ((k, v), p))
+    .collect();
+    tx.commit().await?;
+
+    let all: BTreeSet<i64> = by_profile
+        .keys()
+        .copied()
+        .chain(
+            profiles
+                .iter()
+                .filter(|(_, r)| r.merged_into.is_none())
+                .map(|(p, _)| *p),
+        )
+        .collect();
+    let empty = Vec::new();
+    let mut drifts = Vec::new();
+    for p in &all {
+        let stored = Stored {
+            row: profiles.get(p),
+            provenance: provenance.get(p),
+        };
+        drifts.extend(compare(
+            mapper,
+            *p,
+            by_profile.get(p).unwrap_or(&empty),
+            &stored,
+            &owners,
+        ));
+    }
+    Ok((drifts, all.len() as u64))
+}

@@ -1,0 +1,426 @@
+//! Row-level reconciliation: each source table against the contributions the
+//! store holds for it.
+//!
+//! 1. Hashes per key bucket, in SQL on each side: on the source, the count and
+//!    the sum of the digest of every row's mapped columns, read between two
+//!    watermarks; on the store, once it has applied past the high watermark,
+//!    the same sums over `contributions.digest`. Equal buckets are done; a
+//!    store with no drift costs one scan of each source table.
+//! 2. Rows of the buckets that differ are read (between watermarks again),
+//!    mapped with the daemon's own mapping and compared with the stored
+//!    contributions. A difference on a row that a change invisible to the read
+//!    touched, or that the store has since moved past the high watermark, is a
+//!    change in flight, not drift: such rows are read again, up to
+//!    [`ROUNDS`] times, and are reported as unverified if they never settle.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use sqlx::{Connection, PgConnection};
+
+use super::{Drift, DriftKind, Fix};
+use crate::config::{SourceConfig, TableConfig};
+use crate::event::{ChangeEvent, Lsn};
+use crate::mapping::Mapper;
+use crate::resnapshot::{changed_during, wait_until_applied};
+use crate::resolve::Contribution;
+use crate::source::query_err;
+use crate::source::read::{take_snapshot, wal_position, TableReader, Watermarks, READ_SEQ_BASE};
+use crate::store::apply::{row_of, CONTRIBUTION_COLUMNS};
+use crate::store::Store;
+
+/// Times a row that keeps changing is read again before it counts as unverified.
+pub const ROUNDS: usize = 3;
+
+/// The outcome of one table's row-level pass.
+#[derive(Debug, Default)]
+pub struct TableOutcome {
+    /// Source rows covered by the comparison.
+    pub rows_checked: u64,
+    /// Buckets whose hashes differed.
+    pub buckets_differing: u64,
+    /// Drifted rows.
+    pub drifts: Vec<Drift>,
+    /// Rows that kept changing under the comparison.
+    pub unverified: u64,
+    /// Profiles the sampled buckets' rows belong to (with a sample).
+    pub sampled_profiles: Vec<i64>,
+    /// The high watermark of the hash pass.
+    pub anchor: Lsn,
+}
+
+/// Compares one table. `sample`: check only about this many rows.
+pub async fn check_table(
+    store: &Store,
+    mapper: &Mapper,
+    src: &SourceConfig,
+    t: &TableConfig,
+    conn: &mut PgConnection,
+    sample: Option<u64>,
+    wait: Duration,
+) -> anyhow::Result<TableOutcome> {
+    let reader = TableReader::load(conn, src, t).await?;
+    let live: i64 = sqlx::query_scalar(
+        "select count(*) from contributions where source = $1 and table_name = $2 and not deleted",
+    )
+    .bind(&src.name)
+    .bind(&t.qualified)
+    .fetch_one(store.pool())
+    .await?;
+    let nbuckets = u64::try_from(live / 256)
+        .unwrap_or(0)
+        .max(1)
+        .next_power_of_two()
+        .min(1 << 16);
+    let mask = i64::try_from(nbuckets - 1).unwrap_or(0);
+    let chosen: Option<Vec<i64>> = sample.map(|n| {
+        let want = (u64::try_from(live).unwrap_or(0).max(1).min(n) * nbuckets)
+            .div_ceil(u64::try_from(live).unwrap_or(1).max(1))
+            .clamp(1, nbuckets);
+        let mut all: Vec<i64> = (0..i64::try_from(nbuckets).unwrap_or(1)).collect();
+        use rand::seq::SliceRandom;
+        all.shuffle(&mut rand::rng());
+        all.truncate(usize::try_from(want).unwrap_or(1));
+        all
+    });
+    let key_hash = format!("(jsonb_hash_extended({}, 0) & {mask})", reader.key_expr());
+
+    // 1. Hashes per bucket on the source, between watermarks.
+    let bucket_filter = chosen
+        .as_ref()
+        .map_or_else(String::new, |_| format!(" where {key_hash} = any($1)"));
+    // One statement: one snapshot. The WAL position after it is the anchor.
+    let source_buckets: Vec<(i64, i64, String)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "select {key_hash} as b, count(*), coalesce(sum({}::numeric), 0)::text from {}{bucket_filter} group by 1",
+        reader.digest_expr(),
+        reader.relation()
+    )))
+    .bind(chosen.clone().unwrap_or_default())
+    .fetch_all(&mut *conn)
+    .await
+    .map_err(query_err(src, "hash the table by key bucket"))?;
+    let high = wal_position(conn, src).await?;
+    wait_until_applied(store, src, high, wait).await?;
+
+    let store_key_hash = format!("(jsonb_hash_extended(row_key::jsonb, 0) & {mask})");
+    let store_buckets: Vec<(i64, i64, String, i64)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "select {store_key_hash} as b, count(*), coalesce(sum(digest::numeric), 0)::text, count(digest)
+           from contributions where source = $1 and table_name = $2 and not deleted
+            and ($3::bigint[] is null or {store_key_hash} = any($3))
+          group by 1"
+    )))
+    .bind(&src.name)
+    .bind(&t.qualified)
+    .bind(chosen.clone())
+    .fetch_all(store.pool())
+    .await?;
+
+    let mut out = TableOutcome {
+        anchor: high,
+        ..Default::default()
+    };
+    let src_map: HashMap<i64, (i64, String)> = source_buckets
+        .into_iter()
+        .map(|(b, n, s)| {
+            out.rows_checked += u64::try_from(n).unwrap_or(0);
+            (b, (n, s))
+        })
+        .collect();
+    let store_map: HashMap<i64, (i64, String, i64)> = store_buckets
+        .into_iter()
+        .map(|(b, n, s, d)| (b, (n, s, d)))
+        .collect();
+    let mut suspects: BTreeSet<i64> = BTreeSet::new();
+    for b in src_map.keys().chain(store_map.keys()) {
+        let same = match (src_map.get(b), store_map.get(b)) {
+            (Some((n, s)), Some((m, t, d))) => n == m && s == t && m == d,
+            _ => false,
+        };
+        if !same {
+            suspects.insert(*b);
+        }
+    }
+    out.buckets_differing = suspects.len() as u64;
+    if let Some(chosen) = &chosen {
+        out.sampled_profiles = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+            "select distinct profile_id from contributions
+              where source = $1 and table_name = $2 and not deleted and profile_id is not null
+                and {store_key_hash} = any($3)"
+        )))
+        .bind(&src.name)
+        .bind(&t.qualified)
+        .bind(chosen)
+        .fetch_all(store.pool())
+        .await?;
+    }
+
+    // 2. Rows of the differing buckets, then the rows still changing, until they settle.
+    let mut todo = Todo::Buckets(suspects.into_iter().collect());
+    for round in 1..=ROUNDS {
+        let (read, scope) = match &todo {
+            Todo::Buckets(b) => (
+                read_where(
+                    conn,
+                    src,
+                    &reader,
+                    &format!("{key_hash} = any($1)"),
+                    b.clone(),
+                )
+                .await?,
+                Scope::Buckets(b),
+            ),
+            Todo::Keys(k) => (read_keys(conn, src, &reader, k).await?, Scope::Keys(k)),
+        };
+        wait_until_applied(store, src, read.marks.high, wait).await?;
+        let cmp = compare(store, mapper, src, t, &store_key_hash, scope, &read).await?;
+        out.drifts.extend(cmp.drifts);
+        if cmp.unsettled.is_empty() {
+            break;
+        }
+        if round == ROUNDS {
+            out.unverified += cmp.unsettled.len() as u64;
+            break;
+        }
+        todo = Todo::Keys(cmp.unsettled);
+    }
+    Ok(out)
+}
+
+/// Rows left to compare.
+enum Todo {
+    Buckets(Vec<i64>),
+    Keys(Vec<String>),
+}
+
+/// Which rows a comparison covers.
+#[derive(Clone, Copy)]
+enum Scope<'a> {
+    Buckets(&'a [i64]),
+    Keys(&'a [String]),
+}
+
+/// Source rows read between watermarks.
+pub(crate) struct Read {
+    pub(crate) marks: Watermarks,
+    pub(crate) rows: Vec<ChangeEvent>,
+}
+
+/// Reads the rows with these keys (canonical row-key JSON) between watermarks.
+pub(crate) async fn read_keys(
+    conn: &mut PgConnection,
+    src: &SourceConfig,
+    reader: &TableReader,
+    keys: &[String],
+) -> anyhow::Result<Read> {
+    read_where(
+        conn,
+        src,
+        reader,
+        &format!("{} = any($1::text[]::jsonb[])", reader.key_expr()),
+        keys.to_vec(),
+    )
+    .await
+}
+
+async fn read_where<T>(
+    conn: &mut PgConnection,
+    src: &SourceConfig,
+    reader: &TableReader,
+    filter: &str,
+    arg: T,
+) -> anyhow::Result<Read>
+where
+    T: for<'q> sqlx::Encode<'q, sqlx::Postgres> + sqlx::Type<sqlx::Postgres> + Send,
+{
+    let low = wal_position(conn, src).await?;
+    let taken_at = chrono::Utc::now();
+    let mut tx = conn
+        .begin_with("begin isolation level repeatable read, read only")
+        .await
+        .map_err(query_err(src, "begin a reconciliation read"))?;
+    let (xmax, xip) = take_snapshot(&mut tx, src).await?;
+    let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+        "{} where {filter}",
+        reader.select()
+    )))
+    .bind(arg)
+    .fetch_all(&mut *tx)
+    .await
+    .map_err(query_err(src, "read rows to compare"))?;
+    tx.commit()
+        .await
+        .map_err(query_err(src, "end a reconciliation read"))?;
+    let high = wal_position(conn, src).await?;
+    let mut events = Vec::with_capacity(rows.len());
+    for (i, r) in rows.iter().enumerate() {
+        events.push(
+            reader
+                .event(r, high, READ_SEQ_BASE + i as u64, taken_at)
+                .map_err(query_err(src, "decode a row"))?,
+        );
+    }
+    Ok(Read {
+        marks: Watermarks {
+            low,
+            high,
+            xmax,
+            xip,
+            taken_at,
+        },
+        rows: events,
+    })
+}
+
+struct Compared {
+    drifts: Vec<Drift>,
+    /// Rows still changing (row keys).
+    unsettled: Vec<String>,
+}
+
+/// What a source row should look like in the store.
+enum Expected {
+    Row(Box<Contribution>),
+    Unmappable,
+}
+
+async fn compare(
+    store: &Store,
+    mapper: &Mapper,
+    src: &SourceConfig,
+    t: &TableConfig,
+    store_key_hash: &str,
+    scope: Scope<'_>,
+    read: &Read,
+) -> anyhow::Result<Compared> {
+    let mut out = Compared {
+        drifts: Vec::new(),
+        unsettled: Vec::new(),
+    };
+    let Some(mapping) = mapper.table(&src.name, &t.qualified) else {
+        return Ok(out);
+    };
+    let mut expected: BTreeMap<String, Expected> = BTreeMap::new();
+    for e in &read.rows {
+        let exp = match mapping.contribution(e, None) {
+            Ok(c) => Expected::Row(Box::new(c)),
+            Err(_) => Expected::Unmappable,
+        };
+        expected.insert(e.row_key(), exp);
+    }
+    let mut tx = store
+        .pool()
+        .begin_with("begin isolation level repeatable read, read only")
+        .await?;
+    let (filter, buckets, keys): (String, &[i64], &[String]) = match scope {
+        Scope::Buckets(b) => (format!("{store_key_hash} = any($3)"), b, &[]),
+        Scope::Keys(k) => ("row_key = any($4)".to_owned(), &[], k),
+    };
+    let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+        "select {CONTRIBUTION_COLUMNS} from contributions c where c.source = $1 and c.table_name = $2 and {}",
+        filter.replace("row_key", "c.row_key")
+    )))
+    .bind(&src.name)
+    .bind(&t.qualified)
+    .bind(buckets)
+    .bind(keys)
+    .fetch_all(&mut *tx)
+    .await?;
+    let changed = changed_during(&mut tx, &src.name, &t.qualified, &read.marks).await?;
+    tx.commit().await?;
+    let mut stored: BTreeMap<String, Contribution> = BTreeMap::new();
+    for r in &rows {
+        let c = row_of(r)?;
+        stored.insert(c.row.row_key.clone(), c);
+    }
+    let in_scope: BTreeSet<&String> = expected
+        .keys()
+        .chain(stored.iter().filter(|(_, c)| !c.deleted).map(|(k, _)| k))
+        .filter(|k| match scope {
+            Scope::Keys(ks) => ks.contains(k),
+            Scope::Buckets(_) => true,
+        })
+        .collect();
+    for key in in_scope {
+        let exp = expected.get(key);
+        let act = stored.get(key).filter(|c| !c.deleted);
+        let same = match (exp, act) {
+            (Some(Expected::Unmappable), _) => true, // a dead letter, reported there
+            (Some(Expected::Row(e)), Some(a)) => same_image(e, a, t.updated_at.is_some()),
+            (None, None) => true,
+            _ => false,
+        };
+        if same {
+            continue;
+        }
+        let in_flight = changed.as_ref().is_none_or(|c| c.contains(key))
+            || stored.get(key).is_some_and(|c| c.lsn > read.marks.high);
+        if in_flight {
+            out.unsettled.push(key.clone());
+            continue;
+        }
+        let e = match exp {
+            Some(Expected::Row(e)) => Some(e.as_ref()),
+            _ => None,
+        };
+        let profile_id = act.and_then(|a| a.profile_id);
+        out.drifts.push(Drift {
+            profile_id,
+            field: format!("row {}/{} {key}", src.name, t.qualified),
+            expected: e.map(image_json),
+            actual: act.map(image_json),
+            kind: match (e, act) {
+                (Some(_), None) => DriftKind::Missing,
+                (None, Some(_)) => DriftKind::Extra,
+                _ => DriftKind::Mismatch,
+            },
+            fix: Fix::Row {
+                source: src.name.clone(),
+                table: t.qualified.clone(),
+                row_key: key.clone(),
+            },
+        });
+    }
+    Ok(out)
+}
+
+/// Do a mapped source row and a stored contribution say the same?
+fn same_image(e: &Contribution, a: &Contribution, freshness_from_row: bool) -> bool {
+    let mut ei = e.identities.clone();
+    let mut ai = a.identities.clone();
+    ei.sort();
+    ai.sort();
+    ei == ai
+        && e.fields == a.fields
+        && e.aggs == a.aggs
+        && e.version == a.version
+        && (!freshness_from_row || e.freshness == a.freshness)
+}
+
+/// What reports show of a row's word.
+fn image_json(c: &Contribution) -> Value {
+    json!({
+        "identities": c.identities,
+        "fields": c.fields,
+        "aggs": c.aggs,
+        "version": c.version,
+    })
+}
+
+/// Compares the rows with these keys again (after a repair): the drifts left
+/// and the rows still changing.
+pub(crate) async fn verify_keys(
+    store: &Store,
+    mapper: &Mapper,
+    src: &SourceConfig,
+    t: &TableConfig,
+    conn: &mut PgConnection,
+    keys: &[String],
+    wait: Duration,
+) -> anyhow::Result<(Vec<Drift>, Vec<String>)> {
+    let reader = TableReader::load(conn, src, t).await?;
+    let read = read_keys(conn, src, &reader, keys).await?;
+    wait_until_applied(store, src, read.marks.high, wait).await?;
+    let cmp = compare(store, mapper, src, t, "", Scope::Keys(keys), &read).await?;
+    Ok((cmp.drifts, cmp.unsettled))
+}

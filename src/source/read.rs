@@ -1,0 +1,307 @@
+//! Reading a source table the way the stream sees it, and the watermarks that
+//! place such a read in the stream's order.
+//!
+//! Rows are read as text and converted with the stream's own function under
+//! the stream's session settings (UTC, ISO dates), so a row read here and the
+//! same row streamed produce identical values and row keys. The same module
+//! builds the SQL expressions that compute, on the source, the key and the
+//! digest image of a row exactly as the store records them, which lets
+//! reconciliation compare hashes per key bucket without moving rows.
+//!
+//! A read is placed in the stream with two watermarks (after DBLog): the WAL
+//! position before it (`low`), the read's MVCC snapshot, and the WAL position
+//! after it (`high`). Once the store has applied everything up to `high`, a row
+//! read here is the row's latest word as of `high`, except for rows that a
+//! transaction the read could not see also changed: those changes are in the
+//! event log either between the watermarks or under one of the snapshot's
+//! in-progress transaction ids, and the streamed change wins.
+
+use chrono::{DateTime, Utc};
+use serde_json::{Map, Value};
+use sqlx::{PgConnection, Row};
+
+use super::{query_err, quote_ident, quote_literal, SourceConfig, SourceError};
+use crate::config::TableConfig;
+use crate::event::{ChangeEvent, Lsn, Op};
+use crate::pgoutput::value::{oid, text_to_json};
+
+/// Rows read outside the stream carry positions from here on inside their
+/// watermark, so that they never share an identity with a streamed change.
+pub const READ_SEQ_BASE: u64 = 1 << 40;
+
+/// One column of a source table.
+#[derive(Debug, Clone)]
+pub struct Column {
+    /// Column name.
+    pub name: String,
+    /// Type OID (for the text → JSON conversion).
+    pub type_oid: u32,
+    /// SQL type name (for casting a bound value back).
+    pub type_name: String,
+    /// Part of the replica identity (the row key).
+    pub key: bool,
+}
+
+/// A source table ready to be read.
+#[derive(Debug, Clone)]
+pub struct TableReader {
+    source: String,
+    table: TableConfig,
+    /// Its columns, in table order.
+    pub columns: Vec<Column>,
+}
+
+/// Sets the session up like the stream's: UTC, ISO dates, exact floats.
+pub async fn prepare_session(
+    conn: &mut PgConnection,
+    src: &SourceConfig,
+) -> Result<(), SourceError> {
+    sqlx::raw_sql("set timezone = 'UTC'; set datestyle = 'ISO, YMD'; set extra_float_digits = 3; set intervalstyle = 'iso_8601'")
+        .execute(conn)
+        .await
+        .map_err(query_err(src, "set session"))?;
+    Ok(())
+}
+
+impl TableReader {
+    /// Reads the table's columns and key from the catalog.
+    pub async fn load(
+        conn: &mut PgConnection,
+        src: &SourceConfig,
+        t: &TableConfig,
+    ) -> Result<TableReader, SourceError> {
+        // Key columns are those of the replica identity, exactly as pgoutput flags them.
+        let rows = sqlx::query(
+            "select a.attname::text as name, a.atttypid::bigint as type_oid,
+                    format_type(a.atttypid, a.atttypmod) as type_name,
+                    case c.relreplident
+                      when 'f' then true
+                      when 'i' then exists (select 1 from pg_index i where i.indrelid = c.oid and i.indisreplident and a.attnum = any(i.indkey))
+                      else exists (select 1 from pg_index i where i.indrelid = c.oid and i.indisprimary and a.attnum = any(i.indkey))
+                    end as key
+               from pg_attribute a
+               join pg_class c on c.oid = a.attrelid
+               join pg_namespace n on n.oid = c.relnamespace
+              where n.nspname = $1 and c.relname = $2 and a.attnum > 0 and not a.attisdropped
+              order by a.attnum",
+        )
+        .bind(&t.schema)
+        .bind(&t.name)
+        .fetch_all(&mut *conn)
+        .await
+        .map_err(query_err(src, "read table columns"))?;
+        let columns = rows
+            .iter()
+            .map(|r| Column {
+                name: r.get("name"),
+                type_oid: u32::try_from(r.get::<i64, _>("type_oid")).unwrap_or(25),
+                type_name: r.get("type_name"),
+                key: r.get("key"),
+            })
+            .collect();
+        Ok(TableReader {
+            source: src.name.clone(),
+            table: t.clone(),
+            columns,
+        })
+    }
+
+    /// `"schema"."table"`.
+    pub fn relation(&self) -> String {
+        format!(
+            "{}.{}",
+            quote_ident(&self.table.schema),
+            quote_ident(&self.table.name)
+        )
+    }
+
+    /// `select <every column as text> from <table>`, to be followed by a filter.
+    pub fn select(&self) -> String {
+        let cols = self
+            .columns
+            .iter()
+            .map(|c| format!("{}::text", quote_ident(&c.name)))
+            .collect::<Vec<_>>()
+            .join(", ");
+        format!("select {cols} from {}", self.relation())
+    }
+
+    /// SQL for the row key as jsonb, equal in value to the store's `row_key::jsonb`.
+    pub fn key_expr(&self) -> String {
+        object_expr(
+            self.columns
+                .iter()
+                .filter(|c| c.key)
+                .map(|c| (c.name.as_str(), json_expr(&c.name, c.type_oid))),
+        )
+    }
+
+    /// SQL for the digest of the row's mapped columns, equal to the store's
+    /// `contributions.digest` when the store holds this image.
+    pub fn digest_expr(&self) -> String {
+        let image = object_expr(self.table.mapped_columns().into_iter().map(|name| {
+            let expr = self.columns.iter().find(|c| c.name == name).map_or_else(
+                || "null::jsonb".to_owned(),
+                |c| json_expr(&c.name, c.type_oid),
+            );
+            (name, expr)
+        }));
+        format!("jsonb_hash_extended({image}, 0)")
+    }
+
+    /// One row of [`TableReader::select`] as a snapshot event at `at_lsn`.
+    pub fn event(
+        &self,
+        r: &sqlx::postgres::PgRow,
+        at_lsn: Lsn,
+        seq: u64,
+        at: DateTime<Utc>,
+    ) -> Result<ChangeEvent, sqlx::Error> {
+        let mut key = Map::new();
+        let mut row = Map::new();
+        for (i, c) in self.columns.iter().enumerate() {
+            let v = r.try_get::<Option<String>, _>(i)?;
+            let json = v.map_or(Value::Null, |text| text_to_json(c.type_oid, &text));
+            if c.key {
+                key.insert(c.name.clone(), json.clone());
+            }
+            row.insert(c.name.clone(), json);
+        }
+        Ok(ChangeEvent {
+            source: self.source.clone(),
+            table: self.table.qualified.clone(),
+            op: Op::Snapshot,
+            key,
+            row,
+            unchanged: Vec::new(),
+            lsn: at_lsn,
+            commit_lsn: at_lsn,
+            seq,
+            xid: 0,
+            commit_time: at,
+        })
+    }
+}
+
+/// `jsonb_build_object` over (name, expression) pairs, in groups under the
+/// function's argument limit.
+fn object_expr<'a>(pairs: impl Iterator<Item = (&'a str, String)>) -> String {
+    let pairs: Vec<String> = pairs
+        .map(|(name, expr)| format!("{}, {expr}", quote_literal(name)))
+        .collect();
+    if pairs.is_empty() {
+        return "'{}'::jsonb".to_owned();
+    }
+    pairs
+        .chunks(40)
+        .map(|c| format!("jsonb_build_object({})", c.join(", ")))
+        .collect::<Vec<_>>()
+        .join(" || ")
+}
+
+/// SQL giving the jsonb value that [`text_to_json`] makes of the column's text.
+/// Where the two could differ (exotic values), the digests differ and the row
+/// is compared in full: a false alarm costs a read, never a missed drift.
+fn json_expr(name: &str, type_oid: u32) -> String {
+    let c = quote_ident(name);
+    match type_oid {
+        oid::BOOL
+        | oid::INT2
+        | oid::INT4
+        | oid::INT8
+        | oid::FLOAT4
+        | oid::FLOAT8
+        | oid::NUMERIC => {
+            format!("to_jsonb({c})")
+        }
+        oid::OID => format!("to_jsonb({c}::bigint)"),
+        oid::JSON => format!("{c}::jsonb"),
+        oid::JSONB => c,
+        oid::TIMESTAMPTZ => format!(
+            "to_jsonb(to_char({c} at time zone 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'))"
+        ),
+        oid::TIMESTAMP => format!("to_jsonb(to_char({c}, 'YYYY-MM-DD\"T\"HH24:MI:SS.US'))"),
+        _ => format!("to_jsonb({c}::text)"),
+    }
+}
+
+/// Where a read outside the stream sits in the stream.
+#[derive(Debug, Clone)]
+pub struct Watermarks {
+    /// WAL insert position before the read.
+    pub low: Lsn,
+    /// WAL insert position after the read.
+    pub high: Lsn,
+    /// Transaction ids the read could not see: those at or above `xmax`…
+    pub xmax: u64,
+    /// …and those in progress when it started.
+    pub xip: Vec<u64>,
+    /// When the read started.
+    pub taken_at: DateTime<Utc>,
+}
+
+impl Watermarks {
+    /// The in-progress transaction ids as the stream reports them (32 bits).
+    pub fn xip32(&self) -> Vec<i64> {
+        self.xip
+            .iter()
+            .map(|x| i64::try_from(x & 0xFFFF_FFFF).unwrap_or(0))
+            .collect()
+    }
+}
+
+/// The current WAL insert position.
+pub async fn wal_position(conn: &mut PgConnection, src: &SourceConfig) -> Result<Lsn, SourceError> {
+    let lsn: String = sqlx::query_scalar("select pg_current_wal_lsn()::text")
+        .fetch_one(conn)
+        .await
+        .map_err(query_err(src, "read the WAL position"))?;
+    Ok(lsn.parse().unwrap_or_default())
+}
+
+/// Run first inside a repeatable-read transaction: takes its snapshot and
+/// returns `(xmax, xip)`.
+pub async fn take_snapshot(
+    conn: &mut PgConnection,
+    src: &SourceConfig,
+) -> Result<(u64, Vec<u64>), SourceError> {
+    let snap: String = sqlx::query_scalar("select pg_current_snapshot()::text")
+        .fetch_one(conn)
+        .await
+        .map_err(query_err(src, "take a snapshot"))?;
+    Ok(parse_snapshot(&snap))
+}
+
+/// `xmin:xmax:xip,...` → `(xmax, xip)`.
+fn parse_snapshot(s: &str) -> (u64, Vec<u64>) {
+    let mut parts = s.split(':');
+    let _xmin = parts.next();
+    let xmax = parts
+        .next()
+        .and_then(|x| x.parse().ok())
+        .unwrap_or(u64::MAX);
+    let xip = parts
+        .next()
+        .map(|l| l.split(',').filter_map(|x| x.parse().ok()).collect())
+        .unwrap_or_default();
+    (xmax, xip)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn snapshots_parse() {
+        assert_eq!(parse_snapshot("10:20:"), (20, vec![]));
+        assert_eq!(parse_snapshot("10:20:11,15"), (20, vec![11, 15]));
+    }
+
+    #[test]
+    fn wide_images_stay_under_the_argument_limit() {
+        let names: Vec<String> = (0..95).map(|i| format!("c{i}")).collect();
+        let e = object_expr(names.iter().map(|n| (n.as_str(), "1".to_owned())));
+        assert_eq!(e.matches("jsonb_build_object(").count(), 3);
+        assert!(e.contains(" || "));
+    }
+}

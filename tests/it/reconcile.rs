@@ -1,0 +1,372 @@
+//! `reconcile`, `report` and `snapshot --table`: a store corrupted behind the
+//! daemon's back is reported with exactly those drifts and repaired; a healthy
+//! store under a live workload reports none; a field added to the config is
+//! filled by a re-snapshot while changes keep flowing.
+
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use sqlx::Connection;
+use tributary::cluster::Cluster;
+
+use crate::faults::{expected_aggregates, stored_aggregates, Workload};
+use crate::harness::*;
+
+fn json_of(out: &std::process::Output) -> Value {
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", text(out)))
+}
+
+/// Runs `reconcile` with `args`; returns (exit code, report).
+fn reconcile(cfg: &std::path::Path, args: &[&str]) -> (Option<i32>, Value) {
+    let mut all = vec!["--json", "reconcile", "--wait-secs", "60"];
+    all.extend_from_slice(args);
+    let out = run_cmd(cfg, &all);
+    (out.status.code(), json_of(&out))
+}
+
+/// The drifts of a report as (profile, field, kind), sorted.
+fn drift_set(r: &Value) -> BTreeSet<(i64, String, String)> {
+    r["drifts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| {
+            (
+                d["profile_id"].as_i64().unwrap_or(-1),
+                d["field"].as_str().unwrap().to_owned(),
+                d["kind"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect()
+}
+
+/// A workload applied and caught up, with the daemon left running.
+async fn settled(
+    tag: &str,
+    changes: usize,
+) -> (Cluster, String, String, String, ConfigFile, Daemon) {
+    let pg = cluster();
+    let (crm, shop, sink) = two_sources(&pg).await;
+    exec(&crm, "insert into contacts (id, email, first_name, last_name) select g, 'u' || g || '@x.com', 'Pre' || g, 'Last' || g from generate_series(1001, 1100) g").await;
+    let cfg = write_config(&pipeline_config(&crm, &shop, &sink, tag));
+    let daemon = Daemon::start(&cfg);
+    wait_snapshots(&sink, 2).await;
+    let mut w = Workload::default();
+    w.run(&crm, &shop, changes, 7, |_| {}).await;
+    wait_until("caught up", Duration::from_secs(90), || async {
+        expected_aggregates(&shop, &sink).await == stored_aggregates(&sink).await
+            && scalar::<i64>(
+                &sink,
+                "select count(*) from tributary.events where op <> 'snapshot'",
+            )
+            .await
+                == w.changes.values().sum::<i64>()
+    })
+    .await;
+    (pg, crm, shop, sink, cfg, daemon)
+}
+
+async fn pick(sink: &str, sql: &str) -> i64 {
+    scalar::<Option<i64>>(sink, sql)
+        .await
+        .unwrap_or_else(|| panic!("nothing to pick: {sql}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_corrupted_store_is_reported_exactly_and_repaired() {
+    let (_pg, crm, shop, sink, cfg, daemon) = settled("rc", 1500).await;
+    let source_rows: i64 = scalar::<i64>(&crm, "select count(*) from contacts").await
+        + scalar::<i64>(
+            &shop,
+            "select (select count(*) from accounts) + (select count(*) from orders)",
+        )
+        .await;
+
+    // A healthy store: zero drift, exit 0, every source row covered.
+    let (code, r) = reconcile(&cfg, &[]);
+    assert_eq!(code, Some(0), "{r}");
+    assert_eq!(r["drift_count"], json!(0), "{r}");
+    assert_eq!(r["status"], json!("clean"), "{r}");
+    assert_eq!(r["rows_checked"].as_i64().unwrap(), source_rows, "{r}");
+    assert!(r["profiles_checked"].as_i64().unwrap() > 100, "{r}");
+    assert!(
+        r["as_of"]["crm"].is_string() && r["as_of"]["shop"].is_string(),
+        "{r}"
+    );
+
+    // Four kinds of damage behind the daemon's back, to four different profiles.
+    let live = "from tributary.profiles p where merged_into is null
+                  and exists (select 1 from tributary.contributions c where c.profile_id = p.profile_id and not c.deleted)";
+    let a = pick(
+        &sink,
+        &format!("select min(profile_id) {live} and traits ? 'first_name'"),
+    )
+    .await;
+    let b = pick(
+        &sink,
+        &format!("select min(profile_id) {live} and profile_id <> {a}"),
+    )
+    .await;
+    let (c, email): (i64, String) = {
+        let mut conn = sqlx::PgConnection::connect(&sink).await.unwrap();
+        sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "select c.profile_id, e ->> 1 from tributary.contributions c, jsonb_array_elements(c.identities) e
+              where not c.deleted and e ->> 0 = 'email' and c.profile_id not in ({a}, {b})
+              order by c.profile_id limit 1"
+        )))
+        .fetch_one(&mut conn)
+        .await
+        .unwrap()
+    };
+    let d = pick(
+        &sink,
+        &format!("select min(profile_id) {live} and profile_id not in ({a}, {b}, {c})"),
+    )
+    .await;
+    let e = pick(&sink, &format!("select min(profile_id) {live} and profile_id not in ({a}, {b}, {c}, {d}) and traits ? 'order_count'")).await;
+    exec(&sink, &format!("
+        update tributary.profiles set traits = traits || '{{\"first_name\": \"Mallory\"}}' where profile_id = {a};
+        delete from tributary.profiles where profile_id = {b};
+        update tributary.identities set profile_id = {d} where kind = 'email' and value = '{email}';
+        update tributary.profiles set traits = jsonb_set(traits, '{{order_count}}', to_jsonb((traits ->> 'order_count')::int + 1)),
+               agg_state = jsonb_set(agg_state, '{{order_count,n}}', to_jsonb((agg_state -> 'order_count' ->> 'n')::int + 1))
+         where profile_id = {e};")).await;
+
+    let (code, r) = reconcile(&cfg, &[]);
+    assert_eq!(code, Some(1), "{r}");
+    let want: BTreeSet<(i64, String, String)> = [
+        (a, "first_name".to_owned(), "mismatch".to_owned()),
+        (b, "profile".to_owned(), "missing".to_owned()),
+        (c, format!("identity.email:{email}"), "mismatch".to_owned()),
+        (e, "order_count".to_owned(), "mismatch".to_owned()),
+    ]
+    .into();
+    assert_eq!(drift_set(&r), want, "{r}");
+    assert_eq!(r["status"], json!("drift"), "{r}");
+    let run_id = r["run_id"].as_i64().unwrap();
+
+    // The report shows the run field by field, with expected and actual values.
+    let out = run_cmd(&cfg, &["--json", "report", "latest"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let rep = json_of(&out);
+    assert_eq!(rep["run_id"], json!(run_id), "{rep}");
+    assert_eq!(rep["drift_count"], json!(4), "{rep}");
+    let first = rep["drift"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|x| x["field"] == json!("first_name"))
+        .expect("first_name drift");
+    assert_eq!(first["actual"], json!("Mallory"), "{rep}");
+    assert_ne!(first["expected"], json!("Mallory"), "{rep}");
+    let ident = rep["drift"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|x| x["field"].as_str().unwrap().starts_with("identity."))
+        .unwrap();
+    assert_eq!(
+        (ident["expected"].clone(), ident["actual"].clone()),
+        (json!(c), json!(d)),
+        "{rep}"
+    );
+    let out = run_cmd(&cfg, &["report"]);
+    assert!(text(&out).contains(&format!("{run_id}")), "{}", text(&out));
+    let out = run_cmd(&cfg, &["report", &run_id.to_string()]);
+    assert!(text(&out).contains("Mallory"), "{}", text(&out));
+
+    // --repair fixes them (exit 0: nothing left unrepaired); the next run is clean.
+    let (code, r) = reconcile(&cfg, &["--repair"]);
+    assert_eq!(code, Some(0), "{r}");
+    assert_eq!(
+        (r["drift_count"].clone(), r["repaired_count"].clone()),
+        (json!(4), json!(4)),
+        "{r}"
+    );
+    assert_eq!(r["status"], json!("repaired"), "{r}");
+    let (code, r) = reconcile(&cfg, &[]);
+    assert_eq!((code, r["drift_count"].clone()), (Some(0), json!(0)), "{r}");
+    let owner: i64 = scalar(&sink, &format!("select profile_id from tributary.identities where kind = 'email' and value = '{email}'")).await;
+    assert_eq!(owner, c);
+
+    // A change the store missed (its stored image of a row is not the source's)
+    // and a row it lost: both found row by row, and repaired from the source.
+    let contact: i64 = pick(&sink, "select min((row_key::jsonb ->> 'id')::bigint) from tributary.contributions where table_name = 'public.contacts' and not deleted and fields ? 'last_name'").await;
+    let order: i64 = pick(&sink, "select min((row_key::jsonb ->> 'id')::bigint) from tributary.contributions where table_name = 'public.orders' and not deleted").await;
+    exec(&sink, &format!("
+        update tributary.contributions set fields = fields || '{{\"last_name\": \"Stale\"}}', digest = digest + 1
+         where table_name = 'public.contacts' and row_key = '{{\"id\":{contact}}}';
+        delete from tributary.contributions where table_name = 'public.orders' and row_key = '{{\"id\":{order}}}';")).await;
+    let (code, r) = reconcile(&cfg, &[]);
+    assert_eq!(code, Some(1), "{r}");
+    let fields: BTreeSet<String> = drift_set(&r).into_iter().map(|(_, f, _)| f).collect();
+    assert!(
+        fields.contains(&format!("row crm/public.contacts {{\"id\":{contact}}}")),
+        "{r}"
+    );
+    assert!(
+        fields.contains(&format!("row shop/public.orders {{\"id\":{order}}}")),
+        "{r}"
+    );
+    let (code, r) = reconcile(&cfg, &["--repair"]);
+    assert_eq!(code, Some(0), "{r}");
+    let (code, r) = reconcile(&cfg, &[]);
+    assert_eq!((code, r["drift_count"].clone()), (Some(0), json!(0)), "{r}");
+    assert_eq!(
+        expected_aggregates(&shop, &sink).await,
+        stored_aggregates(&sink).await
+    );
+    assert_eq!(daemon.stop(), Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconcile_during_a_live_workload_reports_no_drift() {
+    let (_pg, crm, shop, sink, cfg, daemon) = settled("rl", 0).await;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (c2, s2, halt) = (crm.clone(), shop.clone(), stop.clone());
+    let writer = tokio::spawn(async move {
+        let mut w = Workload::default();
+        let mut seed = 99;
+        while !halt.load(std::sync::atomic::Ordering::Relaxed) {
+            w.run(&c2, &s2, 200, seed, |_| {}).await;
+            seed += 1;
+        }
+        w
+    });
+    // Several runs while the writers never pause: rows change under every pass.
+    for _ in 0..4 {
+        let p: PathBuf = cfg.to_path_buf();
+        let (code, r) = tokio::task::spawn_blocking(move || reconcile(&p, &[]))
+            .await
+            .unwrap();
+        assert_eq!(
+            (code, r["drift_count"].clone()),
+            (Some(0), json!(0)),
+            "drift under a live workload: {r}"
+        );
+        assert!(r["rows_checked"].as_i64().unwrap() > 0, "{r}");
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let w = writer.await.unwrap();
+    assert!(
+        w.changes.values().sum::<i64>() > 1000,
+        "the workload hardly ran"
+    );
+    // Quiet again, the store is exact.
+    wait_until("caught up", Duration::from_secs(60), || async {
+        expected_aggregates(&shop, &sink).await == stored_aggregates(&sink).await
+    })
+    .await;
+    let (code, r) = reconcile(&cfg, &[]);
+    assert_eq!(
+        (code, r["drift_count"].clone(), r["unverified"].clone()),
+        (Some(0), json!(0), json!(0)),
+        "{r}"
+    );
+    assert_eq!(daemon.stop(), Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_field_is_filled_by_a_table_snapshot_while_changes_flow() {
+    let pg = cluster();
+    let (crm, shop, sink) = two_sources(&pg).await;
+    exec(&crm, "alter table contacts add column city text;
+                insert into contacts (id, email, first_name, city) select g, 'u' || g || '@x.com', 'Pre' || g, 'City' || g from generate_series(1001, 3000) g").await;
+    let base = pipeline_config(&crm, &shop, &sink, "nf");
+    let cfg = write_config(&base);
+    let daemon = Daemon::start(&cfg);
+    wait_snapshots(&sink, 2).await;
+    wait_until("snapshot applied", Duration::from_secs(60), || async {
+        scalar::<i64>(
+            &sink,
+            "select count(*) from tributary.contributions where table_name = 'public.contacts'",
+        )
+        .await
+            == 2000
+    })
+    .await;
+    assert_eq!(daemon.stop(), Some(0));
+
+    // The new field, and the daemon restarted with it; changes keep flowing.
+    let with_city = base.replace("bio = \"bio\" }", "bio = \"bio\", city = \"city\" }");
+    assert_ne!(with_city, base);
+    let cfg = write_config(&with_city);
+    let daemon = Daemon::start(&cfg);
+    let (c2, s2) = (crm.clone(), shop.clone());
+    let writer = tokio::spawn(async move {
+        let mut w = Workload::default();
+        w.run(&c2, &s2, 3000, 5, |_| {}).await;
+    });
+    // Also change cities while the snapshot runs: the streamed change must win.
+    let c3 = crm.clone();
+    let mover = tokio::spawn(async move {
+        for i in 0..200 {
+            let id = 1001 + (i * 7) % 2000;
+            exec(&c3, &format!("update contacts set city = 'Moved{i}', row_version = row_version + 1 where id = {id}")).await;
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    });
+    // Before the snapshot, reconciliation sees the field missing.
+    let p = cfg.to_path_buf();
+    let (code, r) = tokio::task::spawn_blocking(move || reconcile(&p, &["--sample", "200"]))
+        .await
+        .unwrap();
+    assert_eq!(code, Some(1), "{r}");
+
+    let p = cfg.to_path_buf();
+    let out = tokio::task::spawn_blocking(move || {
+        run_cmd(
+            &p,
+            &[
+                "--json",
+                "snapshot",
+                "--source",
+                "crm",
+                "--table",
+                "public.contacts",
+            ],
+        )
+    })
+    .await
+    .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let snap = json_of(&out);
+    assert!(snap[0]["rows"].as_i64().unwrap() >= 2000, "{snap}");
+    writer.await.unwrap();
+    mover.await.unwrap();
+
+    // Every contact's city is in its profile, the latest one where it moved.
+    wait_until("cities", Duration::from_secs(60), || async {
+        let want: Vec<(String, Option<String>)> = {
+            let mut conn = sqlx::PgConnection::connect(&crm).await.unwrap();
+            sqlx::query_as("select lower(email), city from contacts where id between 1001 and 3000 and email is not null order by 1")
+                .fetch_all(&mut conn)
+                .await
+                .unwrap()
+        };
+        let mut ok = true;
+        for (email, city) in want.iter().step_by(37) {
+            let t = traits_of(&sink, "email", email).await;
+            ok &= t.is_some();
+            if let Some(t) = t {
+                ok &= t.get("city") == city.as_ref().map(|c| json!(c)).as_ref();
+            }
+        }
+        ok
+    })
+    .await;
+    let with: i64 = scalar(
+        &sink,
+        "select count(*) from tributary.profiles where merged_into is null and traits ? 'city'",
+    )
+    .await;
+    assert!(with >= 1500, "only {with} profiles have a city");
+    let p = cfg.to_path_buf();
+    let (code, r) = tokio::task::spawn_blocking(move || reconcile(&p, &[]))
+        .await
+        .unwrap();
+    assert_eq!((code, r["drift_count"].clone()), (Some(0), json!(0)), "{r}");
+    assert_eq!(daemon.stop(), Some(0));
+}
