@@ -250,9 +250,10 @@ impl Watermarks {
     }
 }
 
-/// The current WAL insert position.
+/// The current WAL insert position (not the write position, which lags behind
+/// commits when `synchronous_commit` is off).
 pub async fn wal_position(conn: &mut PgConnection, src: &SourceConfig) -> Result<Lsn, SourceError> {
-    let lsn: String = sqlx::query_scalar("select pg_current_wal_lsn()::text")
+    let lsn: String = sqlx::query_scalar("select pg_current_wal_insert_lsn()::text")
         .fetch_one(conn)
         .await
         .map_err(query_err(src, "read the WAL position"))?;

@@ -1,6 +1,7 @@
 //! `forget --identity`: the person's profile, identities, provenance, rows and
 //! logged events are gone, and neither a late change of the source row, a
-//! replay, a rebuild nor a re-snapshot brings them back.
+//! replay, a rebuild, a re-snapshot from scratch nor `tributary snapshot`
+//! brings them back.
 
 use std::time::Duration;
 
@@ -106,6 +107,15 @@ async fn a_forgotten_person_never_comes_back() {
     )
     .await;
     ann_gone(&sink).await;
+    // And `tributary snapshot` of both sources while the daemon streams.
+    for src in ["crm", "shop"] {
+        let out = run_cmd(&cfg, &["--json", "snapshot", "--source", src]);
+        assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+        let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert!(r[0]["rows"].as_u64().unwrap() >= 1, "{r}");
+    }
+    ann_gone(&sink).await;
+    assert!(traits_of(&sink, "email", "bob@example.com").await.is_some());
     assert_eq!(daemon.stop(), Some(0));
 
     let out = run_cmd(&cfg, &["forget", "--identity", "no-equals-sign"]);
