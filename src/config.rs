@@ -113,6 +113,17 @@ struct RawConfig {
     metrics: Option<RawMetrics>,
     #[serde(default)]
     merge: RawMerge,
+    #[serde(default)]
+    reconcile: RawReconcile,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawReconcile {
+    interval_s: Option<u64>,
+    repair: Option<bool>,
+    sample: Option<u64>,
+    wait_s: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -218,6 +229,21 @@ pub struct Config {
     pub metrics: Option<MetricsConfig>,
     /// Identity-merge guard rails.
     pub merge: MergeConfig,
+    /// The daemon's scheduled reconciliation.
+    pub reconcile: ReconcileConfig,
+}
+
+/// `[reconcile]`: reconciliation inside the daemon.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReconcileConfig {
+    /// Seconds between runs (None: no scheduled runs).
+    pub interval_s: Option<u64>,
+    /// Repair what drifted.
+    pub repair: bool,
+    /// Check only about this many rows per table (and their profiles).
+    pub sample: Option<u64>,
+    /// Seconds to wait for the stream to pass a run's anchor.
+    pub wait_s: u64,
 }
 
 /// `[merge]`.
@@ -635,6 +661,24 @@ fn validate(raw: RawConfig, path: &Path) -> Result<Config, ConfigError> {
                 })
         })
         .transpose()?;
+    if raw.reconcile.interval_s == Some(0) {
+        return Err(invalid(
+            "reconcile.interval_s".into(),
+            "0 is not an interval; remove the key to turn scheduled runs off".into(),
+        ));
+    }
+    if raw.reconcile.sample == Some(0) {
+        return Err(invalid(
+            "reconcile.sample".into(),
+            "0 rows would check nothing; remove the key to check every row".into(),
+        ));
+    }
+    let reconcile = ReconcileConfig {
+        interval_s: raw.reconcile.interval_s,
+        repair: raw.reconcile.repair.unwrap_or(false),
+        sample: raw.reconcile.sample,
+        wait_s: raw.reconcile.wait_s.unwrap_or(120),
+    };
     Ok(Config {
         path: path.to_owned(),
         sink,
@@ -654,6 +698,7 @@ fn validate(raw: RawConfig, path: &Path) -> Result<Config, ConfigError> {
         merge: MergeConfig {
             max_identities: raw.merge.max_identities,
         },
+        reconcile,
     })
 }
 
@@ -711,6 +756,16 @@ strategy = "priority"
         assert_eq!(c.normalize_of("email"), Normalize::Email);
         assert_eq!(c.normalize_of("crm_contact"), Normalize::Trim);
         assert_eq!(c.strategy_of("phone"), Strategy::Priority);
+        assert_eq!(c.reconcile.interval_s, None);
+        assert_eq!(c.reconcile.wait_s, 120);
+        let c = parse(&format!(
+            "{GOOD}\n[reconcile]\ninterval_s = 3600\nrepair = true\n"
+        ))
+        .unwrap();
+        assert_eq!(
+            (c.reconcile.interval_s, c.reconcile.repair),
+            (Some(3600), true)
+        );
         assert_eq!(c.strategy_of("email"), Strategy::Freshest);
     }
 
@@ -768,6 +823,14 @@ strategy = "priority"
             (
                 GOOD.replace("sslmode=disable", "sslmode=sometimes"),
                 "verify-full",
+            ),
+            (
+                format!("{GOOD}\n[reconcile]\ninterval_s = 0\n"),
+                "reconcile.interval_s",
+            ),
+            (
+                format!("{GOOD}\n[reconcile]\nsample = 0\n"),
+                "reconcile.sample",
             ),
         ];
         for (text, needle) in cases {

@@ -41,7 +41,18 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
     let store = Store::connect(&cfg.sink).await?;
     store.migrate().await?;
     let mapper = Arc::new(Mapper::new(&cfg));
+    if let Some(m) = &cfg.metrics {
+        crate::metrics::install(m)?;
+    }
     let mut tasks = JoinSet::new();
+    if let Some(every) = cfg.reconcile.interval_s {
+        tokio::spawn(scheduled_reconcile(
+            cfg.clone(),
+            store.clone(),
+            Duration::from_secs(every),
+            shutdown.clone(),
+        ));
+    }
     if let Some(months) = cfg.sink.events_retention_months {
         // Once at start and then daily; a failure is logged and tried again tomorrow.
         let (store, shutdown) = (store.clone(), shutdown.clone());
@@ -510,6 +521,58 @@ impl SourceCtx {
             end,
             started: std::time::Instant::now(),
             task,
+        }
+    }
+}
+
+/// Reconciles every `every` (the first run one interval after start, when the
+/// initial snapshots are usually done). A failed run is logged and counted;
+/// the next one is tried on schedule.
+async fn scheduled_reconcile(
+    cfg: Config,
+    store: Store,
+    every: Duration,
+    shutdown: CancellationToken,
+) {
+    use crate::metrics as m;
+    let opts = crate::reconcile::Options {
+        source: None,
+        repair: cfg.reconcile.repair,
+        sample: cfg.reconcile.sample,
+        wait: Duration::from_secs(cfg.reconcile.wait_s),
+    };
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep(every) => {}
+            () = shutdown.cancelled() => return,
+        }
+        let started = Instant::now();
+        let run = tokio::select! {
+            r = crate::reconcile::reconcile(&cfg, &store, &opts) => r,
+            () = shutdown.cancelled() => return,
+        };
+        metrics::histogram!(m::RECONCILE_DURATION).record(started.elapsed().as_secs_f64());
+        match run {
+            Ok(r) => {
+                metrics::counter!(m::RECONCILE_RUNS, "status" => r.status.clone()).increment(1);
+                metrics::gauge!(m::RECONCILE_DRIFT).set(r.unrepaired() as f64);
+                metrics::gauge!(m::RECONCILE_DRIFT_FOUND).set(r.drift_count as f64);
+                metrics::gauge!(m::RECONCILE_ROWS).set(r.rows_checked as f64);
+                if r.unrepaired() > 0 {
+                    tracing::warn!(
+                        run_id = r.run_id,
+                        drift = r.unrepaired(),
+                        "reconciliation found drift; see `tributary report {}`",
+                        r.run_id
+                    );
+                } else {
+                    tracing::info!(run_id = r.run_id, status = %r.status, rows = r.rows_checked, "reconciliation done");
+                }
+            }
+            Err(e) => {
+                metrics::counter!(m::RECONCILE_RUNS, "status" => "failed").increment(1);
+                tracing::warn!(error = %format!("{e:#}"), "scheduled reconciliation failed; next try in one interval");
+            }
         }
     }
 }

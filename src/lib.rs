@@ -28,6 +28,7 @@ pub mod event;
 pub mod forget;
 pub mod identity;
 pub mod mapping;
+pub mod metrics;
 pub mod pgoutput;
 pub mod pgwire;
 pub mod reconcile;

@@ -475,3 +475,64 @@ async fn a_snapshot_read_never_overwrites_a_change_it_could_not_see() {
     .await;
     assert_eq!(daemon.stop(), Some(0));
 }
+
+/// `GET /metrics` from the daemon's endpoint.
+async fn scrape(addr: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let Ok(mut s) = tokio::net::TcpStream::connect(addr).await else {
+        return String::new();
+    };
+    s.write_all(
+        format!("GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut body = String::new();
+    s.read_to_string(&mut body).await.ok();
+    body
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_daemon_reconciles_on_a_schedule_and_exports_the_drift() {
+    let pg = cluster();
+    let (crm, shop, sink) = two_sources(&pg).await;
+    exec(&crm, "insert into contacts (id, email, first_name) select g, 'u' || g || '@x.com', 'Pre' || g from generate_series(1, 50) g").await;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let addr = format!("127.0.0.1:{port}");
+    let cfg = write_config(&format!(
+        "{}\n[reconcile]\ninterval_s = 1\n\n[metrics]\nlisten = \"{addr}\"\n",
+        pipeline_config(&crm, &shop, &sink, "sc")
+    ));
+    let daemon = Daemon::start(&cfg);
+    wait_snapshots(&sink, 2).await;
+    wait_until("a clean scheduled run", Duration::from_secs(60), || async {
+        scalar::<i64>(&sink, "select count(*) from tributary.reconcile_runs where status = 'clean' and rows_checked = 50")
+            .await
+            > 0
+            && scrape(&addr).await.contains("tributary_reconcile_drift 0")
+    })
+    .await;
+    let m = scrape(&addr).await;
+    assert!(
+        m.contains("tributary_reconcile_runs_total{status=\"clean\"}"),
+        "{m}"
+    );
+    assert!(m.contains("tributary_reconcile_duration_seconds"), "{m}");
+
+    exec(&sink, "update tributary.profiles set traits = traits || '{\"first_name\": \"Mallory\"}'
+                  where profile_id = (select min(profile_id) from tributary.profiles where merged_into is null)").await;
+    wait_until(
+        "the drift in the metric",
+        Duration::from_secs(60),
+        || async { scrape(&addr).await.contains("tributary_reconcile_drift 1") },
+    )
+    .await;
+    let drifted: i64 = scalar(&sink, "select count(*) from tributary.reconcile_drift d join tributary.reconcile_runs r using (run_id)
+                                       where r.status = 'drift' and d.field = 'first_name' and d.actual = '\"Mallory\"'").await;
+    assert!(drifted > 0);
+    assert_eq!(daemon.stop(), Some(0));
+}
