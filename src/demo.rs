@@ -200,6 +200,19 @@ pub async fn demo(duration: u64, keep: bool, json: bool) -> anyhow::Result<u8> {
     }
 
     let (checked, mismatched) = verify_aggregates(&shop, &mut sinkc).await?;
+    // The proof a user would run: reconcile the store against the sources.
+    let store = crate::store::Store::connect(&cfg.sink).await?;
+    let run = crate::reconcile::reconcile(
+        &cfg,
+        &store,
+        &crate::reconcile::Options {
+            source: None,
+            repair: false,
+            sample: None,
+            wait: Duration::from_secs(60),
+        },
+    )
+    .await?;
     let counts: (i64, i64, i64, i64, i64) = sqlx::query_as(
         "select (select count(*) from tributary.profiles where merged_into is null),
                 (select count(*) from tributary.profiles where merged_into is not null),
@@ -222,6 +235,7 @@ pub async fn demo(duration: u64, keep: bool, json: bool) -> anyhow::Result<u8> {
             "snapshot_seconds": snap_s, "live_changes": changes,
             "profiles": counts.0, "merged_profiles": counts.1, "identities": counts.2, "events": counts.3, "dead_letters": counts.4,
             "aggregates_checked": checked, "aggregates_mismatched": mismatched,
+            "reconcile": run,
             "sample": sample.iter().map(|(p, i, t)| serde_json::json!({"profile_id": p, "identities": i, "traits": t})).collect::<Vec<_>>(),
         });
         println!("{}", serde_json::to_string_pretty(&doc)?);
@@ -241,6 +255,8 @@ pub async fn demo(duration: u64, keep: bool, json: bool) -> anyhow::Result<u8> {
             counts.0, counts.1, counts.2, counts.3, counts.4
         );
         println!("Check: order_count and lifetime_value_cents of {checked} profiles compared with SQL over the shop's orders: {mismatched} differ.");
+        println!("\n$ tributary reconcile");
+        crate::reconcile::report::print_summary(&run);
     }
 
     if keep {
@@ -252,7 +268,7 @@ pub async fn demo(duration: u64, keep: bool, json: bool) -> anyhow::Result<u8> {
     drop(sinkc);
     tokio::task::spawn_blocking(move || drop(clusters)).await?;
     say("Stopped the daemon and removed the clusters.");
-    Ok(u8::from(mismatched > 0))
+    Ok(u8::from(mismatched > 0 || run.unrepaired() > 0))
 }
 
 /// Random live changes for `duration`; returns how many rows changed.

@@ -18,6 +18,12 @@ fn demo_runs_and_shows_unified_profiles() {
         "live changes link existing people: {doc}"
     );
     assert_eq!(doc["aggregates_mismatched"], 0, "{doc}");
+    assert_eq!(doc["reconcile"]["drift_count"], 0, "{doc}");
+    assert_eq!(doc["reconcile"]["status"], "clean", "{doc}");
+    assert!(
+        doc["reconcile"]["rows_checked"].as_u64().unwrap() > 10_000,
+        "{doc}"
+    );
     assert!(doc["aggregates_checked"].as_i64().unwrap() > 2000, "{doc}");
     let sample = doc["sample"].as_array().unwrap();
     assert!(!sample.is_empty());
