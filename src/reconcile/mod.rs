@@ -155,6 +155,7 @@ pub async fn reconcile(cfg: &Config, store: &Store, opts: &Options) -> anyhow::R
             .fetch_one(store.pool())
             .await?;
     let started = Instant::now();
+    tracing::info!(run_id, repair = opts.repair, sample = ?opts.sample, "reconciliation started");
     let result = run(cfg, store, opts, run_id, started).await;
     if let Err(e) = &result {
         sqlx::query(
@@ -212,14 +213,12 @@ async fn run(
         }
         conn.close().await.ok();
     }
-    let mut conn = store.pool().acquire().await?;
     let (drifts, n) = if opts.sample.is_some() {
         let ids: Vec<ProfileId> = sampled.into_iter().collect();
-        profiles::check(&mut conn, &mapper, profiles::Scope::Only(&ids)).await?
+        profiles::check(store.pool(), &mapper, profiles::Scope::Only(&ids)).await?
     } else {
-        profiles::check(&mut conn, &mapper, profiles::Scope::All).await?
+        profiles::check(store.pool(), &mapper, profiles::Scope::All).await?
     };
-    drop(conn);
     report.profiles_checked = n;
     report.drifts.extend(drifts);
     report.drift_count = report.drifts.len() as u64;
@@ -367,8 +366,7 @@ async fn repair(
         conn.close().await.ok();
     }
     let ids: Vec<ProfileId> = profiles.into_iter().collect();
-    let mut conn = store.pool().acquire().await?;
-    let (d, _) = profiles::check(&mut conn, mapper, profiles::Scope::Only(&ids)).await?;
+    let (d, _) = profiles::check(store.pool(), mapper, profiles::Scope::Only(&ids)).await?;
     left += d.len() as u64;
     Ok(left)
 }

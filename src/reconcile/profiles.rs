@@ -13,7 +13,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use serde_json::{json, Map, Value};
 use sqlx::types::Json;
-use sqlx::{Connection, PgConnection};
+use sqlx::{Connection, PgConnection, PgPool};
 
 use super::{Drift, DriftKind, Fix};
 use crate::identity::Ident;
@@ -165,44 +165,58 @@ pub enum Scope<'a> {
     Only(&'a [ProfileId]),
 }
 
+/// Chunks checked at once (each on its own store connection): the store's
+/// reads of one overlap the recomputation of another.
+const PARALLEL: usize = 3;
+
 /// Checks the profiles in `scope`; returns the drifts and the number checked.
 pub async fn check(
-    conn: &mut PgConnection,
+    pool: &PgPool,
     mapper: &Mapper,
     scope: Scope<'_>,
 ) -> Result<(Vec<Drift>, u64), StoreError> {
-    let mut drifts = Vec::new();
-    let mut checked = 0u64;
-    match scope {
+    let chunks: Vec<Chunk<'_>> = match scope {
         Scope::All => {
             let (lo, hi): (Option<i64>, Option<i64>) = sqlx::query_as(
                 "select least((select min(profile_id) from profiles), (select min(profile_id) from contributions)),
                         greatest((select max(profile_id) from profiles), (select max(profile_id) from contributions))",
             )
-            .fetch_one(&mut *conn)
+            .fetch_one(pool)
             .await?;
-            let (Some(lo), Some(hi)) = (lo, hi) else {
-                return Ok((drifts, 0));
-            };
-            let mut start = lo;
-            while start <= hi {
-                let end = start.saturating_add(CHUNK);
-                let (d, n) = check_chunk(conn, mapper, Chunk::Range(start, end)).await?;
-                drifts.extend(d);
-                checked += n;
-                start = end;
+            match (lo, hi) {
+                (Some(lo), Some(hi)) => (lo..=hi)
+                    .step_by(usize::try_from(CHUNK).unwrap_or(5000))
+                    .map(|start| Chunk::Range(start, start.saturating_add(CHUNK)))
+                    .collect(),
+                _ => Vec::new(),
             }
         }
-        Scope::Only(ids) => {
-            for part in ids.chunks(usize::try_from(CHUNK).unwrap_or(5000)) {
-                let (d, n) = check_chunk(conn, mapper, Chunk::Ids(part)).await?;
-                drifts.extend(d);
-                checked += n;
-            }
+        Scope::Only(ids) => ids
+            .chunks(usize::try_from(CHUNK).unwrap_or(5000))
+            .map(Chunk::Ids)
+            .collect(),
+    };
+    let mut drifts = Vec::new();
+    let mut checked = 0u64;
+    let mut chunks = chunks.into_iter().peekable();
+    while chunks.peek().is_some() {
+        let mut group: Vec<futures_util::future::BoxFuture<'_, ChunkResult>> = Vec::new();
+        for chunk in chunks.by_ref().take(PARALLEL) {
+            group.push(Box::pin(async move {
+                let mut conn = pool.acquire().await?;
+                check_chunk(&mut conn, mapper, chunk).await
+            }));
+        }
+        for (d, n) in futures_util::future::try_join_all(group).await? {
+            drifts.extend(d);
+            checked += n;
         }
     }
+    drifts.sort_by(|a, b| (a.profile_id, &a.field).cmp(&(b.profile_id, &b.field)));
     Ok((drifts, checked))
 }
+
+type ChunkResult = Result<(Vec<Drift>, u64), StoreError>;
 
 enum Chunk<'a> {
     Range(i64, i64),
@@ -306,17 +320,35 @@ async fn check_chunk(
         .flatten()
         .flat_map(|c| c.identities.iter())
         .collect();
-    let owners: HashMap<Ident, ProfileId> = sqlx::query_as::<_, (String, String, i64)>(
-        "select i.kind, i.value, i.profile_id from identities i
-           join unnest($1::text[], $2::text[]) as u(k, v) on i.kind = u.k and i.value = u.v",
-    )
-    .bind(claimed.iter().map(|i| i.0.as_str()).collect::<Vec<_>>())
-    .bind(claimed.iter().map(|i| i.1.as_str()).collect::<Vec<_>>())
-    .fetch_all(&mut *tx)
-    .await?
-    .into_iter()
-    .map(|(k, v, p)| ((k, v), p))
-    .collect();
+    // Owners: the identities pointing into the chunk (by index), then the few
+    // claimed identifiers that point elsewhere or nowhere.
+    let mut owners: HashMap<Ident, ProfileId> =
+        sqlx::query_as::<_, (String, String, i64)>(sqlx::AssertSqlSafe(format!(
+            "select kind, value, profile_id from identities where {filter}"
+        )))
+        .bind(lo)
+        .bind(hi)
+        .bind(ids)
+        .fetch_all(&mut *tx)
+        .await?
+        .into_iter()
+        .map(|(k, v, p)| ((k, v), p))
+        .collect();
+    let elsewhere: Vec<&&Ident> = claimed
+        .iter()
+        .filter(|i| !owners.contains_key(**i))
+        .collect();
+    if !elsewhere.is_empty() {
+        let found = sqlx::query_as::<_, (String, String, i64)>(
+            "select i.kind, i.value, i.profile_id from identities i
+               join unnest($1::text[], $2::text[]) as u(k, v) on i.kind = u.k and i.value = u.v",
+        )
+        .bind(elsewhere.iter().map(|i| i.0.as_str()).collect::<Vec<_>>())
+        .bind(elsewhere.iter().map(|i| i.1.as_str()).collect::<Vec<_>>())
+        .fetch_all(&mut *tx)
+        .await?;
+        owners.extend(found.into_iter().map(|(k, v, p)| ((k, v), p)));
+    }
     tx.commit().await?;
 
     let all: BTreeSet<i64> = by_profile

@@ -91,6 +91,7 @@ pub async fn check_table(
         .as_ref()
         .map_or_else(String::new, |_| format!(" where {key_hash} = any($1)"));
     // One statement: one snapshot. The WAL position after it is the anchor.
+    let timer = std::time::Instant::now();
     let source_buckets: Vec<(i64, i64, String)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
         "select {key_hash} as b, count(*), coalesce(sum({}::numeric), 0)::text from {}{bucket_filter} group by 1",
         reader.digest_expr(),
@@ -101,7 +102,9 @@ pub async fn check_table(
     .await
     .map_err(query_err(src, "hash the table by key bucket"))?;
     let high = wal_position(conn, src).await?;
+    let hashed_source = timer.elapsed();
     wait_until_applied(store, src, high, wait).await?;
+    let waited = timer.elapsed();
 
     let store_key_hash = format!("(jsonb_hash_extended(row_key::jsonb, 0) & {mask})");
     let store_buckets: Vec<(i64, i64, String, i64)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
@@ -116,6 +119,9 @@ pub async fn check_table(
     .fetch_all(store.pool())
     .await?;
 
+    tracing::debug!(source = %src.name, table = %t.qualified, buckets = nbuckets,
+        source_ms = hashed_source.as_millis(), wait_ms = (waited - hashed_source).as_millis(),
+        store_ms = (timer.elapsed() - waited).as_millis(), "bucket hashes compared");
     let mut out = TableOutcome {
         anchor: high,
         ..Default::default()
