@@ -1,6 +1,6 @@
 //! Reconciliation benchmark (not a test): `cargo bench --bench reconcile`.
 //!
-//! On a throwaway cluster, N contacts (default 1,000,000; `N=100000` for a
+//! On two throwaway clusters (source and store), N contacts (default 1,000,000; `N=100000` for a
 //! quick run) are snapshotted into the profile store by the daemon. Then:
 //! 1. a plain scan of the source table (`sum(hashtextextended(row::text))`),
 //!    the floor the issue compares against: "a store with no drift costs
@@ -49,11 +49,14 @@ async fn main() -> anyhow::Result<()> {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(1_000_000);
+    // The source and the store on separate servers, as deployed: the store's
+    // WAL is not in the source's stream.
     let pg = tokio::task::spawn_blocking(|| Cluster::start(&ClusterOptions::default())).await??;
-    for db in ["crm", "profiles"] {
-        exec(&pg.url("postgres"), &format!("create database {db}")).await?;
-    }
-    let (crm, sink) = (pg.url("crm"), pg.url("profiles"));
+    let pg_store =
+        tokio::task::spawn_blocking(|| Cluster::start(&ClusterOptions::default())).await??;
+    exec(&pg.url("postgres"), "create database crm").await?;
+    exec(&pg_store.url("postgres"), "create database profiles").await?;
+    let (crm, sink) = (pg.url("crm"), pg_store.url("profiles"));
     exec(&crm, &format!(
         "create table contacts (id bigint primary key, email text, first_name text, last_name text, phone text,
            row_version bigint not null default 1, modified_at timestamptz not null default now());
@@ -170,6 +173,6 @@ normalize = "email"
         "target/bench/reconcile.json",
         serde_json::to_string_pretty(&doc)?,
     )?;
-    tokio::task::spawn_blocking(move || drop(pg)).await?;
+    tokio::task::spawn_blocking(move || drop((pg, pg_store))).await?;
     Ok(())
 }

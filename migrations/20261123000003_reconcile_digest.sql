@@ -1,6 +1,6 @@
 -- A digest of the mapped columns of each row's latest image, as the source
--- would compute it in SQL: `jsonb_hash_extended(jsonb_build_object(col, value, ...), 0)`
--- over the columns the mapping reads. `tributary reconcile` compares sums of
+-- computes it in SQL: the sum of `hashtextextended('col=' || text, 0)` over the
+-- columns the mapping reads (`col` alone for null), folded into a bigint. `tributary reconcile` compares sums of
 -- these per key bucket with the same sums computed on the source, and reads
 -- rows only for the buckets that differ. NULL when unknown (an update that left
 -- a mapped TOAST value unchanged, or a row written before this migration): the

@@ -128,6 +128,8 @@ pub struct RunReport {
     pub repaired_count: u64,
     /// Rows that kept changing during the run and could not be compared.
     pub unverified: u64,
+    /// Key buckets whose hashes differed (their rows were compared one by one).
+    pub buckets_differing: u64,
     /// Wall time.
     pub seconds: f64,
     /// The drift.
@@ -187,6 +189,7 @@ async fn run(
         drift_count: 0,
         repaired_count: 0,
         unverified: 0,
+        buckets_differing: 0,
         seconds: 0.0,
         drifts: Vec::new(),
     };
@@ -206,6 +209,7 @@ async fn run(
                 "rows compared");
             report.rows_checked += o.rows_checked;
             report.unverified += o.unverified;
+            report.buckets_differing += o.buckets_differing;
             report.drifts.extend(o.drifts);
             sampled.extend(o.sampled_profiles);
             let anchor = report.as_of.entry(src.name.clone()).or_insert(o.anchor);

@@ -84,7 +84,7 @@ pub async fn check_table(
         all.truncate(usize::try_from(want).unwrap_or(1));
         all
     });
-    let key_hash = format!("(jsonb_hash_extended({}, 0) & {mask})", reader.key_expr());
+    let key_hash = format!("(hashtextextended({}, 0) & {mask})", reader.key_text_expr());
 
     // 1. Hashes per bucket on the source, between watermarks.
     let bucket_filter = chosen
@@ -106,7 +106,7 @@ pub async fn check_table(
     wait_until_applied(store, src, high, wait).await?;
     let waited = timer.elapsed();
 
-    let store_key_hash = format!("(jsonb_hash_extended(row_key::jsonb, 0) & {mask})");
+    let store_key_hash = format!("(hashtextextended(row_key, 0) & {mask})");
     let store_buckets: Vec<(i64, i64, String, i64)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
         "select {store_key_hash} as b, count(*), coalesce(sum(digest::numeric), 0)::text, count(digest)
            from contributions where source = $1 and table_name = $2 and not deleted

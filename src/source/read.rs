@@ -136,17 +136,48 @@ impl TableReader {
         )
     }
 
+    /// SQL for the row key as the store's `row_key` text (compact JSON, keys
+    /// sorted), so that both sides hash the same bytes into key buckets.
+    pub fn key_text_expr(&self) -> String {
+        let mut keys: Vec<&Column> = self.columns.iter().filter(|c| c.key).collect();
+        keys.sort_by(|a, b| a.name.cmp(&b.name));
+        let parts: Vec<String> = keys
+            .iter()
+            .map(|c| {
+                let name = serde_json::to_string(&c.name).unwrap_or_default();
+                format!(
+                    "{} || to_json({})::text",
+                    quote_literal(&format!("{name}:")),
+                    quote_ident(&c.name)
+                )
+            })
+            .collect();
+        format!("'{{' || {} || '}}'", parts.join(" || ',' || "))
+    }
+
     /// SQL for the digest of the row's mapped columns, equal to the store's
-    /// `contributions.digest` when the store holds this image.
+    /// `contributions.digest` ([`STORE_DIGEST`]) when the store holds this image.
     pub fn digest_expr(&self) -> String {
-        let image = object_expr(self.table.mapped_columns().into_iter().map(|name| {
-            let expr = self.columns.iter().find(|c| c.name == name).map_or_else(
-                || "null::jsonb".to_owned(),
-                |c| json_expr(&c.name, c.type_oid),
-            );
-            (name, expr)
-        }));
-        format!("jsonb_hash_extended({image}, 0)")
+        let terms: Vec<String> = self
+            .table
+            .mapped_columns()
+            .into_iter()
+            .map(|name| {
+                let text = self.columns.iter().find(|c| c.name == name).map_or_else(
+                    || "null::text".to_owned(),
+                    |c| text_expr(&c.name, c.type_oid),
+                );
+                format!(
+                    "hashtextextended(coalesce({} || {text}, {}), 0)::numeric",
+                    quote_literal(&format!("{name}=")),
+                    quote_literal(name)
+                )
+            })
+            .collect();
+        if terms.is_empty() {
+            return "0::bigint".to_owned();
+        }
+        format!("(({}) % {DIGEST_MODULUS})::bigint", terms.join(" + "))
     }
 
     /// One row of [`TableReader::select`] as a snapshot event at `at_lsn`.
@@ -197,6 +228,62 @@ fn object_expr<'a>(pairs: impl Iterator<Item = (&'a str, String)>) -> String {
         .map(|c| format!("jsonb_build_object({})", c.join(", ")))
         .collect::<Vec<_>>()
         .join(" || ")
+}
+
+/// The row digest is a sum of per-column text hashes folded into a bigint.
+const DIGEST_MODULUS: &str = "9223372036854775807";
+
+/// The store's digest of a row image (`$img`: the JSON object of the mapped
+/// columns): for each column, the hash of `name=value` with the value as
+/// `jsonb_each_text` renders it (`name` alone for null), summed and folded.
+pub const STORE_DIGEST: &str = "(select (sum(hashtextextended(coalesce(k || '=' || v, k), 0)::numeric) % 9223372036854775807)::bigint
+   from jsonb_each_text($img::jsonb) as e(k, v))";
+
+/// SQL giving the text that `jsonb_each_text` renders of the JSON value
+/// [`text_to_json`] makes of the column. Where the two could differ (exotic
+/// values), the digests differ and the row is compared in full: a false
+/// alarm costs a read, never a missed drift.
+fn text_expr(name: &str, type_oid: u32) -> String {
+    let c = quote_ident(name);
+    match type_oid {
+        // integral numerics are integers, others the shortest decimal
+        oid::NUMERIC => format!(
+            "case when position('.' in {c}::text) > 0 then rtrim(rtrim({c}::text, '0'), '.') else {c}::text end"
+        ),
+        // as `jsonb_each_text` renders a member: strings unquoted, JSON null as NULL
+        oid::JSON | oid::JSONB => format!("(jsonb_build_object('v', {c}::jsonb) ->> 'v')"),
+        oid::TIMESTAMPTZ => format!(
+            "to_char({c} at time zone 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')"
+        ),
+        oid::TIMESTAMP => format!("to_char({c}, 'YYYY-MM-DD\"T\"HH24:MI:SS.US')"),
+        other if array_like(other) => format!("to_jsonb({c})::text"),
+        _ => format!("{c}::text"),
+    }
+}
+
+/// Array types (their values are JSON arrays in an image).
+fn array_like(type_oid: u32) -> bool {
+    matches!(
+        type_oid,
+        1000 | 1005
+            | 1007
+            | 1016
+            | 1028
+            | 1021
+            | 1022
+            | 1231
+            | 1115
+            | 1185
+            | 1182
+            | 2951
+            | 199
+            | 3807
+            | 1009
+            | 1015
+            | 1014
+            | 1003
+            | 1002
+    )
 }
 
 /// SQL giving the jsonb value that [`text_to_json`] makes of the column's text.

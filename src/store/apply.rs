@@ -498,10 +498,11 @@ async fn write_contributions<'a>(
     if rows.is_empty() {
         return Ok(());
     }
-    sqlx::query(
+    let digest = crate::source::read::STORE_DIGEST.replace("$img", "g");
+    sqlx::query(sqlx::AssertSqlSafe(format!(
         "insert into contributions (source, table_name, row_key, profile_id, deleted, identities, fields, aggs, version, lsn, seq, freshness, priority, updated_at, digest)
          select s, t, k, p, d, i::jsonb, f::jsonb, a::jsonb, v, l::pg_lsn, q, fr, pr, now(),
-                case when d then null else jsonb_hash_extended(g::jsonb, 0) end
+                case when d or g is null then null else {STORE_DIGEST} end
            from unnest($1::text[], $2::text[], $3::text[], $4::bigint[], $5::bool[], $6::text[], $7::text[], $8::text[],
                        $9::bigint[], $10::text[], $11::bigint[], $12::timestamptz[], $13::int[], $14::text[]) as u(s, t, k, p, d, i, f, a, v, l, q, fr, pr, g)
          on conflict (source, table_name, row_key) do update set
@@ -511,7 +512,8 @@ async fn write_contributions<'a>(
            -- the same image re-written (a merge re-pointing it) keeps its digest
            digest = case when (excluded.lsn, excluded.seq) = (contributions.lsn, contributions.seq)
                          then coalesce(excluded.digest, contributions.digest) else excluded.digest end",
-    )
+        STORE_DIGEST = digest
+    )))
     .bind(rows.iter().map(|c| c.row.source.as_str()).collect::<Vec<_>>())
     .bind(rows.iter().map(|c| c.row.table.as_str()).collect::<Vec<_>>())
     .bind(rows.iter().map(|c| c.row.row_key.as_str()).collect::<Vec<_>>())
