@@ -13,3 +13,6 @@ create index events_source_xid on events (source, xid);
 
 -- Rows a run could not compare because they kept changing under it.
 alter table reconcile_runs add column unverified bigint not null default 0;
+
+-- Whether `--repair` fixed the drift (checked again after the repair).
+alter table reconcile_drift add column repaired boolean not null default false;

@@ -91,6 +91,8 @@ pub struct Drift {
     pub actual: Option<Value>,
     /// How they differ.
     pub kind: DriftKind,
+    /// `--repair` fixed it (a check after the repair no longer finds it).
+    pub repaired: bool,
     /// How to repair it.
     #[serde(skip)]
     pub fix: Fix,
@@ -236,8 +238,20 @@ async fn run(
 
     if opts.repair && !report.drifts.is_empty() {
         let left = repair(cfg, store, &mapper, &report.drifts, opts.wait).await?;
-        report.repaired_count = report.drift_count.saturating_sub(left);
-        tracing::info!(run_id, repaired = report.repaired_count, left, "repaired");
+        let still: BTreeSet<(Option<ProfileId>, &str)> = left
+            .iter()
+            .map(|d| (d.profile_id, d.field.as_str()))
+            .collect();
+        for d in &mut report.drifts {
+            d.repaired = !still.contains(&(d.profile_id, d.field.as_str()));
+        }
+        report.repaired_count = report.drifts.iter().filter(|d| d.repaired).count() as u64;
+        tracing::info!(
+            run_id,
+            repaired = report.repaired_count,
+            left = left.len(),
+            "repaired"
+        );
     }
     report.status = if report.drift_count == 0 {
         "clean"
@@ -256,8 +270,9 @@ async fn record(store: &Store, r: &RunReport) -> anyhow::Result<()> {
     let mut tx = store.pool().begin().await?;
     let text = |v: &Option<Value>| v.as_ref().map(Value::to_string);
     sqlx::query(
-        "insert into reconcile_drift (run_id, profile_id, field, expected, actual, kind)
-         select $1, p, f, e::jsonb, a::jsonb, k from unnest($2::bigint[], $3::text[], $4::text[], $5::text[], $6::text[]) as u(p, f, e, a, k)",
+        "insert into reconcile_drift (run_id, profile_id, field, expected, actual, kind, repaired)
+         select $1, p, f, e::jsonb, a::jsonb, k, r
+           from unnest($2::bigint[], $3::text[], $4::text[], $5::text[], $6::text[], $7::bool[]) as u(p, f, e, a, k, r)",
     )
     .bind(r.run_id)
     .bind(r.drifts.iter().map(|d| d.profile_id).collect::<Vec<_>>())
@@ -265,6 +280,7 @@ async fn record(store: &Store, r: &RunReport) -> anyhow::Result<()> {
     .bind(r.drifts.iter().map(|d| text(&d.expected)).collect::<Vec<_>>())
     .bind(r.drifts.iter().map(|d| text(&d.actual)).collect::<Vec<_>>())
     .bind(r.drifts.iter().map(|d| d.kind.as_str()).collect::<Vec<_>>())
+    .bind(r.drifts.iter().map(|d| d.repaired).collect::<Vec<_>>())
     .execute(&mut *tx)
     .await?;
     sqlx::query(
@@ -286,14 +302,15 @@ async fn record(store: &Store, r: &RunReport) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Repairs `drifts`; returns how many drifts a fresh check still finds.
+/// Repairs `drifts`; returns the drift a fresh check of the same rows and
+/// profiles still finds.
 async fn repair(
     cfg: &Config,
     store: &Store,
     mapper: &Mapper,
     drifts: &[Drift],
     wait: Duration,
-) -> anyhow::Result<u64> {
+) -> anyhow::Result<Vec<Drift>> {
     // Rows first: read again between watermarks and applied like a re-snapshot.
     let mut rows: BTreeMap<(String, String), Vec<String>> = BTreeMap::new();
     let mut profiles: BTreeSet<ProfileId> = BTreeSet::new();
@@ -355,7 +372,7 @@ async fn repair(
     tx.commit().await?;
 
     // Check again what was repaired.
-    let mut left = 0u64;
+    let mut left = Vec::new();
     for ((source, table), keys) in &rows {
         let (Some(src), Some(t)) = (
             cfg.source(source),
@@ -366,11 +383,11 @@ async fn repair(
         let mut conn = query_conn(src).await?;
         prepare_session(&mut conn, src).await?;
         let (d, _) = rows::verify_keys(store, mapper, src, t, &mut conn, keys, wait).await?;
-        left += d.len() as u64;
+        left.extend(d);
         conn.close().await.ok();
     }
     let ids: Vec<ProfileId> = profiles.into_iter().collect();
     let (d, _) = profiles::check(store.pool(), mapper, profiles::Scope::Only(&ids)).await?;
-    left += d.len() as u64;
+    left.extend(d);
     Ok(left)
 }

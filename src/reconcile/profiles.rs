@@ -75,6 +75,7 @@ pub fn compare(
             expected,
             actual,
             kind,
+            repaired: false,
             fix: Fix::Rederive(p),
         }
     };

@@ -49,6 +49,8 @@ pub struct DriftRow {
     pub actual: Option<Json<Value>>,
     /// `missing`, `extra` or `mismatch`.
     pub kind: String,
+    /// Fixed by `--repair`.
+    pub repaired: bool,
 }
 
 /// One run with its drift.
@@ -83,7 +85,7 @@ pub async fn run(store: &Store, run_id: Option<i64>) -> Result<Option<RunDetail>
     .await?;
     let Some(run) = run else { return Ok(None) };
     let drift = sqlx::query_as(
-        "select profile_id, field, expected, actual, kind from reconcile_drift where run_id = $1
+        "select profile_id, field, expected, actual, kind, repaired from reconcile_drift where run_id = $1
           order by profile_id nulls first, field",
     )
     .bind(run.run_id)
@@ -140,6 +142,7 @@ pub fn print_run(d: &RunDetail) {
             x.kind.as_str(),
             x.expected.as_ref().map(|j| &j.0),
             x.actual.as_ref().map(|j| &j.0),
+            x.repaired,
         )
     }));
 }
@@ -167,6 +170,7 @@ pub fn print_summary(r: &RunReport) {
             x.kind.as_str(),
             x.expected.as_ref(),
             x.actual.as_ref(),
+            x.repaired,
         )
     }));
     if r.drifts.len() > 50 {
@@ -178,26 +182,27 @@ pub fn print_summary(r: &RunReport) {
     }
 }
 
-fn print_drift<'a>(
-    rows: impl Iterator<
-        Item = (
-            Option<i64>,
-            &'a str,
-            &'a str,
-            Option<&'a Value>,
-            Option<&'a Value>,
-        ),
-    >,
-) {
+/// One drift line: profile, field, kind, expected, actual, repaired.
+type Line<'a> = (
+    Option<i64>,
+    &'a str,
+    &'a str,
+    Option<&'a Value>,
+    Option<&'a Value>,
+    bool,
+);
+
+fn print_drift<'a>(rows: impl Iterator<Item = Line<'a>>) {
     let show = |v: Option<&Value>| v.map_or_else(|| "—".to_owned(), Value::to_string);
-    for (p, field, kind, e, a) in rows {
+    for (p, field, kind, e, a, repaired) in rows {
         println!(
-            "  profile {:<8} {:<28} {:<8} expected {}  actual {}",
+            "  profile {:<8} {:<28} {:<8} expected {}  actual {}{}",
             p.map_or_else(|| "-".to_owned(), |p| p.to_string()),
             field,
             kind,
             show(e),
-            show(a)
+            show(a),
+            if repaired { "  (repaired)" } else { "" }
         );
     }
 }

@@ -380,6 +380,7 @@ async fn compare(
                 (None, Some(_)) => DriftKind::Extra,
                 _ => DriftKind::Mismatch,
             },
+            repaired: false,
             fix: Fix::Row {
                 source: src.name.clone(),
                 table: t.qualified.clone(),

@@ -189,6 +189,23 @@ async fn a_corrupted_store_is_reported_exactly_and_repaired() {
         "{r}"
     );
     assert_eq!(r["status"], json!("repaired"), "{r}");
+    assert!(
+        r["drifts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|d| d["repaired"] == json!(true)),
+        "{r}"
+    );
+    let repaired: i64 = scalar(
+        &sink,
+        &format!(
+            "select count(*) from tributary.reconcile_drift where run_id = {} and repaired",
+            r["run_id"]
+        ),
+    )
+    .await;
+    assert_eq!(repaired, 4);
     let (code, r) = reconcile(&cfg, &[]);
     assert_eq!((code, r["drift_count"].clone()), (Some(0), json!(0)), "{r}");
     let owner: i64 = scalar(&sink, &format!("select profile_id from tributary.identities where kind = 'email' and value = '{email}'")).await;
