@@ -420,10 +420,6 @@ impl SourceCtx {
                         let advanced = idle && wal_end > p.flushed;
                         if advanced {
                             p.flushed = wal_end;
-                            // Recorded too, so that a re-snapshot or a
-                            // reconciliation waiting for the store to pass its
-                            // watermark is not held up by an idle source.
-                            self.store.advance_checkpoint(&self.src.name, wal_end).await?;
                         }
                         // The server stops sending keepalives once we report what it
                         // sent, so answering an advance at once cannot ping-pong.

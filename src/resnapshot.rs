@@ -34,6 +34,12 @@ const CHUNK_ROWS: i64 = 20_000;
 
 /// Waits until the daemon has applied `source` past `lsn`, prodding an idle
 /// source with heartbeats so that its stream moves.
+///
+/// Applied means: the store's checkpoint, or the position the daemon has
+/// confirmed to the slot, is past `lsn`. The daemon confirms only what the
+/// store has committed, and confirms keepalive positions of an idle stream
+/// without writing the store (a write per keepalive would, with the store on
+/// the same server, make WAL that makes the next keepalive).
 pub async fn wait_until_applied(
     store: &Store,
     src: &SourceConfig,
@@ -42,17 +48,30 @@ pub async fn wait_until_applied(
 ) -> anyhow::Result<()> {
     let started = Instant::now();
     let mut last_prod: Option<Instant> = None;
+    let mut conn = query_conn(src).await?;
     loop {
-        let cp = store.checkpoint(&src.name).await?;
-        if cp.as_ref().is_some_and(|c| c.lsn > lsn) {
+        let cp = store.checkpoint(&src.name).await?.map(|c| c.lsn);
+        let confirmed: Option<String> = sqlx::query_scalar(
+            "select confirmed_flush_lsn::text from pg_replication_slots where slot_name = $1",
+        )
+        .bind(&src.slot)
+        .fetch_optional(&mut conn)
+        .await
+        .map_err(query_err(src, "read the slot's confirmed position"))?
+        .flatten();
+        let confirmed: Option<Lsn> = confirmed.and_then(|l| l.parse().ok());
+        // The slot only counts once the store has a checkpoint (a snapshot done).
+        let applied = cp.map(|c| c.max(confirmed.unwrap_or_default()));
+        if applied.is_some_and(|a| a > lsn) {
+            conn.close().await.ok();
             return Ok(());
         }
         if started.elapsed() >= timeout {
             anyhow::bail!(
-                "source {}: the daemon has not applied the stream past {lsn} (checkpoint {}) within {} s; \
+                "source {}: the daemon has not applied the stream past {lsn} (applied up to {}) within {} s; \
                  is `tributary run` streaming this source? (raise --wait-secs for a slow one)",
                 src.name,
-                cp.map_or_else(|| "none".to_owned(), |c| c.lsn.to_string()),
+                applied.map_or_else(|| "nothing yet".to_owned(), |c| c.to_string()),
                 timeout.as_secs()
             );
         }

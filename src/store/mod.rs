@@ -172,22 +172,6 @@ impl Store {
         }))
     }
 
-    /// Moves the checkpoint of a streaming source forward to `lsn` when the
-    /// stream was idle up to there (a keepalive): nothing before it is
-    /// waiting to be applied. Never moves it back.
-    pub async fn advance_checkpoint(
-        &self,
-        source: &str,
-        lsn: crate::event::Lsn,
-    ) -> Result<(), StoreError> {
-        sqlx::query("update checkpoints set lsn = $2::pg_lsn, updated_at = now() where source = $1 and lsn < $2::pg_lsn")
-            .bind(source)
-            .bind(lsn.to_string())
-            .execute(&self.pool)
-            .await?;
-        Ok(())
-    }
-
     /// Marks the initial snapshot of `source` done at the slot's consistent point.
     pub async fn complete_snapshot(
         &self,
