@@ -26,6 +26,18 @@ pub async fn stop_on_signal(token: CancellationToken) {
     token.cancel();
 }
 
+/// `--source NAME` must name a configured source (a usage error, exit 2).
+fn require_source(cfg: &Config, source: &str) -> Result<(), crate::config::ConfigError> {
+    if cfg.source(source).is_none() {
+        return Err(crate::config::ConfigError::Invalid {
+            path: cfg.path.clone(),
+            key: "--source".into(),
+            message: format!("no source named `{source}` in the config"),
+        });
+    }
+    Ok(())
+}
+
 /// Runs one command; `Ok(code)` is the process exit code (0 or 1).
 pub async fn execute(cli: Cli) -> anyhow::Result<u8> {
     match cli.command {
@@ -74,13 +86,7 @@ pub async fn execute(cli: Cli) -> anyhow::Result<u8> {
             dry_run,
         } => {
             let cfg = Config::load(&cli.config)?;
-            if cfg.source(&source).is_none() {
-                anyhow::bail!(crate::config::ConfigError::Invalid {
-                    path: cfg.path.clone(),
-                    key: "--source".into(),
-                    message: format!("no source named `{source}` in the config"),
-                });
-            }
+            require_source(&cfg, &source)?;
             let store = Store::connect(&cfg.sink).await?;
             store.migrate().await?;
             let mapper = crate::mapping::Mapper::new(&cfg);
@@ -162,13 +168,7 @@ pub async fn execute(cli: Cli) -> anyhow::Result<u8> {
             wait_secs,
         } => {
             let cfg = Config::load(&cli.config)?;
-            if cfg.source(&source).is_none() {
-                anyhow::bail!(crate::config::ConfigError::Invalid {
-                    path: cfg.path.clone(),
-                    key: "--source".into(),
-                    message: format!("no source named `{source}` in the config"),
-                });
-            }
+            require_source(&cfg, &source)?;
             let store = Store::connect(&cfg.sink).await?;
             store.migrate().await?;
             let r = crate::resnapshot::snapshot(

@@ -22,7 +22,7 @@ use sqlx::{PgConnection, Row};
 use crate::event::{ChangeEvent, Lsn, Op};
 use crate::mapping::Mapper;
 use crate::resolve::{aggregate_from, resolve_fields, traits, AggState, ProfileId, Winner};
-use crate::store::apply::{apply_in, contributions_by_profile, lock, StoredProfile};
+use crate::store::apply::{apply_in, contributions_by_profile, lock, ProvenanceRow, StoredProfile};
 use crate::store::{Store, StoreError};
 
 /// What a replay did (or, with `--dry-run`, would do).
@@ -284,26 +284,17 @@ async fn write_provenance(
     p: ProfileId,
     winners: &BTreeMap<String, Winner>,
 ) -> Result<bool, StoreError> {
-    type Row = (
-        String,
-        Json<Value>,
-        String,
-        String,
-        String,
-        chrono::DateTime<chrono::Utc>,
-        String,
-    );
     let old: BTreeMap<String, Winner> =
-        sqlx::query_as::<_, Row>("select field, value, source, table_name, row_key, freshness, lsn::text from profile_fields where profile_id = $1")
-            .bind(p)
-            .fetch_all(&mut *tx)
-            .await?
-            .into_iter()
-            .map(|(f, v, source, table, row_key, freshness, lsn)| {
-                let row = crate::resolve::RowRef { source, table, row_key };
-                (f, Winner { value: v.0, row, freshness, lsn: lsn.parse().unwrap_or_default() })
-            })
-            .collect();
+        sqlx::query_as::<_, ProvenanceRow>(sqlx::AssertSqlSafe(format!(
+            "select {} from profile_fields where profile_id = $1",
+            ProvenanceRow::COLUMNS
+        )))
+        .bind(p)
+        .fetch_all(&mut *tx)
+        .await?
+        .into_iter()
+        .map(|r| (r.field.clone(), r.winner()))
+        .collect();
     if &old == winners {
         return Ok(false);
     }

@@ -23,7 +23,8 @@ use crate::config::{Config, SourceConfig, TableConfig};
 use crate::event::{ChangeEvent, Lsn, Op};
 use crate::mapping::Mapper;
 use crate::source::read::{
-    prepare_session, take_snapshot, wal_position, TableReader, Watermarks, READ_SEQ_BASE,
+    prepare_session, read_between_watermarks, Bind, TableReader, WatermarkedRead, Watermarks,
+    READ_SEQ_BASE,
 };
 use crate::source::{query_conn, query_err, quote_ident};
 use crate::store::apply::{apply_in, lock, ApplyStats};
@@ -87,7 +88,14 @@ pub async fn wait_until_applied(
 }
 
 /// Row keys of `table` that changes invisible to a watermarked read touched
-/// (or `None`: a truncate touched them all).
+/// (or `None`: a truncate touched them all): changes committed between the
+/// watermarks, and changes of transactions the read's snapshot counts as in
+/// progress, wherever their commit landed: those in its list, and those at or
+/// above its `xmax`, which include transactions that had written their commit
+/// record before the low watermark but had not finished committing (the test
+/// `reconcile_during_a_live_workload_reports_no_drift` caught exactly that).
+/// Transaction ids are compared in 32 bits; the one-hour bound on commit time
+/// keeps the wrap-around case from reaching old events.
 pub(crate) async fn changed_during(
     tx: &mut PgConnection,
     source: &str,
@@ -99,7 +107,7 @@ pub(crate) async fn changed_during(
           where source = $1 and table_name = $2 and commit_lsn >= $3::pg_lsn and commit_lsn <= $4::pg_lsn
          union
          select key::text, op from events
-          where source = $1 and table_name = $2 and xid = any($5) and commit_lsn <= $4::pg_lsn
+          where source = $1 and table_name = $2 and (xid = any($5) or xid >= $7) and commit_lsn <= $4::pg_lsn
             and commit_time > $6::timestamptz - interval '1 hour'",
     )
     .bind(source)
@@ -108,6 +116,7 @@ pub(crate) async fn changed_during(
     .bind(marks.high.to_string())
     .bind(marks.xip32())
     .bind(marks.taken_at)
+    .bind(marks.xmax32())
     .fetch_all(&mut *tx)
     .await?;
     let mut keys = HashSet::with_capacity(rows.len());
@@ -285,78 +294,42 @@ async fn snapshot_table(
     let mut started_at: Option<Lsn> = None;
     tracing::info!(source = %src.name, table = %t.qualified, "re-snapshot of table started");
     loop {
-        let low = wal_position(conn, src).await?;
-        let first = *started_at.get_or_insert(low);
-        let taken_at = chrono::Utc::now();
-        let mut tx = conn
-            .begin_with("begin isolation level repeatable read, read only")
-            .await
-            .map_err(query_err(src, "begin a snapshot read"))?;
-        let (xmax, xip) = take_snapshot(&mut tx, src).await?;
-        let filter = match &last {
-            None => String::new(),
-            Some(_) => format!(
-                " where ({key_list}) > ({})",
-                keys.iter()
-                    .enumerate()
-                    .map(|(i, k)| format!("${}::text::{}", i + 1, type_of(&reader, k)))
-                    .collect::<Vec<_>>()
-                    .join(", ")
+        // Keyset paging: the next chunk starts after the last key read,
+        // compared in the key's own type (its text cast back by the server).
+        let (tail, binds) = match &last {
+            None => (
+                format!("order by {key_list} limit {CHUNK_ROWS}"),
+                Vec::new(),
+            ),
+            Some(vals) => (
+                format!(
+                    "where ({key_list}) > ({}) order by {key_list} limit {CHUNK_ROWS}",
+                    keys.iter()
+                        .enumerate()
+                        .map(|(i, k)| format!("${}::text::{}", i + 1, type_of(&reader, k)))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+                vals.iter().cloned().map(Bind::Text).collect(),
             ),
         };
-        let sql = format!(
-            "{}{filter} order by {key_list} limit {CHUNK_ROWS}",
-            reader.select()
-        );
-        let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
-        if let Some(vals) = &last {
-            for v in vals {
-                q = q.bind(v.clone());
-            }
-        }
-        let rows = q
-            .fetch_all(&mut *tx)
-            .await
-            .map_err(query_err(src, "read a snapshot chunk"))?;
-        tx.commit()
-            .await
-            .map_err(query_err(src, "end a snapshot read"))?;
-        let high = wal_position(conn, src).await?;
-        let marks = Watermarks {
-            low,
-            high,
-            xmax,
-            xip,
-            taken_at,
-        };
-        let n = rows.len();
-        let mut events = Vec::with_capacity(n);
-        for (i, r) in rows.iter().enumerate() {
-            events.push(
-                reader
-                    .event(r, high, READ_SEQ_BASE + i as u64, taken_at)
-                    .map_err(query_err(src, "decode a snapshot row"))?,
+        let WatermarkedRead {
+            marks,
+            rows: events,
+        } = read_between_watermarks(conn, src, &reader, &tail, &binds).await?;
+        let first = *started_at.get_or_insert(marks.low);
+        let high = marks.high;
+        let n = events.len();
+        if let Some(e) = events.last() {
+            last = Some(
+                keys.iter()
+                    .map(|k| match e.key.get(*k) {
+                        None | Some(Value::Null) => None,
+                        Some(Value::String(s)) => Some(s.clone()),
+                        Some(v) => Some(v.to_string()),
+                    })
+                    .collect(),
             );
-        }
-        if let Some(r) = rows.last() {
-            let positions: Vec<usize> = keys
-                .iter()
-                .map(|k| {
-                    reader
-                        .columns
-                        .iter()
-                        .position(|c| &c.name == k)
-                        .unwrap_or(0)
-                })
-                .collect();
-            let mut vals = Vec::new();
-            for p in positions {
-                vals.push(
-                    sqlx::Row::try_get::<Option<String>, _>(r, p)
-                        .map_err(query_err(src, "decode a snapshot key"))?,
-                );
-            }
-            last = Some(vals);
         }
         seen.extend(events.iter().map(ChangeEvent::row_key));
         wait_until_applied(store, src, high, wait).await?;

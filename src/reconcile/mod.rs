@@ -28,7 +28,7 @@ use serde::Serialize;
 use serde_json::Value;
 use sqlx::Connection;
 
-use crate::config::Config;
+use crate::config::{Config, SourceConfig, TableConfig};
 use crate::event::Lsn;
 use crate::mapping::Mapper;
 use crate::resnapshot::{apply_read, wait_until_applied};
@@ -331,14 +331,9 @@ async fn repair(
         profiles.extend(d.profile_id);
     }
     for ((source, table), keys) in &rows {
-        let (Some(src), Some(t)) = (
-            cfg.source(source),
-            cfg.source(source).and_then(|s| s.table(table)),
-        ) else {
+        let Some((src, t, mut conn)) = open_table(cfg, source, table).await? else {
             continue;
         };
-        let mut conn = query_conn(src).await?;
-        prepare_session(&mut conn, src).await?;
         let reader = TableReader::load(&mut conn, src, t).await?;
         let read = rows::read_keys(&mut conn, src, &reader, keys).await?;
         wait_until_applied(store, src, read.marks.high, wait).await?;
@@ -374,14 +369,9 @@ async fn repair(
     // Check again what was repaired.
     let mut left = Vec::new();
     for ((source, table), keys) in &rows {
-        let (Some(src), Some(t)) = (
-            cfg.source(source),
-            cfg.source(source).and_then(|s| s.table(table)),
-        ) else {
+        let Some((src, t, mut conn)) = open_table(cfg, source, table).await? else {
             continue;
         };
-        let mut conn = query_conn(src).await?;
-        prepare_session(&mut conn, src).await?;
         let (d, _) = rows::verify_keys(store, mapper, src, t, &mut conn, keys, wait).await?;
         left.extend(d);
         conn.close().await.ok();
@@ -390,4 +380,22 @@ async fn repair(
     let (d, _) = profiles::check(store.pool(), mapper, profiles::Scope::Only(&ids)).await?;
     left.extend(d);
     Ok(left)
+}
+
+/// A drifted row's source and table (None if no longer configured), with a
+/// connection set up like the stream's.
+async fn open_table<'c>(
+    cfg: &'c Config,
+    source: &str,
+    table: &str,
+) -> anyhow::Result<Option<(&'c SourceConfig, &'c TableConfig, sqlx::PgConnection)>> {
+    let Some(src) = cfg.source(source) else {
+        return Ok(None);
+    };
+    let Some(t) = src.table(table) else {
+        return Ok(None);
+    };
+    let mut conn = query_conn(src).await?;
+    prepare_session(&mut conn, src).await?;
+    Ok(Some((src, t, conn)))
 }

@@ -19,9 +19,9 @@ use super::{Drift, DriftKind, Fix};
 use crate::identity::Ident;
 use crate::mapping::Mapper;
 use crate::resolve::{
-    aggregate_from, resolve_fields, traits, AggState, Contribution, ProfileId, RowRef, Winner,
+    aggregate_from, resolve_fields, traits, AggState, Contribution, ProfileId, Winner,
 };
-use crate::store::apply::{row_of, CONTRIBUTION_COLUMNS};
+use crate::store::apply::{row_of, ProvenanceRow, CONTRIBUTION_COLUMNS};
 use crate::store::StoreError;
 
 /// Profiles per store transaction.
@@ -224,18 +224,6 @@ enum Chunk<'a> {
     Ids(&'a [i64]),
 }
 
-/// `(field, value, source, table_name, row_key, freshness, lsn)` of `profile_fields`.
-type ProvenanceRow = (
-    i64,
-    String,
-    Json<Value>,
-    String,
-    String,
-    String,
-    chrono::DateTime<chrono::Utc>,
-    String,
-);
-
 /// `(profile_id, merged_into, traits, agg_state)`.
 type ProfileRow = (
     i64,
@@ -292,29 +280,20 @@ async fn check_chunk(
     })
     .collect();
     let mut provenance: HashMap<i64, BTreeMap<String, Winner>> = HashMap::new();
-    for (p, field, value, source, table, row_key, freshness, lsn) in
-        sqlx::query_as::<_, ProvenanceRow>(sqlx::AssertSqlSafe(format!(
-            "select profile_id, field, value, source, table_name, row_key, freshness, lsn::text from profile_fields where {filter}"
-        )))
-        .bind(lo)
-        .bind(hi)
-        .bind(ids)
-        .fetch_all(&mut *tx)
-        .await?
+    for r in sqlx::query_as::<_, ProvenanceRow>(sqlx::AssertSqlSafe(format!(
+        "select {} from profile_fields where {filter}",
+        ProvenanceRow::COLUMNS
+    )))
+    .bind(lo)
+    .bind(hi)
+    .bind(ids)
+    .fetch_all(&mut *tx)
+    .await?
     {
-        provenance.entry(p).or_default().insert(
-            field,
-            Winner {
-                value: value.0,
-                row: RowRef {
-                    source,
-                    table,
-                    row_key,
-                },
-                freshness,
-                lsn: lsn.parse().unwrap_or_default(),
-            },
-        );
+        provenance
+            .entry(r.profile_id)
+            .or_default()
+            .insert(r.field.clone(), r.winner());
     }
     let claimed: BTreeSet<&Ident> = by_profile
         .values()

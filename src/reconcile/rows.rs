@@ -17,16 +17,18 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::Duration;
 
 use serde_json::{json, Value};
-use sqlx::{Connection, PgConnection};
+use sqlx::PgConnection;
 
 use super::{Drift, DriftKind, Fix};
 use crate::config::{SourceConfig, TableConfig};
-use crate::event::{ChangeEvent, Lsn};
+use crate::event::Lsn;
 use crate::mapping::Mapper;
 use crate::resnapshot::{changed_during, wait_until_applied};
 use crate::resolve::Contribution;
 use crate::source::query_err;
-use crate::source::read::{take_snapshot, wal_position, TableReader, Watermarks, READ_SEQ_BASE};
+use crate::source::read::{
+    read_between_watermarks, wal_position, Bind, TableReader, WatermarkedRead,
+};
 use crate::store::apply::{row_of, CONTRIBUTION_COLUMNS};
 use crate::store::Store;
 
@@ -166,12 +168,12 @@ pub async fn check_table(
     for round in 1..=ROUNDS {
         let (read, scope) = match &todo {
             Todo::Buckets(b) => (
-                read_where(
+                read_between_watermarks(
                     conn,
                     src,
                     &reader,
-                    &format!("{key_hash} = any($1)"),
-                    b.clone(),
+                    &format!("where {key_hash} = any($1::text[]::bigint[])"),
+                    &[Bind::TextArray(b.iter().map(i64::to_string).collect())],
                 )
                 .await?,
                 Scope::Buckets(b),
@@ -206,76 +208,21 @@ enum Scope<'a> {
     Keys(&'a [String]),
 }
 
-/// Source rows read between watermarks.
-pub(crate) struct Read {
-    pub(crate) marks: Watermarks,
-    pub(crate) rows: Vec<ChangeEvent>,
-}
-
 /// Reads the rows with these keys (canonical row-key JSON) between watermarks.
 pub(crate) async fn read_keys(
     conn: &mut PgConnection,
     src: &SourceConfig,
     reader: &TableReader,
     keys: &[String],
-) -> anyhow::Result<Read> {
-    read_where(
+) -> anyhow::Result<WatermarkedRead> {
+    Ok(read_between_watermarks(
         conn,
         src,
         reader,
-        &format!("{} = any($1::text[]::jsonb[])", reader.key_expr()),
-        keys.to_vec(),
+        &format!("where {} = any($1::text[]::jsonb[])", reader.key_expr()),
+        &[Bind::TextArray(keys.to_vec())],
     )
-    .await
-}
-
-async fn read_where<T>(
-    conn: &mut PgConnection,
-    src: &SourceConfig,
-    reader: &TableReader,
-    filter: &str,
-    arg: T,
-) -> anyhow::Result<Read>
-where
-    T: for<'q> sqlx::Encode<'q, sqlx::Postgres> + sqlx::Type<sqlx::Postgres> + Send,
-{
-    let low = wal_position(conn, src).await?;
-    let taken_at = chrono::Utc::now();
-    let mut tx = conn
-        .begin_with("begin isolation level repeatable read, read only")
-        .await
-        .map_err(query_err(src, "begin a reconciliation read"))?;
-    let (xmax, xip) = take_snapshot(&mut tx, src).await?;
-    let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
-        "{} where {filter}",
-        reader.select()
-    )))
-    .bind(arg)
-    .fetch_all(&mut *tx)
-    .await
-    .map_err(query_err(src, "read rows to compare"))?;
-    tx.commit()
-        .await
-        .map_err(query_err(src, "end a reconciliation read"))?;
-    let high = wal_position(conn, src).await?;
-    let mut events = Vec::with_capacity(rows.len());
-    for (i, r) in rows.iter().enumerate() {
-        events.push(
-            reader
-                .event(r, high, READ_SEQ_BASE + i as u64, taken_at)
-                .map_err(query_err(src, "decode a row"))?,
-        );
-    }
-    Ok(Read {
-        marks: Watermarks {
-            low,
-            high,
-            xmax,
-            xip,
-            taken_at,
-        },
-        rows: events,
-    })
+    .await?)
 }
 
 struct Compared {
@@ -297,7 +244,7 @@ async fn compare(
     t: &TableConfig,
     store_key_hash: &str,
     scope: Scope<'_>,
-    read: &Read,
+    read: &WatermarkedRead,
 ) -> anyhow::Result<Compared> {
     let mut out = Compared {
         drifts: Vec::new(),
@@ -365,6 +312,8 @@ async fn compare(
             out.unsettled.push(key.clone());
             continue;
         }
+        tracing::debug!(key = %key, marks = ?read.marks, stored = ?stored.get(key).map(|c| (c.lsn, c.seq, c.deleted)),
+            "row differs and no change in flight explains it: drift");
         let e = match exp {
             Some(Expected::Row(e)) => Some(e.as_ref()),
             _ => None,

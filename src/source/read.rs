@@ -319,7 +319,8 @@ pub struct Watermarks {
     pub low: Lsn,
     /// WAL insert position after the read.
     pub high: Lsn,
-    /// Transaction ids the read could not see: those at or above `xmax`…
+    /// Transaction ids the read could not see: those at or above `xmax`
+    /// (which may have written their commit record before `low`)…
     pub xmax: u64,
     /// …and those in progress when it started.
     pub xip: Vec<u64>,
@@ -328,6 +329,11 @@ pub struct Watermarks {
 }
 
 impl Watermarks {
+    /// `xmax` as the stream reports transaction ids (32 bits).
+    pub fn xmax32(&self) -> i64 {
+        i64::try_from(self.xmax & 0xFFFF_FFFF).unwrap_or(0)
+    }
+
     /// The in-progress transaction ids as the stream reports them (32 bits).
     pub fn xip32(&self) -> Vec<i64> {
         self.xip
@@ -335,6 +341,76 @@ impl Watermarks {
             .map(|x| i64::try_from(x & 0xFFFF_FFFF).unwrap_or(0))
             .collect()
     }
+}
+
+/// A value bound to a watermarked read's query.
+#[derive(Debug, Clone)]
+pub enum Bind {
+    /// `$n` as text (NULL for None).
+    Text(Option<String>),
+    /// `$n` as a text array.
+    TextArray(Vec<String>),
+}
+
+/// Rows read between watermarks, as snapshot events at the high watermark.
+#[derive(Debug)]
+pub struct WatermarkedRead {
+    /// Where the read sits in the stream.
+    pub marks: Watermarks,
+    /// The rows, in the query's order.
+    pub rows: Vec<ChangeEvent>,
+}
+
+/// Reads `select <columns> from <table> <tail>` (a filter, an order, a limit,
+/// with `binds` as `$1`, `$2`, ...) between two watermarks.
+pub async fn read_between_watermarks(
+    conn: &mut PgConnection,
+    src: &SourceConfig,
+    reader: &TableReader,
+    tail: &str,
+    binds: &[Bind],
+) -> Result<WatermarkedRead, SourceError> {
+    use sqlx::Connection;
+    let low = wal_position(conn, src).await?;
+    let taken_at = Utc::now();
+    let mut tx = conn
+        .begin_with("begin isolation level repeatable read, read only")
+        .await
+        .map_err(query_err(src, "begin a read between watermarks"))?;
+    let (xmax, xip) = take_snapshot(&mut tx, src).await?;
+    let mut q = sqlx::query(sqlx::AssertSqlSafe(format!("{} {tail}", reader.select())));
+    for b in binds {
+        q = match b {
+            Bind::Text(v) => q.bind(v.clone()),
+            Bind::TextArray(v) => q.bind(v.clone()),
+        };
+    }
+    let rows = q
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(query_err(src, "read rows between watermarks"))?;
+    tx.commit()
+        .await
+        .map_err(query_err(src, "end a read between watermarks"))?;
+    let high = wal_position(conn, src).await?;
+    let mut events = Vec::with_capacity(rows.len());
+    for (i, r) in rows.iter().enumerate() {
+        events.push(
+            reader
+                .event(r, high, READ_SEQ_BASE + i as u64, taken_at)
+                .map_err(query_err(src, "decode a row"))?,
+        );
+    }
+    Ok(WatermarkedRead {
+        marks: Watermarks {
+            low,
+            high,
+            xmax,
+            xip,
+            taken_at,
+        },
+        rows: events,
+    })
 }
 
 /// The current WAL insert position (not the write position, which lags behind

@@ -108,6 +108,39 @@ pub(crate) fn row_of(r: &sqlx::postgres::PgRow) -> Result<Contribution, sqlx::Er
     })
 }
 
+/// A `profile_fields` row: the provenance of one winning value.
+#[derive(sqlx::FromRow)]
+pub(crate) struct ProvenanceRow {
+    pub(crate) profile_id: i64,
+    pub(crate) field: String,
+    value: Json<Value>,
+    source: String,
+    table_name: String,
+    row_key: String,
+    freshness: chrono::DateTime<chrono::Utc>,
+    lsn: String,
+}
+
+impl ProvenanceRow {
+    /// The columns to select, in a query over `profile_fields`.
+    pub(crate) const COLUMNS: &str =
+        "profile_id, field, value, source, table_name, row_key, freshness, lsn::text as lsn";
+
+    /// The winner it records.
+    pub(crate) fn winner(self) -> Winner {
+        Winner {
+            value: self.value.0,
+            row: RowRef {
+                source: self.source,
+                table: self.table_name,
+                row_key: self.row_key,
+            },
+            freshness: self.freshness,
+            lsn: self.lsn.parse().unwrap_or_default(),
+        }
+    }
+}
+
 pub(crate) const CONTRIBUTION_COLUMNS: &str =
     "c.source, c.table_name, c.row_key, c.profile_id, c.deleted, c.identities, c.fields, c.aggs, c.version, c.lsn::text as lsn, c.seq, c.freshness, c.priority";
 
