@@ -23,10 +23,6 @@ fn reconcile(cfg: &std::path::Path, args: &[&str]) -> (Option<i32>, Value) {
     let mut all = vec!["--json", "reconcile", "--wait-secs", "60"];
     all.extend_from_slice(args);
     let out = run_cmd(cfg, &all);
-    let t = text(&out);
-    if t.contains("DEBUGDRIFT") {
-        eprintln!("{t}");
-    }
     (out.status.code(), json_of(&out))
 }
 
