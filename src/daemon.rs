@@ -171,6 +171,7 @@ impl SourceCtx {
                     }
                     let delay = backoff.next().unwrap_or(Duration::from_secs(30));
                     tracing::warn!(source = %self.src.name, error = %format!("{e:#}"), retry_in_ms = delay.as_millis(), "source interrupted; reconnecting");
+                    metrics::counter!(crate::metrics::RECONNECTS, "source" => self.src.name.clone()).increment(1);
                     tokio::select! {
                         () = tokio::time::sleep(delay) => {}
                         () = self.shutdown.cancelled() => return Ok(()),
@@ -413,6 +414,8 @@ impl SourceCtx {
                         }
                     }
                     StreamItem::Keepalive { wal_end, reply } => {
+                        metrics::gauge!(crate::metrics::LAG_BYTES, "source" => self.src.name.clone())
+                            .set(wal_end.0.saturating_sub(p.flushed.0) as f64);
                         // Nothing received is waiting to be applied: everything the
                         // server has sent up to wal_end is in the store, so the slot
                         // may advance even when the WAL was all unpublished tables.
@@ -511,8 +514,18 @@ impl SourceCtx {
             self.mapper.clone(),
             self.src.name.clone(),
         );
-        let task =
-            tokio::spawn(async move { store.apply(&mapper, &source, &batch, Some(end)).await });
+        let task = tokio::spawn(async move {
+            let started = std::time::Instant::now();
+            let stats = store.apply(&mapper, &source, &batch, Some(end)).await?;
+            let mut commits: Vec<(Lsn, chrono::DateTime<chrono::Utc>)> = batch
+                .iter()
+                .map(|e| (e.commit_lsn, e.commit_time))
+                .collect();
+            commits.dedup_by_key(|c| c.0);
+            let times: Vec<_> = commits.into_iter().map(|c| c.1).collect();
+            crate::metrics::batch_applied(&source, &stats, &times, started.elapsed());
+            Ok(stats)
+        });
         InFlight {
             end,
             started: std::time::Instant::now(),

@@ -543,6 +543,30 @@ async fn the_daemon_reconciles_on_a_schedule_and_exports_the_drift() {
     );
     assert!(m.contains("tributary_reconcile_duration_seconds"), "{m}");
 
+    // The apply path's own figures move with streamed changes.
+    exec(&crm, "insert into contacts (id, email, first_name) values (51, 'u51@x.com', 'New'); update contacts set first_name = 'Moved' where id = 1").await;
+    wait_until("apply metrics", Duration::from_secs(30), || async {
+        let m = scrape(&addr).await;
+        m.lines().any(|l| {
+            l.starts_with("tributary_source_events_applied_total{source=\"crm\"}")
+                && l.rsplit(' ')
+                    .next()
+                    .and_then(|v| v.parse::<f64>().ok())
+                    .is_some_and(|v| v >= 2.0)
+        })
+    })
+    .await;
+    let m = scrape(&addr).await;
+    for name in [
+        "tributary_source_transactions_applied_total{source=\"crm\"}",
+        "tributary_source_lag_seconds{source=\"crm\"}",
+        "tributary_sink_batch_events_count",
+        "tributary_sink_apply_duration_seconds_count",
+        "tributary_end_to_end_latency_seconds_count",
+    ] {
+        assert!(m.contains(name), "{name} missing from:\n{m}");
+    }
+
     exec(&sink, "update tributary.profiles set traits = traits || '{\"first_name\": \"Mallory\"}'
                   where profile_id = (select min(profile_id) from tributary.profiles where merged_into is null)").await;
     wait_until(
