@@ -5,6 +5,7 @@ mod check;
 mod dead_letters;
 mod demo;
 mod deploy;
+mod docs;
 mod faults;
 mod forget;
 mod harness;
