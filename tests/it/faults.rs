@@ -163,6 +163,18 @@ impl Workload {
     }
 }
 
+/// Has the store caught up with `w`: aggregates equal SQL over the shop, and
+/// every change the workload made is logged?
+pub async fn caught_up(shop: &str, sink: &str, w: &Workload) -> bool {
+    expected_aggregates(shop, sink).await == stored_aggregates(sink).await
+        && scalar::<i64>(
+            sink,
+            "select count(*) from tributary.events where op <> 'snapshot'",
+        )
+        .await
+            == w.changes.values().sum::<i64>()
+}
+
 /// (order_count, lifetime_value_cents) per live profile id.
 pub type Aggregates = BTreeMap<i64, (i64, i64)>;
 

@@ -11,7 +11,7 @@ use serde_json::{json, Value};
 use sqlx::Connection;
 use tributary::cluster::Cluster;
 
-use crate::faults::{expected_aggregates, stored_aggregates, Workload};
+use crate::faults::{caught_up, expected_aggregates, stored_aggregates, Workload};
 use crate::harness::*;
 
 fn json_of(out: &std::process::Output) -> Value {
@@ -55,14 +55,8 @@ async fn settled(
     wait_snapshots(&sink, 2).await;
     let mut w = Workload::default();
     w.run(&crm, &shop, changes, 7, |_| {}).await;
-    wait_until("caught up", Duration::from_secs(90), || async {
-        expected_aggregates(&shop, &sink).await == stored_aggregates(&sink).await
-            && scalar::<i64>(
-                &sink,
-                "select count(*) from tributary.events where op <> 'snapshot'",
-            )
-            .await
-                == w.changes.values().sum::<i64>()
+    wait_until("caught up", Duration::from_secs(90), || {
+        caught_up(&shop, &sink, &w)
     })
     .await;
     (pg, crm, shop, sink, cfg, daemon)

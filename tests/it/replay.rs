@@ -8,7 +8,7 @@ use std::time::Duration;
 use serde_json::Value;
 use sqlx::{Connection, PgConnection};
 
-use crate::faults::{expected_aggregates, stored_aggregates, Workload};
+use crate::faults::{caught_up, Workload};
 use crate::harness::*;
 
 /// Everything derived, in a comparable form.
@@ -42,14 +42,8 @@ async fn replay_restores_damage_and_rebuild_reproduces_the_store() {
     wait_snapshots(&sink, 2).await;
     let mut w = Workload::default();
     w.run(&crm, &shop, 3000, 11, |_| {}).await;
-    wait_until("caught up", Duration::from_secs(60), || async {
-        expected_aggregates(&shop, &sink).await == stored_aggregates(&sink).await
-            && scalar::<i64>(
-                &sink,
-                "select count(*) from tributary.events where op <> 'snapshot'",
-            )
-            .await
-                == w.changes.values().sum::<i64>()
+    wait_until("caught up", Duration::from_secs(60), || {
+        caught_up(&shop, &sink, &w)
     })
     .await;
     assert_eq!(daemon.stop(), Some(0));

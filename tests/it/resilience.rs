@@ -5,20 +5,13 @@
 
 use std::time::Duration;
 
-use crate::faults::{expected_aggregates, stored_aggregates, Workload};
+use crate::faults::{caught_up, Workload};
 use crate::harness::*;
 
 async fn converge(shop: &str, sink: &str, w: &Workload, daemon: &Daemon) {
     let deadline = std::time::Instant::now() + Duration::from_secs(120);
     loop {
-        let ok = expected_aggregates(shop, sink).await == stored_aggregates(sink).await
-            && scalar::<i64>(
-                sink,
-                "select count(*) from tributary.events where op <> 'snapshot'",
-            )
-            .await
-                == w.changes.values().sum::<i64>();
-        if ok {
+        if caught_up(shop, sink, w).await {
             break;
         }
         assert!(
