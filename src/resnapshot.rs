@@ -160,6 +160,15 @@ pub async fn apply_read(
         rows: rows.len() as u64,
         ..Default::default()
     };
+    // Partitions first, outside the transaction: their DDL would wait for the
+    // locks this transaction takes on the event log.
+    store
+        .ensure_partitions_for(
+            rows.iter()
+                .map(|e| e.commit_time)
+                .chain(std::iter::once(marks.taken_at)),
+        )
+        .await?;
     let mut tx = store.pool().begin().await?;
     lock(&mut tx).await?;
     let Some(changed) = changed_during(&mut tx, source, table, marks).await? else {
@@ -174,7 +183,6 @@ pub async fn apply_read(
         .collect();
     out.skipped = out.rows - events.len() as u64;
     out.applied = events.len() as u64;
-    let now = chrono::Utc::now();
     let mut seq = events.iter().map(|e| e.seq).max().unwrap_or(READ_SEQ_BASE) + 1;
     for key in gone(&read_keys) {
         if changed.contains(&key) || read_keys.contains(&key) {
@@ -194,7 +202,7 @@ pub async fn apply_read(
             commit_lsn: marks.high,
             seq,
             xid: 0,
-            commit_time: now,
+            commit_time: marks.taken_at,
         });
         seq += 1;
         out.deleted += 1;
@@ -202,7 +210,6 @@ pub async fn apply_read(
     let stats = if events.is_empty() {
         ApplyStats::default()
     } else {
-        store.ensure_partitions(&events).await?;
         apply_in(&mut tx, mapper, source, &events, true).await?
     };
     tx.commit().await?;
@@ -240,11 +247,7 @@ pub async fn snapshot(
             } else {
                 format!("public.{t}")
             };
-            vec![src
-                .tables
-                .iter()
-                .find(|c| c.qualified == qualified)
-                .ok_or_else(|| {
+            vec![src.table(&qualified).ok_or_else(|| {
                     anyhow::anyhow!("source `{source}` maps no table `{qualified}` (see [[source.table]] in the config)")
                 })?]
         }

@@ -180,11 +180,18 @@ impl Store {
     /// Creates the monthly `events` partitions the batch needs (once per month
     /// per process), outside the batch transaction.
     pub(crate) async fn ensure_partitions(&self, events: &[ChangeEvent]) -> Result<(), StoreError> {
+        self.ensure_partitions_for(events.iter().map(|e| e.commit_time))
+            .await
+    }
+
+    /// Creates the monthly `events` partitions for these commit times (once
+    /// per month per process), outside any transaction.
+    pub(crate) async fn ensure_partitions_for(
+        &self,
+        times: impl Iterator<Item = chrono::DateTime<chrono::Utc>>,
+    ) -> Result<(), StoreError> {
         use chrono::Datelike;
-        let months: BTreeSet<(i32, u32)> = events
-            .iter()
-            .map(|e| (e.commit_time.year(), e.commit_time.month()))
-            .collect();
+        let months: BTreeSet<(i32, u32)> = times.map(|t| (t.year(), t.month())).collect();
         for (y, m) in months {
             if self
                 .partitions
