@@ -118,6 +118,7 @@ normalize = "email"
         repair: false,
         sample: None,
         wait: Duration::from_secs(120),
+        progress: tributary::progress::Progress::hidden(),
     };
     let t = Instant::now();
     let clean = reconcile(&cfg, &store, &opts).await?;

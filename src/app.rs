@@ -177,6 +177,7 @@ pub async fn execute(cli: Cli) -> anyhow::Result<u8> {
                 &source,
                 table.as_deref(),
                 std::time::Duration::from_secs(wait_secs),
+                crate::progress::Progress::for_terminal(cli.json),
             )
             .await?;
             if cli.json {
@@ -208,6 +209,7 @@ pub async fn execute(cli: Cli) -> anyhow::Result<u8> {
                 repair,
                 sample,
                 wait: std::time::Duration::from_secs(wait_secs),
+                progress: crate::progress::Progress::for_terminal(cli.json),
             };
             let r = crate::reconcile::reconcile(&cfg, &store, &opts).await?;
             if cli.json {

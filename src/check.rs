@@ -232,24 +232,174 @@ async fn check_source(src: &SourceConfig, c: &mut Checks) -> Result<(), sqlx::Er
             );
         }
     }
-    let pub_exists: bool =
-        sqlx::query_scalar("select exists (select 1 from pg_publication where pubname = $1)")
-            .bind(&src.publication)
-            .fetch_one(&mut conn)
-            .await?;
-    c.pass(
-        "publication",
-        format!(
-            "{} {}",
-            src.publication,
-            if pub_exists {
-                "exists"
-            } else {
-                "will be created by run"
-            }
-        ),
-    );
+    check_publication(src, c, &mut conn).await?;
+    check_slot(src, c, &mut conn).await?;
     conn.close().await.ok();
+    Ok(())
+}
+
+/// The publication exists with every mapped table and every operation, or
+/// the role can create or complete it (`run` does that itself).
+async fn check_publication(
+    src: &SourceConfig,
+    c: &mut Checks,
+    conn: &mut PgConnection,
+) -> Result<(), sqlx::Error> {
+    let p = crate::source::quote_ident(&src.publication);
+    let row = sqlx::query(
+        "select p.pubinsert and p.pubupdate and p.pubdelete and p.pubtruncate as all_ops,
+                p.pubowner = r.oid or r.rolsuper as owned
+           from pg_publication p, pg_roles r
+          where p.pubname = $1 and r.rolname = current_user",
+    )
+    .bind(&src.publication)
+    .fetch_optional(&mut *conn)
+    .await?;
+    let tables = src
+        .tables
+        .iter()
+        .map(|t| t.qualified.as_str())
+        .collect::<Vec<_>>()
+        .join(", ");
+    let Some(row) = row else {
+        // CREATE PUBLICATION ... FOR TABLE needs CREATE on the database and
+        // ownership of every table.
+        let (create, owns_all): (bool, bool) = sqlx::query_as(
+            "select has_database_privilege(current_database(), 'CREATE')
+                    or (select rolsuper from pg_roles where rolname = current_user),
+                    coalesce(bool_and(pg_has_role(c.relowner, 'USAGE')), true)
+               from pg_class c where c.oid = any(select to_regclass(t)::oid from unnest($1::text[]) t)",
+        )
+        .bind(src.tables.iter().map(|t| t.qualified.clone()).collect::<Vec<_>>())
+        .fetch_one(&mut *conn)
+        .await?;
+        if create && owns_all {
+            c.pass(
+                "publication",
+                format!("{} missing; run will create it", src.publication),
+            );
+        } else {
+            c.fail(
+                "publication",
+                format!(
+                    "{} missing and the role cannot create it (needs CREATE on the database and ownership of the tables)",
+                    src.publication
+                ),
+                format!("as the tables' owner: CREATE PUBLICATION {p} FOR TABLE {tables}"),
+            );
+        }
+        return Ok(());
+    };
+    let (all_ops, owned): (bool, bool) = (row.get("all_ops"), row.get("owned"));
+    let present: Vec<String> = sqlx::query_scalar(
+        "select schemaname || '.' || tablename from pg_publication_tables where pubname = $1",
+    )
+    .bind(&src.publication)
+    .fetch_all(&mut *conn)
+    .await?;
+    let missing: Vec<&str> = src
+        .tables
+        .iter()
+        .map(|t| t.qualified.as_str())
+        .filter(|t| !present.iter().any(|p| p == t))
+        .collect();
+    if !all_ops {
+        c.fail(
+            "publication",
+            format!("{} does not publish every operation", src.publication),
+            format!("ALTER PUBLICATION {p} SET (publish = 'insert, update, delete, truncate')"),
+        );
+    } else if missing.is_empty() {
+        c.pass(
+            "publication",
+            format!("{} publishes every mapped table", src.publication),
+        );
+    } else if owned {
+        c.pass(
+            "publication",
+            format!(
+                "{} lacks {}; run will add them",
+                src.publication,
+                missing.join(", ")
+            ),
+        );
+    } else {
+        c.fail(
+            "publication",
+            format!("{} lacks {}", src.publication, missing.join(", ")),
+            format!(
+                "as the publication's owner: ALTER PUBLICATION {p} ADD TABLE {}",
+                missing.join(", ")
+            ),
+        );
+    }
+    Ok(())
+}
+
+/// The slot, when it exists, is a pgoutput slot of this database whose WAL is
+/// still there.
+async fn check_slot(
+    src: &SourceConfig,
+    c: &mut Checks,
+    conn: &mut PgConnection,
+) -> Result<(), sqlx::Error> {
+    let row = sqlx::query(
+        "select plugin::text, database::text = current_database() as same_db, active,
+                coalesce(wal_status, '') as wal_status
+           from pg_replication_slots where slot_name = $1",
+    )
+    .bind(&src.slot)
+    .fetch_optional(&mut *conn)
+    .await?;
+    let Some(row) = row else {
+        c.pass(
+            "slot",
+            format!("{} missing; run will create it and snapshot", src.slot),
+        );
+        return Ok(());
+    };
+    let (plugin, same_db, active, wal_status): (Option<String>, Option<bool>, bool, String) = (
+        row.get("plugin"),
+        row.get("same_db"),
+        row.get("active"),
+        row.get("wal_status"),
+    );
+    if plugin.as_deref() != Some("pgoutput") || same_db != Some(true) {
+        c.fail(
+            "slot",
+            format!(
+                "{} exists but is a {} slot{}",
+                src.slot,
+                plugin.as_deref().unwrap_or("physical"),
+                if same_db == Some(true) {
+                    ""
+                } else {
+                    " of another database"
+                }
+            ),
+            "set source.slot to an unused name, or drop that slot if nothing uses it",
+        );
+    } else if wal_status == "lost" {
+        c.fail(
+            "slot",
+            format!("{} was invalidated: the WAL it needed is gone", src.slot),
+            "re-snapshot the source: see \"Slots and WAL retention\" in docs/operations.md",
+        );
+    } else {
+        c.pass(
+            "slot",
+            format!(
+                "{} ({}{})",
+                src.slot,
+                if active { "active" } else { "inactive" },
+                if wal_status.is_empty() {
+                    String::new()
+                } else {
+                    format!(", wal {wal_status}")
+                }
+            ),
+        );
+    }
     Ok(())
 }
 

@@ -206,6 +206,7 @@ struct RawKafka {
 #[serde(deny_unknown_fields)]
 struct RawMetrics {
     listen: String,
+    poll_interval_s: Option<u64>,
 }
 
 // ---------------------------------------------------------------- validated form
@@ -402,8 +403,10 @@ pub struct KafkaConfig {
 /// `[metrics]`.
 #[derive(Debug, Clone)]
 pub struct MetricsConfig {
-    /// Address of the Prometheus endpoint.
+    /// Address of the HTTP endpoint (`/metrics`, `/healthz`, `/readyz`).
     pub listen: std::net::SocketAddr,
+    /// How often slot and store gauges (WAL retained, profiles) are sampled.
+    pub poll_interval: std::time::Duration,
 }
 
 impl Config {
@@ -650,9 +653,19 @@ fn validate(raw: RawConfig, path: &Path) -> Result<Config, ConfigError> {
     let metrics = raw
         .metrics
         .map(|m| {
+            let poll = m.poll_interval_s.unwrap_or(10);
+            if poll == 0 {
+                return Err(invalid(
+                    "metrics.poll_interval_s".into(),
+                    "must be at least 1 (seconds between samples of slot and store gauges)".into(),
+                ));
+            }
             m.listen
                 .parse()
-                .map(|listen| MetricsConfig { listen })
+                .map(|listen| MetricsConfig {
+                    listen,
+                    poll_interval: std::time::Duration::from_secs(poll),
+                })
                 .map_err(|_| {
                     invalid(
                         "metrics.listen".into(),

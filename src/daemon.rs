@@ -25,6 +25,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, SinkConfig, SourceConfig};
+use crate::endpoint::Health;
 use crate::event::{ChangeEvent, Lsn, Op};
 use crate::mapping::Mapper;
 use crate::pgoutput::Decoded;
@@ -41,8 +42,23 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
     let store = Store::connect(&cfg.sink).await?;
     store.migrate().await?;
     let mapper = Arc::new(Mapper::new(&cfg));
+    let health = Arc::new(Health::new(cfg.sources.iter().map(|s| s.name.as_str())));
     if let Some(m) = &cfg.metrics {
-        crate::metrics::install(m)?;
+        let handle = crate::metrics::install()?;
+        crate::endpoint::serve(
+            m.listen,
+            handle,
+            health.clone(),
+            store.clone(),
+            shutdown.clone(),
+        )
+        .await?;
+        tokio::spawn(crate::metrics::sample(
+            cfg.clone(),
+            store.clone(),
+            m.poll_interval,
+            shutdown.clone(),
+        ));
     }
     let mut tasks = JoinSet::new();
     if let Some(every) = cfg.reconcile.interval_s {
@@ -75,6 +91,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
             store: store.clone(),
             mapper: mapper.clone(),
             shutdown: shutdown.clone(),
+            health: health.clone(),
         };
         tasks.spawn(async move { ctx.run().await });
     }
@@ -99,6 +116,7 @@ struct SourceCtx {
     store: Store,
     mapper: Arc<Mapper>,
     shutdown: CancellationToken,
+    health: Arc<Health>,
 }
 
 /// What failed inside a source loop, classified for the retry policy.
@@ -150,6 +168,8 @@ struct StoreSink<'a> {
 impl SnapshotSink for StoreSink<'_> {
     async fn apply(&mut self, events: Vec<ChangeEvent>) -> anyhow::Result<()> {
         self.rows += events.len() as u64;
+        metrics::counter!(crate::metrics::SNAPSHOT_ROWS, "source" => self.ctx.src.name.clone())
+            .increment(events.len() as u64);
         self.ctx
             .store
             .apply(&self.ctx.mapper, &self.ctx.src.name, &events, None)
@@ -163,7 +183,9 @@ impl SourceCtx {
         let mut backoff = self.backoff();
         loop {
             let started = Instant::now();
-            match self.stream_once().await {
+            let result = self.stream_once().await;
+            self.health.set_streaming(&self.src.name, false);
+            match result {
                 Ok(()) => return Ok(()),
                 Err(e) if e.is_transient() && !self.shutdown.is_cancelled() => {
                     if started.elapsed() > Duration::from_secs(60) {
@@ -225,6 +247,7 @@ impl SourceCtx {
             _ => self.initial_snapshot(&mut rep, slot.is_some()).await?,
         };
         rep.start(&src.slot, &src.publication, from).await?;
+        self.health.set_streaming(&src.name, true);
         let result = self.stream(&mut rep, from).await;
         rep.close().await;
         result
@@ -245,6 +268,9 @@ impl SourceCtx {
         }
         let created = rep.create_slot(&src.slot).await?;
         let mut sink = StoreSink { ctx: self, rows: 0 };
+        let running =
+            metrics::gauge!(crate::metrics::SNAPSHOT_RUNNING, "source" => src.name.clone());
+        running.set(1.0);
         let rows = snapshot(
             src,
             &created.snapshot_name,
@@ -252,7 +278,9 @@ impl SourceCtx {
             self.sink.batch_max_events,
             &mut sink,
         )
-        .await?;
+        .await;
+        running.set(0.0);
+        let rows = rows?;
         // Rows the store knows from before this snapshot but the snapshot did
         // not see are gone upstream: withdraw them at the consistent point.
         let gone = self
@@ -549,6 +577,7 @@ async fn scheduled_reconcile(
         repair: cfg.reconcile.repair,
         sample: cfg.reconcile.sample,
         wait: Duration::from_secs(cfg.reconcile.wait_s),
+        progress: crate::progress::Progress::hidden(),
     };
     loop {
         tokio::select! {

@@ -210,6 +210,7 @@ pub async fn demo(duration: u64, keep: bool, json: bool) -> anyhow::Result<u8> {
             repair: false,
             sample: None,
             wait: Duration::from_secs(60),
+            progress: crate::progress::Progress::hidden(),
         },
     )
     .await?;

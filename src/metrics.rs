@@ -1,11 +1,17 @@
-//! The Prometheus endpoint (`[metrics] listen`) and the names of what it exports.
+//! What the daemon exports to Prometheus, and the sampler for the gauges that
+//! need a query (WAL retained by each slot, profile and identity counts).
 //!
 //! Recording goes through the `metrics` facade everywhere; without a
-//! `[metrics]` section nothing is installed and recording costs nothing.
+//! `[metrics]` section nothing is installed and recording costs nothing. The
+//! HTTP side (`/metrics`, `/healthz`, `/readyz`) is in [`crate::endpoint`].
 
-use metrics_exporter_prometheus::PrometheusBuilder;
+use std::time::Duration;
 
-use crate::config::MetricsConfig;
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::store::Store;
 
 /// Unrepaired drift found by the latest scheduled reconciliation.
 pub const RECONCILE_DRIFT: &str = "tributary_reconcile_drift";
@@ -38,6 +44,46 @@ pub const END_TO_END_SECONDS: &str = "tributary_end_to_end_latency_seconds";
 pub const DEAD_LETTERS: &str = "tributary_dead_letters_total";
 /// Identity merges.
 pub const MERGES: &str = "tributary_merges_total";
+/// Bytes of logical replication data received, per source.
+pub const BYTES_RECEIVED: &str = "tributary_source_bytes_received_total";
+/// WAL the source server keeps for the slot (current WAL − restart_lsn), per source.
+pub const WAL_RETAINED: &str = "tributary_source_wal_retained_bytes";
+/// 1 while the source's stream is running, 0 while snapshotting or reconnecting.
+pub const STREAMING: &str = "tributary_source_streaming";
+/// Rows read by snapshots (initial or `tributary snapshot`), per source.
+pub const SNAPSHOT_ROWS: &str = "tributary_snapshot_rows_total";
+/// 1 while a source's initial snapshot runs.
+pub const SNAPSHOT_RUNNING: &str = "tributary_snapshot_running";
+/// Live (unmerged) profiles in the store.
+pub const PROFILES: &str = "tributary_profiles";
+/// Identifiers in the store.
+pub const IDENTITIES: &str = "tributary_identities";
+
+/// Every metric the daemon exports (the dashboard test checks against a scrape).
+pub const ALL: &[&str] = &[
+    EVENTS,
+    TRANSACTIONS,
+    BYTES_RECEIVED,
+    LAG_SECONDS,
+    LAG_BYTES,
+    WAL_RETAINED,
+    STREAMING,
+    RECONNECTS,
+    SNAPSHOT_ROWS,
+    SNAPSHOT_RUNNING,
+    BATCH_EVENTS,
+    APPLY_SECONDS,
+    END_TO_END_SECONDS,
+    DEAD_LETTERS,
+    MERGES,
+    PROFILES,
+    IDENTITIES,
+    RECONCILE_DRIFT,
+    RECONCILE_DRIFT_FOUND,
+    RECONCILE_RUNS,
+    RECONCILE_DURATION,
+    RECONCILE_ROWS,
+];
 
 /// Records one applied batch of `source`: `commit_times` holds one commit time
 /// per transaction in it.
@@ -65,12 +111,64 @@ pub fn batch_applied(
     }
 }
 
-/// Starts the endpoint and describes the metrics.
-pub fn install(cfg: &MetricsConfig) -> anyhow::Result<()> {
-    PrometheusBuilder::new()
-        .with_http_listener(cfg.listen)
-        .install()
-        .map_err(|e| anyhow::anyhow!("metrics.listen = {}: {e}", cfg.listen))?;
+const SECONDS_BUCKETS: &[f64] = &[
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0,
+];
+const EVENTS_BUCKETS: &[f64] = &[1.0, 10.0, 50.0, 100.0, 500.0, 1000.0, 5000.0, 10000.0];
+const RECONCILE_BUCKETS: &[f64] = &[1.0, 5.0, 15.0, 60.0, 300.0, 900.0, 3600.0];
+
+/// Installs the process-wide recorder and describes the metrics. Histograms
+/// are real Prometheus histograms (buckets), so `histogram_quantile` works
+/// across instances.
+pub fn install() -> anyhow::Result<PrometheusHandle> {
+    let handle = PrometheusBuilder::new()
+        .set_buckets_for_metric(Matcher::Full(APPLY_SECONDS.into()), SECONDS_BUCKETS)?
+        .set_buckets_for_metric(Matcher::Full(END_TO_END_SECONDS.into()), SECONDS_BUCKETS)?
+        .set_buckets_for_metric(Matcher::Full(BATCH_EVENTS.into()), EVENTS_BUCKETS)?
+        .set_buckets_for_metric(Matcher::Full(RECONCILE_DURATION.into()), RECONCILE_BUCKETS)?
+        .install_recorder()
+        .map_err(|e| anyhow::anyhow!("cannot install the metrics recorder: {e}"))?;
+    describe();
+    Ok(handle)
+}
+
+/// Samples the gauges that need a query, every `every`, until `shutdown`.
+/// A failed sample is logged at debug (the stream's own errors say more) and
+/// leaves the gauge at its last value.
+pub async fn sample(cfg: Config, store: Store, every: Duration, shutdown: CancellationToken) {
+    loop {
+        for src in &cfg.sources {
+            match crate::source::slot_info(src).await {
+                Ok(Some(info)) => {
+                    if let Some(b) = info.wal_retained_bytes {
+                        metrics::gauge!(WAL_RETAINED, "source" => src.name.clone()).set(b as f64);
+                    }
+                }
+                Ok(None) => {}
+                Err(e) => tracing::debug!(source = %src.name, error = %e, "cannot sample the slot"),
+            }
+        }
+        let counts: Result<(i64, i64), sqlx::Error> = sqlx::query_as(
+            "select (select count(*) from profiles where merged_into is null),
+                    (select count(*) from identities)",
+        )
+        .fetch_one(store.pool())
+        .await;
+        match counts {
+            Ok((profiles, identities)) => {
+                metrics::gauge!(PROFILES).set(profiles as f64);
+                metrics::gauge!(IDENTITIES).set(identities as f64);
+            }
+            Err(e) => tracing::debug!(error = %e, "cannot sample the store"),
+        }
+        tokio::select! {
+            () = tokio::time::sleep(every) => {}
+            () = shutdown.cancelled() => return,
+        }
+    }
+}
+
+fn describe() {
     metrics::describe_gauge!(
         RECONCILE_DRIFT,
         "Drift left unrepaired by the latest scheduled reconciliation"
@@ -115,6 +213,22 @@ pub fn install(cfg: &MetricsConfig) -> anyhow::Result<()> {
     );
     metrics::describe_counter!(DEAD_LETTERS, "Rows sent to dead_letters");
     metrics::describe_counter!(MERGES, "Identity merges");
-    tracing::info!(listen = %cfg.listen, "metrics endpoint listening");
-    Ok(())
+    metrics::describe_counter!(
+        BYTES_RECEIVED,
+        metrics::Unit::Bytes,
+        "Logical replication data received"
+    );
+    metrics::describe_gauge!(
+        WAL_RETAINED,
+        metrics::Unit::Bytes,
+        "WAL the source keeps for the slot (current WAL minus restart_lsn)"
+    );
+    metrics::describe_gauge!(
+        STREAMING,
+        "1 while the source streams, 0 while it snapshots or reconnects"
+    );
+    metrics::describe_counter!(SNAPSHOT_ROWS, "Rows read by snapshots");
+    metrics::describe_gauge!(SNAPSHOT_RUNNING, "1 while the initial snapshot runs");
+    metrics::describe_gauge!(PROFILES, "Live (unmerged) profiles");
+    metrics::describe_gauge!(IDENTITIES, "Identifiers in the identity graph");
 }

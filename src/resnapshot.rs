@@ -12,6 +12,7 @@
 //! Everything goes through the normal apply path, so suppressions (forgotten
 //! people) hold and later streamed changes win by position.
 
+use crate::progress::{Progress, Stage};
 use std::collections::{BTreeSet, HashSet};
 use std::time::{Duration, Instant};
 
@@ -235,6 +236,7 @@ pub async fn snapshot(
     source: &str,
     table: Option<&str>,
     wait: Duration,
+    progress: Progress,
 ) -> anyhow::Result<Vec<TableSnapshot>> {
     let src = cfg
         .source(source)
@@ -257,7 +259,13 @@ pub async fn snapshot(
     prepare_session(&mut conn, src).await?;
     let mut out = Vec::new();
     for t in tables {
-        out.push(snapshot_table(store, &mapper, src, t, &mut conn, wait).await?);
+        let estimate = row_estimate(&mut conn, t).await;
+        let stage = progress.stage(
+            &format!("snapshot {}/{}", src.name, t.qualified),
+            u64::try_from(estimate).ok().filter(|n| *n > 0),
+        );
+        out.push(snapshot_table(store, &mapper, src, t, &mut conn, wait, &stage).await?);
+        stage.done();
     }
     conn.close().await.ok();
     Ok(out)
@@ -270,6 +278,7 @@ async fn snapshot_table(
     t: &TableConfig,
     conn: &mut PgConnection,
     wait: Duration,
+    stage: &Stage,
 ) -> anyhow::Result<TableSnapshot> {
     let reader = TableReader::load(conn, src, t).await?;
     let keys: Vec<&str> = reader
@@ -359,6 +368,9 @@ async fn snapshot_table(
         )
         .await?;
         chunks += 1;
+        stage.inc(applied.rows);
+        metrics::counter!(crate::metrics::SNAPSHOT_ROWS, "source" => src.name.clone())
+            .increment(applied.rows);
         totals.rows += applied.rows;
         totals.applied += applied.applied;
         totals.skipped += applied.skipped;
@@ -375,6 +387,28 @@ async fn snapshot_table(
         chunks,
         totals,
     })
+}
+
+/// About how many rows `table` has, for a progress bar: the planner's
+/// estimate, or a count when the table was never analyzed (then it is new, and
+/// usually small). 0 when unknown.
+async fn row_estimate(conn: &mut PgConnection, t: &TableConfig) -> i64 {
+    let table = format!("{}.{}", quote_ident(&t.schema), quote_ident(&t.name));
+    let estimate: Option<f32> =
+        sqlx::query_scalar("select reltuples from pg_class where oid = $1::regclass")
+            .bind(&table)
+            .fetch_optional(&mut *conn)
+            .await
+            .ok()
+            .flatten();
+    match estimate {
+        #[allow(clippy::cast_possible_truncation)]
+        Some(n) if n >= 0.0 => n as i64,
+        _ => sqlx::query_scalar(sqlx::AssertSqlSafe(format!("select count(*) from {table}")))
+            .fetch_one(&mut *conn)
+            .await
+            .unwrap_or(0),
+    }
 }
 
 /// The SQL type of column `name`, for casting a bound key value.

@@ -1,5 +1,9 @@
 //! `tributary status`: per source the slot, its position and WAL retained, the
-//! stored checkpoint and the last event; profile and dead-letter counts.
+//! stored checkpoint and the last event; profile and dead-letter counts; the
+//! latest reconciliation; and, when `[metrics] listen` is set, what the
+//! running daemon reports (streaming, readiness, its counters).
+//!
+//! The `--json` shape is documented in docs/operations.md ("Status").
 
 use chrono::{DateTime, Utc};
 use serde::Serialize;
@@ -40,6 +44,55 @@ pub struct SourceStatus {
     pub lag_seconds: Option<f64>,
     /// Set when the source could not be reached.
     pub error: Option<String>,
+    /// What the running daemon reports for this source (None without a daemon endpoint).
+    pub daemon: Option<DaemonSource>,
+}
+
+/// A source's figures from the running daemon's `/metrics` (since it started).
+#[derive(Debug, Default, Serialize)]
+pub struct DaemonSource {
+    /// The stream is running (not snapshotting or reconnecting).
+    pub streaming: bool,
+    /// Changes applied.
+    pub events_applied: u64,
+    /// Transactions applied.
+    pub transactions_applied: u64,
+    /// Replication bytes received.
+    pub bytes_received: u64,
+    /// Stream reconnects.
+    pub reconnects: u64,
+    /// Rows read by snapshots.
+    pub snapshot_rows: u64,
+    /// Rows sent to dead_letters.
+    pub dead_letters: u64,
+}
+
+/// The running daemon, reached through `[metrics] listen`.
+#[derive(Debug, Serialize)]
+pub struct DaemonStatus {
+    /// `host:port` asked.
+    pub endpoint: String,
+    /// It answered.
+    pub reachable: bool,
+    /// `/readyz` said ready.
+    pub ready: bool,
+}
+
+/// The latest reconciliation run.
+#[derive(Debug, Serialize, sqlx::FromRow)]
+pub struct LastReconcile {
+    /// `reconcile_runs.run_id`.
+    pub run_id: i64,
+    /// `running`, `clean`, `drift`, `repaired` or `failed`.
+    pub status: String,
+    /// Start.
+    pub started_at: DateTime<Utc>,
+    /// End (None while running).
+    pub finished_at: Option<DateTime<Utc>>,
+    /// Drift found.
+    pub drift_count: i64,
+    /// Drift repaired.
+    pub repaired_count: i64,
 }
 
 /// The whole status document (`status --json`).
@@ -55,6 +108,10 @@ pub struct Status {
     pub identities: i64,
     /// Rows in dead_letters.
     pub dead_letters: i64,
+    /// The latest reconciliation, if any ran.
+    pub last_reconcile: Option<LastReconcile>,
+    /// The daemon's endpoint, when `[metrics] listen` is configured.
+    pub daemon: Option<DaemonStatus>,
 }
 
 /// Gathers the status; a source that cannot be reached is reported, not fatal.
@@ -69,6 +126,16 @@ pub async fn status(cfg: &Config) -> anyhow::Result<Status> {
     )
     .fetch_one(pool)
     .await?;
+    let last_reconcile: Option<LastReconcile> = sqlx::query_as(
+        "select run_id, status, started_at, finished_at, drift_count, repaired_count
+           from reconcile_runs order by run_id desc limit 1",
+    )
+    .fetch_optional(pool)
+    .await?;
+    let scraped = match &cfg.metrics {
+        Some(m) => Some((m.listen, daemon_endpoint(m.listen).await)),
+        None => None,
+    };
     let mut sources = Vec::new();
     for src in &cfg.sources {
         let cp: Option<(String, bool)> = sqlx::query_as("select lsn::text, snapshot_completed_at is not null from checkpoints where source = $1")
@@ -96,6 +163,10 @@ pub async fn status(cfg: &Config) -> anyhow::Result<Status> {
             #[allow(clippy::cast_precision_loss)]
             lag_seconds: last.map(|t| (Utc::now() - t).num_milliseconds() as f64 / 1000.0),
             error: None,
+            daemon: scraped
+                .as_ref()
+                .and_then(|(_, d)| d.as_ref())
+                .map(|(_, metrics)| daemon_source(metrics, &src.name)),
         };
         match query_conn(src).await {
             Ok(mut conn) => {
@@ -134,7 +205,67 @@ pub async fn status(cfg: &Config) -> anyhow::Result<Status> {
         merged_profiles: counts.get("merged"),
         identities: counts.get("identities"),
         dead_letters: counts.get("dead"),
+        last_reconcile,
+        daemon: scraped.map(|(listen, d)| DaemonStatus {
+            endpoint: listen.to_string(),
+            reachable: d.is_some(),
+            ready: d.is_some_and(|(ready, _)| ready),
+        }),
     })
+}
+
+/// `/readyz` and `/metrics` of the daemon at `listen`; None when it does not answer.
+async fn daemon_endpoint(listen: std::net::SocketAddr) -> Option<(bool, String)> {
+    let (ready, _) = http_get(listen, "/readyz").await?;
+    let (_, metrics) = http_get(listen, "/metrics").await?;
+    Some((ready == 200, metrics))
+}
+
+/// A plain HTTP/1.1 GET against our own endpoint: (status, body). Two seconds
+/// at most; anything unexpected is None.
+async fn http_get(addr: std::net::SocketAddr, path: &str) -> Option<(u16, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let fetch = async {
+        let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
+        let req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+        s.write_all(req.as_bytes()).await.ok()?;
+        let mut resp = String::new();
+        s.read_to_string(&mut resp).await.ok()?;
+        let code = resp.split(' ').nth(1)?.parse().ok()?;
+        let (_, body) = resp.split_once("\r\n\r\n")?;
+        Some((code, body.to_owned()))
+    };
+    tokio::time::timeout(std::time::Duration::from_secs(2), fetch)
+        .await
+        .ok()
+        .flatten()
+}
+
+/// One source's figures from a Prometheus text scrape.
+fn daemon_source(metrics: &str, source: &str) -> DaemonSource {
+    use crate::metrics as m;
+    let label = format!("{{source=\"{source}\"}}");
+    let get = |name: &str| -> u64 {
+        let series = format!("{name}{label} ");
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(&series))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .map_or(0, |v| {
+                #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+                let n = v.max(0.0) as u64;
+                n
+            })
+    };
+    DaemonSource {
+        streaming: get(m::STREAMING) == 1,
+        events_applied: get(m::EVENTS),
+        transactions_applied: get(m::TRANSACTIONS),
+        bytes_received: get(m::BYTES_RECEIVED),
+        reconnects: get(m::RECONNECTS),
+        snapshot_rows: get(m::SNAPSHOT_ROWS),
+        dead_letters: get(m::DEAD_LETTERS),
+    }
 }
 
 /// Human rendering.
@@ -152,6 +283,18 @@ pub fn print_human(s: &Status) {
             src.lag_bytes.map_or("-".into(), |b| format!("{b}B")),
             src.last_event_commit_time.map_or("-".into(), |t| t.to_rfc3339()),
         );
+        if let Some(d) = &src.daemon {
+            println!(
+                "  daemon: {} events {} transactions {} received {}B reconnects {} snapshot rows {} dead letters {}",
+                if d.streaming { "streaming" } else { "NOT streaming" },
+                d.events_applied,
+                d.transactions_applied,
+                d.bytes_received,
+                d.reconnects,
+                d.snapshot_rows,
+                d.dead_letters,
+            );
+        }
         if let Some(e) = &src.error {
             println!("  error: {e}");
         }
@@ -167,4 +310,28 @@ pub fn print_human(s: &Status) {
         "profiles {} (merged {}), identities {}, dead letters {}",
         s.profiles, s.merged_profiles, s.identities, s.dead_letters
     );
+    match &s.last_reconcile {
+        Some(r) => println!(
+            "last reconcile: run {} {} started {} drift {} repaired {}",
+            r.run_id,
+            r.status,
+            r.started_at.to_rfc3339(),
+            r.drift_count,
+            r.repaired_count
+        ),
+        None => println!("last reconcile: never"),
+    }
+    match &s.daemon {
+        Some(d) if d.reachable => println!(
+            "daemon at {}: {}",
+            d.endpoint,
+            if d.ready {
+                "ready"
+            } else {
+                "NOT ready (curl /readyz says why)"
+            }
+        ),
+        Some(d) => println!("daemon at {}: not answering (not running?)", d.endpoint),
+        None => {}
+    }
 }

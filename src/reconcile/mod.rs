@@ -109,6 +109,8 @@ pub struct Options {
     pub sample: Option<u64>,
     /// How long to wait for the daemon to pass an anchor.
     pub wait: Duration,
+    /// Progress bars (hidden unless on a terminal).
+    pub progress: crate::progress::Progress,
 }
 
 /// A finished run.
@@ -204,8 +206,13 @@ async fn run(
         let mut conn = query_conn(src).await?;
         prepare_session(&mut conn, src).await?;
         for t in &src.tables {
+            let stage = opts
+                .progress
+                .stage(&format!("rows {}/{}", src.name, t.qualified), None);
             let o = rows::check_table(store, &mapper, src, t, &mut conn, opts.sample, opts.wait)
                 .await?;
+            stage.inc(o.rows_checked);
+            stage.done();
             tracing::info!(run_id, source = %src.name, table = %t.qualified, rows = o.rows_checked,
                 buckets_differing = o.buckets_differing, drifts = o.drifts.len(), unverified = o.unverified,
                 "rows compared");
@@ -221,9 +228,15 @@ async fn run(
     }
     let (drifts, n) = if opts.sample.is_some() {
         let ids: Vec<ProfileId> = sampled.into_iter().collect();
-        profiles::check(store.pool(), &mapper, profiles::Scope::Only(&ids)).await?
+        profiles::check(
+            store.pool(),
+            &mapper,
+            profiles::Scope::Only(&ids),
+            &opts.progress,
+        )
+        .await?
     } else {
-        profiles::check(store.pool(), &mapper, profiles::Scope::All).await?
+        profiles::check(store.pool(), &mapper, profiles::Scope::All, &opts.progress).await?
     };
     report.profiles_checked = n;
     report.drifts.extend(drifts);
@@ -377,7 +390,13 @@ async fn repair(
         conn.close().await.ok();
     }
     let ids: Vec<ProfileId> = profiles.into_iter().collect();
-    let (d, _) = profiles::check(store.pool(), mapper, profiles::Scope::Only(&ids)).await?;
+    let (d, _) = profiles::check(
+        store.pool(),
+        mapper,
+        profiles::Scope::Only(&ids),
+        &crate::progress::Progress::hidden(),
+    )
+    .await?;
     left.extend(d);
     Ok(left)
 }

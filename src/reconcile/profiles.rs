@@ -175,15 +175,19 @@ pub async fn check(
     pool: &PgPool,
     mapper: &Mapper,
     scope: Scope<'_>,
+    progress: &crate::progress::Progress,
 ) -> Result<(Vec<Drift>, u64), StoreError> {
+    let total: u64;
     let chunks: Vec<Chunk<'_>> = match scope {
         Scope::All => {
-            let (lo, hi): (Option<i64>, Option<i64>) = sqlx::query_as(
+            let (lo, hi, n): (Option<i64>, Option<i64>, i64) = sqlx::query_as(
                 "select least((select min(profile_id) from profiles), (select min(profile_id) from contributions)),
-                        greatest((select max(profile_id) from profiles), (select max(profile_id) from contributions))",
+                        greatest((select max(profile_id) from profiles), (select max(profile_id) from contributions)),
+                        (select count(*) from profiles)",
             )
             .fetch_one(pool)
             .await?;
+            total = u64::try_from(n).unwrap_or(0);
             match (lo, hi) {
                 (Some(lo), Some(hi)) => (lo..=hi)
                     .step_by(usize::try_from(CHUNK).unwrap_or(5000))
@@ -192,11 +196,14 @@ pub async fn check(
                 _ => Vec::new(),
             }
         }
-        Scope::Only(ids) => ids
-            .chunks(usize::try_from(CHUNK).unwrap_or(5000))
-            .map(Chunk::Ids)
-            .collect(),
+        Scope::Only(ids) => {
+            total = ids.len() as u64;
+            ids.chunks(usize::try_from(CHUNK).unwrap_or(5000))
+                .map(Chunk::Ids)
+                .collect()
+        }
     };
+    let stage = progress.stage("profiles", Some(total));
     let mut drifts = Vec::new();
     let mut checked = 0u64;
     let mut chunks = chunks.into_iter().peekable();
@@ -211,8 +218,10 @@ pub async fn check(
         for (d, n) in futures_util::future::try_join_all(group).await? {
             drifts.extend(d);
             checked += n;
+            stage.inc(n);
         }
     }
+    stage.done();
     drifts.sort_by(|a, b| (a.profile_id, &a.field).cmp(&(b.profile_id, &b.field)));
     Ok((drifts, checked))
 }

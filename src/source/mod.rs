@@ -228,6 +228,8 @@ pub struct SlotInfo {
     /// Bytes of WAL that can still be written before the slot is in danger of
     /// invalidation (`safe_wal_size`; None without `max_slot_wal_keep_size`).
     pub safe_wal_size: Option<i64>,
+    /// WAL the server keeps for the slot: current WAL position − `restart_lsn`.
+    pub wal_retained_bytes: Option<i64>,
 }
 
 /// Looks the slot up; None when it does not exist.
@@ -239,9 +241,12 @@ pub async fn slot_info(src: &SourceConfig) -> Result<Option<SlotInfo>, SourceErr
         active: bool,
         wal_status: Option<String>,
         safe_wal_size: Option<i64>,
+        wal_retained_bytes: Option<i64>,
     }
     let row: Option<Row> = sqlx::query_as(
-        "select confirmed_flush_lsn::text, active, wal_status, safe_wal_size from pg_replication_slots where slot_name = $1",
+        "select confirmed_flush_lsn::text, active, wal_status, safe_wal_size,
+                pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)::bigint as wal_retained_bytes
+           from pg_replication_slots where slot_name = $1",
     )
     .bind(&src.slot)
     .fetch_optional(&mut conn)
@@ -256,6 +261,7 @@ pub async fn slot_info(src: &SourceConfig) -> Result<Option<SlotInfo>, SourceErr
         active: r.active,
         wal_status: r.wal_status,
         safe_wal_size: r.safe_wal_size,
+        wal_retained_bytes: r.wal_retained_bytes,
     }))
 }
 
@@ -288,6 +294,7 @@ pub struct Replication {
     conn: PgConn,
     decoder: Decoder,
     last_status: Instant,
+    bytes_received: metrics::Counter,
 }
 
 impl Replication {
@@ -304,6 +311,7 @@ impl Replication {
             conn,
             decoder: Decoder::new(&src.name),
             last_status: Instant::now(),
+            bytes_received: metrics::counter!(crate::metrics::BYTES_RECEIVED, "source" => src.name.clone()),
         })
     }
 
@@ -394,6 +402,7 @@ impl Replication {
     pub async fn next(&mut self) -> Result<StreamItem, SourceError> {
         match self.conn.recv_copy().await.map_err(|e| self.wire(e))? {
             CopyMessage::XLogData { start, data, .. } => {
+                self.bytes_received.increment(data.len() as u64);
                 let decoded =
                     self.decoder
                         .decode(start, data)

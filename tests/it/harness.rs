@@ -415,3 +415,40 @@ impl Daemon {
             .map_or(0, |kb| kb * 1024)
     }
 }
+
+/// `GET path` from the daemon's HTTP endpoint: (status, body); (0, "") when
+/// nothing listens.
+pub async fn http_get(addr: &str, path: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let Ok(mut s) = tokio::net::TcpStream::connect(addr).await else {
+        return (0, String::new());
+    };
+    let req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    if s.write_all(req.as_bytes()).await.is_err() {
+        return (0, String::new());
+    }
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).await.ok();
+    let status = resp
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = resp.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+    (status, body.to_owned())
+}
+
+/// `GET /metrics` from the daemon's endpoint (empty when nothing listens).
+pub async fn scrape(addr: &str) -> String {
+    http_get(addr, "/metrics").await.1
+}
+
+/// A free loopback `host:port` for the daemon's endpoint.
+pub fn free_addr() -> String {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    format!("127.0.0.1:{port}")
+}

@@ -12,6 +12,7 @@ mod harness;
 mod large;
 mod merge;
 mod migrate;
+mod operate;
 mod pipeline;
 mod reconcile;
 mod replay;

@@ -490,22 +490,6 @@ async fn a_snapshot_read_never_overwrites_a_change_it_could_not_see() {
     assert_eq!(daemon.stop(), Some(0));
 }
 
-/// `GET /metrics` from the daemon's endpoint.
-async fn scrape(addr: &str) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let Ok(mut s) = tokio::net::TcpStream::connect(addr).await else {
-        return String::new();
-    };
-    s.write_all(
-        format!("GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
-    )
-    .await
-    .unwrap();
-    let mut body = String::new();
-    s.read_to_string(&mut body).await.ok();
-    body
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_daemon_reconciles_on_a_schedule_and_exports_the_drift() {
     let pg = cluster();

@@ -1,0 +1,253 @@
+//! What an operator sees: every exported metric moves during a live stream,
+//! `/readyz` follows the store, `status --json` and `check --json` have the
+//! documented fields, and progress bars draw on a terminal only.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use serde_json::Value;
+
+use crate::faults::{caught_up, Workload};
+use crate::harness::*;
+
+/// Every sample of a scrape: `name{labels}` → value.
+fn samples(scrape: &str) -> BTreeMap<String, f64> {
+    scrape
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+        .filter_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            Some((series.to_owned(), value.parse().ok()?))
+        })
+        .collect()
+}
+
+/// Sum of the samples of `name` (any labels; for a histogram, its `_count`).
+fn total(s: &BTreeMap<String, f64>, name: &str) -> Option<f64> {
+    let hits: Vec<f64> = s
+        .iter()
+        .filter(|(series, _)| {
+            let base = series.split('{').next().unwrap_or("");
+            base == name || base == format!("{name}_count")
+        })
+        .map(|(_, v)| *v)
+        .collect();
+    (!hits.is_empty()).then(|| hits.iter().sum())
+}
+
+async fn ready(addr: &str) -> (u16, Value) {
+    let (code, body) = http_get(addr, "/readyz").await;
+    (code, serde_json::from_str(&body).unwrap_or(Value::Null))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_metric_moves_during_a_live_stream_and_readyz_follows_the_store() {
+    let sources = cluster();
+    let mut store = cluster();
+    let (crm, shop, sink) = sources_and_store(&sources, &store).await;
+    // Rows for the initial snapshot (ids the workload does not use).
+    exec(&crm, "insert into contacts (id, email, first_name) select g, 'pre' || g || '@x.com', 'Pre' || g from generate_series(10001, 10300) g").await;
+    let addr = free_addr();
+    let cfg = write_config(&format!(
+        "{}\n[reconcile]\ninterval_s = 2\n\n[metrics]\nlisten = \"{addr}\"\npoll_interval_s = 1\n",
+        pipeline_config(&crm, &shop, &sink, "op")
+    ));
+    let daemon = Daemon::start(&cfg);
+    wait_until("/healthz", Duration::from_secs(30), || async {
+        http_get(&addr, "/healthz").await.0 == 200
+    })
+    .await;
+    let first = samples(&scrape(&addr).await);
+    wait_until("/readyz", Duration::from_secs(60), || async {
+        ready(&addr).await.0 == 200
+    })
+    .await;
+    let (_, body) = ready(&addr).await;
+    assert_eq!(body["sources"]["crm"], "streaming", "{body}");
+    assert_eq!(body["store"], "reachable", "{body}");
+
+    // A live workload, with a dead letter (an order without an account), a
+    // merge (an account whose email is a contact's) and a reconnect.
+    let mut w = Workload::default();
+    w.run(&crm, &shop, 1500, 11, |_| {}).await;
+    exec(&shop, "insert into accounts (id, email) values (5000, 'u1@x.com');
+                 insert into orders (id, account_id, status, total_cents) values (90000, null, 'paid', 1)").await;
+    exec(&shop, "delete from orders where id = 90000").await;
+    *w.changes.entry("shop").or_default() += 3;
+    exec(
+        &crm,
+        "select pg_terminate_backend(pid) from pg_stat_replication",
+    )
+    .await;
+    w.run(&crm, &shop, 500, 12, |_| {}).await;
+    wait_until("the store caught up", Duration::from_secs(120), || async {
+        caught_up(&shop, &sink, &w).await
+    })
+    .await;
+
+    let counters = [
+        tributary::metrics::EVENTS,
+        tributary::metrics::TRANSACTIONS,
+        tributary::metrics::BYTES_RECEIVED,
+        tributary::metrics::RECONNECTS,
+        tributary::metrics::SNAPSHOT_ROWS,
+        tributary::metrics::BATCH_EVENTS,
+        tributary::metrics::APPLY_SECONDS,
+        tributary::metrics::END_TO_END_SECONDS,
+        tributary::metrics::DEAD_LETTERS,
+        tributary::metrics::MERGES,
+        tributary::metrics::RECONCILE_RUNS,
+        tributary::metrics::RECONCILE_DURATION,
+    ];
+    let (profiles, identities): (i64, i64) = (
+        scalar(
+            &sink,
+            "select count(*) from tributary.profiles where merged_into is null",
+        )
+        .await,
+        scalar(&sink, "select count(*) from tributary.identities").await,
+    );
+    wait_until("every metric moved", Duration::from_secs(60), || async {
+        let last = samples(&scrape(&addr).await);
+        let grew = counters
+            .iter()
+            .all(|m| total(&last, m).unwrap_or(0.0) > total(&first, m).unwrap_or(0.0));
+        let g = |series: &str| last.get(series).copied();
+        grew && g("tributary_source_lag_seconds{source=\"shop\"}").is_some()
+            && g("tributary_source_lag_bytes{source=\"shop\"}").is_some()
+            && g("tributary_source_wal_retained_bytes{source=\"crm\"}").is_some_and(|b| b > 0.0)
+            && g("tributary_source_streaming{source=\"crm\"}") == Some(1.0)
+            && g("tributary_snapshot_running{source=\"crm\"}") == Some(0.0)
+            && g("tributary_profiles") == Some(profiles as f64)
+            && g("tributary_identities") == Some(identities as f64)
+            && g("tributary_reconcile_rows_checked").is_some_and(|n| n > 300.0)
+            && g("tributary_reconcile_drift") == Some(0.0)
+            && g("tributary_reconcile_drift_found").is_some()
+    })
+    .await;
+    let last = samples(&scrape(&addr).await);
+    for m in tributary::metrics::ALL {
+        assert!(total(&last, m).is_some(), "{m} is not exported:\n{last:#?}");
+    }
+    assert_eq!(
+        total(&last, tributary::metrics::SNAPSHOT_ROWS),
+        Some(300.0),
+        "snapshot progress counts the 300 contacts"
+    );
+    assert!(total(&last, tributary::metrics::DEAD_LETTERS) >= Some(1.0));
+    assert!(total(&last, tributary::metrics::RECONNECTS) >= Some(1.0));
+
+    // `status --json`: the documented fields, with the daemon's figures.
+    let out = run_cmd(&cfg, &["status", "--json"]);
+    let st: Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("status --json is not JSON ({e}): {}", text(&out)));
+    assert_eq!(st["profiles"], profiles, "{st:#}");
+    assert_eq!(st["identities"], identities, "{st:#}");
+    assert!(st["dead_letters"].as_i64() >= Some(1), "{st:#}");
+    assert!(st["merged_profiles"].is_i64(), "{st:#}");
+    assert!(st["last_reconcile"]["run_id"].is_i64(), "{st:#}");
+    assert!(st["last_reconcile"]["status"].is_string(), "{st:#}");
+    assert_eq!(st["daemon"]["reachable"], true, "{st:#}");
+    assert_eq!(st["daemon"]["ready"], true, "{st:#}");
+    assert_eq!(st["daemon"]["endpoint"], addr.as_str(), "{st:#}");
+    let srcs = st["sources"].as_array().unwrap();
+    assert_eq!(srcs.len(), 2);
+    for s in srcs {
+        assert_eq!(s["slot_exists"], true, "{s:#}");
+        assert_eq!(s["active"], true, "{s:#}");
+        assert_eq!(s["snapshot_completed"], true, "{s:#}");
+        assert!(
+            s["slot"].is_string() && s["wal_status"].is_string(),
+            "{s:#}"
+        );
+        assert!(
+            s["confirmed_flush_lsn"].as_str().unwrap().contains('/'),
+            "{s:#}"
+        );
+        assert!(s["checkpoint_lsn"].as_str().unwrap().contains('/'), "{s:#}");
+        assert!(s["wal_retained_bytes"].as_i64() > Some(0), "{s:#}");
+        assert!(s["lag_bytes"].is_i64(), "{s:#}");
+        assert!(s["last_event_commit_time"].is_string(), "{s:#}");
+        assert!(s["lag_seconds"].as_f64() >= Some(0.0), "{s:#}");
+        assert!(s["error"].is_null(), "{s:#}");
+        let d = &s["daemon"];
+        assert_eq!(d["streaming"], true, "{s:#}");
+        for n in [
+            "events_applied",
+            "transactions_applied",
+            "bytes_received",
+            "reconnects",
+        ] {
+            assert!(d[n].as_u64() > Some(0), "{n} in {s:#}");
+        }
+        assert!(
+            d["snapshot_rows"].is_u64() && d["dead_letters"].is_u64(),
+            "{s:#}"
+        );
+    }
+    let shop_events = srcs.iter().find(|s| s["name"] == "shop").unwrap()["daemon"]
+        ["events_applied"]
+        .as_u64()
+        .unwrap();
+    assert_eq!(
+        i64::try_from(shop_events).unwrap(),
+        w.changes["shop"],
+        "every shop change applied once"
+    );
+
+    // Progress: a bar on a terminal (script(1) gives the command one), nothing
+    // in a pipe or with --json.
+    let piped = run_cmd(
+        &cfg,
+        &["snapshot", "--source", "crm", "--table", "public.contacts"],
+    );
+    assert!(piped.status.success(), "{}", text(&piped));
+    let err = String::from_utf8_lossy(&piped.stderr);
+    assert!(
+        !err.contains("ETA") && !err.contains('\r'),
+        "no bar in a pipe: {err}"
+    );
+    let cmd = format!(
+        "{} --config {} --log-format json snapshot --source crm --table public.contacts",
+        env!("CARGO_BIN_EXE_tributary"),
+        cfg.display()
+    );
+    let tty = std::process::Command::new("script")
+        .args(["-qefc", &cmd, "/dev/null"])
+        .output()
+        .expect("script(1)");
+    let shown = String::from_utf8_lossy(&tty.stdout);
+    assert!(tty.status.success(), "{shown}");
+    assert!(
+        shown.contains("snapshot crm/public.contacts")
+            && shown.contains("rows")
+            && shown.contains("ETA"),
+        "a bar with rows, rate and ETA on a terminal: {shown}"
+    );
+
+    // The store goes away: unready, and the body says why; back: ready.
+    tokio::task::block_in_place(|| store.stop()).unwrap();
+    wait_until(
+        "unready without the store",
+        Duration::from_secs(30),
+        || async { ready(&addr).await.0 == 503 },
+    )
+    .await;
+    let (_, body) = ready(&addr).await;
+    assert_eq!(body["ready"], false);
+    assert!(
+        body["store"].as_str().unwrap().starts_with("unreachable"),
+        "{body}"
+    );
+    assert_eq!(
+        http_get(&addr, "/healthz").await.0,
+        200,
+        "alive all the same"
+    );
+    tokio::task::block_in_place(|| store.restart()).unwrap();
+    wait_until("ready again", Duration::from_secs(90), || async {
+        ready(&addr).await.0 == 200
+    })
+    .await;
+    assert_eq!(daemon.stop(), Some(0));
+}
