@@ -98,3 +98,53 @@ fn every_config_key_is_in_the_configuration_reference() {
         "only {checked} keys found: is the parser of src/config.rs still right?"
     );
 }
+
+/// `${NAME}` references replaced by a placeholder (the parser would read the
+/// environment).
+fn without_env_refs(text: &str) -> String {
+    let mut out = String::new();
+    let mut rest = text;
+    while let Some(i) = rest.find("${") {
+        out.push_str(&rest[..i]);
+        let end = rest[i..].find('}').map_or(rest.len(), |e| i + e + 1);
+        out.push_str("secret");
+        rest = &rest[end..];
+    }
+    out.push_str(rest);
+    out
+}
+
+/// Every complete config example in the docs (a `toml` block with a `[sink]`)
+/// is accepted by the parser (docker/tributary.toml is checked in deploy.rs).
+#[test]
+fn every_config_example_in_the_docs_parses() {
+    let mut checked = 0;
+    for entry in std::fs::read_dir("docs").unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().and_then(|e| e.to_str()) != Some("md") {
+            continue;
+        }
+        let doc = std::fs::read_to_string(&path).unwrap();
+        for block in doc.split("```toml").skip(1) {
+            let block = block.split("```").next().unwrap();
+            if !block.contains("[sink]") {
+                continue;
+            }
+            // Indented blocks (inside a list) are dedented by their first line.
+            let indent = block
+                .lines()
+                .find(|l| !l.trim().is_empty())
+                .map_or(0, |l| l.len() - l.trim_start().len());
+            let text: String = block
+                .lines()
+                .map(|l| l.get(indent..).unwrap_or(l.trim_start()))
+                .collect::<Vec<_>>()
+                .join("\n");
+            tributary::config::Config::parse(&without_env_refs(&text), &path).unwrap_or_else(|e| {
+                panic!("{}: example does not parse: {e}\n{text}", path.display())
+            });
+            checked += 1;
+        }
+    }
+    assert!(checked >= 1, "no config example found in docs/");
+}
