@@ -484,9 +484,14 @@ pub(crate) async fn apply_in(
 
     // 7. Dead letters: the stream goes on.
     if record_dead_letters && !dead.is_empty() {
+        // One WARN per batch (nothing per row above DEBUG); the rows and their
+        // reasons are in the table.
         for (e, err) in &dead {
-            tracing::warn!(source = %e.source, table = %e.table, lsn = %e.commit_lsn, error = %err, "row sent to dead_letters");
+            tracing::debug!(source = %e.source, table = %e.table, lsn = %e.commit_lsn, error = %err, "row sent to dead_letters");
         }
+        let (first, reason) = &dead[0];
+        tracing::warn!(source = %first.source, rows = dead.len(), first_table = %first.table, first_lsn = %first.commit_lsn,
+            first_error = %reason, "rows sent to dead_letters; the stream goes on");
         sqlx::query(
             "insert into dead_letters (source, lsn, table_name, row, error)
              select s, l::pg_lsn, t, r::jsonb, e from unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[]) as u(s, l, t, r, e)",

@@ -294,6 +294,20 @@ async fn every_metric_moves_during_a_live_stream_and_readyz_follows_the_store() 
         !err.contains("ETA") && !err.contains('\r'),
         "no bar in a pipe: {err}"
     );
+    // Not a terminal: logs are JSON lines, fields first-class.
+    let lines: Vec<Value> = err
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| {
+            serde_json::from_str(l).unwrap_or_else(|e| panic!("log line is not JSON ({e}): {l}"))
+        })
+        .collect();
+    assert!(
+        lines
+            .iter()
+            .any(|l| l["level"] == "INFO" && l["source"] == "crm" && l["message"].is_string()),
+        "{err}"
+    );
     let cmd = format!(
         "{} --config {} --log-format json snapshot --source crm --table public.contacts",
         env!("CARGO_BIN_EXE_tributary"),
