@@ -200,6 +200,9 @@ struct RawField {
 struct RawKafka {
     brokers: Expanded,
     topic_prefix: Option<String>,
+    partitions: Option<i32>,
+    replication_factor: Option<i32>,
+    options: Option<BTreeMap<String, Expanded>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -398,6 +401,22 @@ pub struct KafkaConfig {
     pub brokers: String,
     /// Topic prefix (default `tributary`).
     pub topic_prefix: String,
+    /// Partitions of the topics Tributary creates.
+    pub partitions: i32,
+    /// Replication factor of the topics Tributary creates.
+    pub replication_factor: i32,
+    /// librdkafka properties passed through (security.protocol, sasl.*, ssl.*).
+    pub options: KafkaOptions,
+}
+
+/// librdkafka properties; values may hold secrets, so Debug shows keys only.
+#[derive(Clone, Default)]
+pub struct KafkaOptions(pub BTreeMap<String, String>);
+
+impl fmt::Debug for KafkaOptions {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_list().entries(self.0.keys()).finish()
+    }
 }
 
 /// `[metrics]`.
@@ -646,10 +665,56 @@ fn validate(raw: RawConfig, path: &Path) -> Result<Config, ConfigError> {
             format!("{n} is not a positive number of identifiers"),
         ));
     }
-    let kafka = raw.kafka.map(|k| KafkaConfig {
-        brokers: k.brokers.0,
-        topic_prefix: k.topic_prefix.unwrap_or_else(|| "tributary".into()),
-    });
+    let kafka = match raw.kafka {
+        None => None,
+        Some(k) => {
+            if k.brokers.0.trim().is_empty() {
+                return Err(invalid(
+                    "kafka.brokers".into(),
+                    "is empty; list the bootstrap servers, e.g. \"kafka-1:9092,kafka-2:9092\""
+                        .into(),
+                ));
+            }
+            let partitions = k.partitions.unwrap_or(6);
+            if partitions < 1 {
+                return Err(invalid(
+                    "kafka.partitions".into(),
+                    "must be at least 1".into(),
+                ));
+            }
+            let replication_factor = k.replication_factor.unwrap_or(1);
+            if replication_factor < 1 {
+                return Err(invalid(
+                    "kafka.replication_factor".into(),
+                    "must be at least 1 (3 on a production cluster)".into(),
+                ));
+            }
+            let topic_prefix = k.topic_prefix.unwrap_or_else(|| "tributary".into());
+            if topic_prefix.is_empty()
+                || !topic_prefix
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+            {
+                return Err(invalid(
+                    "kafka.topic_prefix".into(),
+                    format!("`{topic_prefix}`: use letters, digits, `.`, `_` and `-` (Kafka topic names)"),
+                ));
+            }
+            Some(KafkaConfig {
+                brokers: k.brokers.0,
+                topic_prefix,
+                partitions,
+                replication_factor,
+                options: KafkaOptions(
+                    k.options
+                        .unwrap_or_default()
+                        .into_iter()
+                        .map(|(key, v)| (key, v.0))
+                        .collect(),
+                ),
+            })
+        }
+    };
     let metrics = raw
         .metrics
         .map(|m| {

@@ -27,6 +27,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::{Config, SinkConfig, SourceConfig};
 use crate::endpoint::Health;
 use crate::event::{ChangeEvent, Lsn, Op};
+use crate::kafka::{PublishError, Publisher};
 use crate::mapping::Mapper;
 use crate::pgoutput::Decoded;
 use crate::source::snapshot::{snapshot, SnapshotSink};
@@ -60,6 +61,15 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
             shutdown.clone(),
         ));
     }
+    let publisher = match &cfg.kafka {
+        Some(k) => {
+            crate::kafka::create_topics(k, &crate::kafka::change_topics(&cfg, k)).await?;
+            let p = Arc::new(crate::kafka::Publisher::new(k)?);
+            tracing::info!(brokers = %k.brokers, prefix = %k.topic_prefix, "publishing change events to Kafka");
+            Some(p)
+        }
+        None => None,
+    };
     let mut tasks = JoinSet::new();
     if let Some(every) = cfg.reconcile.interval_s {
         tokio::spawn(scheduled_reconcile(
@@ -92,6 +102,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
             mapper: mapper.clone(),
             shutdown: shutdown.clone(),
             health: health.clone(),
+            publisher: publisher.clone(),
         };
         tasks.spawn(async move { ctx.run().await });
     }
@@ -117,6 +128,7 @@ struct SourceCtx {
     mapper: Arc<Mapper>,
     shutdown: CancellationToken,
     health: Arc<Health>,
+    publisher: Option<Arc<Publisher>>,
 }
 
 /// What failed inside a source loop, classified for the retry policy.
@@ -126,6 +138,8 @@ enum LoopError {
     Source(#[from] SourceError),
     #[error(transparent)]
     Store(#[from] StoreError),
+    #[error(transparent)]
+    Kafka(#[from] PublishError),
     #[error(transparent)]
     Other(#[from] anyhow::Error),
 }
@@ -151,6 +165,7 @@ impl LoopError {
                     })
             }
             LoopError::Store(StoreError::Migrate(_)) => false,
+            LoopError::Kafka(e) => e.is_transient(),
             LoopError::Other(e) => e
                 .chain()
                 .any(|c| c.downcast_ref::<std::io::Error>().is_some()),
@@ -170,6 +185,9 @@ impl SnapshotSink for StoreSink<'_> {
         self.rows += events.len() as u64;
         metrics::counter!(crate::metrics::SNAPSHOT_ROWS, "source" => self.ctx.src.name.clone())
             .increment(events.len() as u64);
+        if let Some(p) = &self.ctx.publisher {
+            p.publish(&events).await?;
+        }
         self.ctx
             .store
             .apply(&self.ctx.mapper, &self.ctx.src.name, &events, None)
@@ -516,6 +534,9 @@ impl SourceCtx {
                 }
             }
             let last = next.is_empty();
+            if let Some(p) = &self.publisher {
+                p.publish(&chunk).await?;
+            }
             self.store
                 .apply(&self.mapper, &self.src.name, &chunk, last.then_some(end))
                 .await?;
@@ -537,13 +558,19 @@ impl SourceCtx {
 
     /// Starts applying a batch (with the checkpoint `end`) in the background.
     fn start_apply(&self, batch: Vec<ChangeEvent>, end: Lsn) -> InFlight {
-        let (store, mapper, source) = (
+        let (store, mapper, source, publisher) = (
             self.store.clone(),
             self.mapper.clone(),
             self.src.name.clone(),
+            self.publisher.clone(),
         );
         let task = tokio::spawn(async move {
             let started = std::time::Instant::now();
+            // Delivered before the checkpoint that covers it is committed.
+            if let Some(p) = &publisher {
+                p.publish(&batch).await?;
+                crash_point_after_publish();
+            }
             let stats = store.apply(&mapper, &source, &batch, Some(end)).await?;
             let mut commits: Vec<(Lsn, chrono::DateTime<chrono::Utc>)> = batch
                 .iter()
@@ -558,6 +585,27 @@ impl SourceCtx {
             end,
             started: std::time::Instant::now(),
             task,
+        }
+    }
+}
+
+/// Fault injection for the crash tests: with `TRIBUTARY_TEST_CRASH_AFTER_PUBLISH=N`
+/// the process aborts right after the Nth published batch, before the store
+/// commits it (the window the at-least-once rule is about). Read once.
+fn crash_point_after_publish() {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::OnceLock;
+    static AT: OnceLock<Option<u64>> = OnceLock::new();
+    static N: AtomicU64 = AtomicU64::new(0);
+    let at = AT.get_or_init(|| {
+        std::env::var("TRIBUTARY_TEST_CRASH_AFTER_PUBLISH")
+            .ok()
+            .and_then(|v| v.parse().ok())
+    });
+    if let Some(at) = at {
+        if N.fetch_add(1, Ordering::SeqCst) + 1 == *at {
+            eprintln!("TRIBUTARY_TEST_CRASH_AFTER_PUBLISH: aborting after publishing batch {at}");
+            std::process::abort();
         }
     }
 }
@@ -660,7 +708,7 @@ impl Pending {
 struct InFlight {
     end: Lsn,
     started: std::time::Instant,
-    task: tokio::task::JoinHandle<Result<crate::store::apply::ApplyStats, StoreError>>,
+    task: tokio::task::JoinHandle<Result<crate::store::apply::ApplyStats, LoopError>>,
 }
 
 impl InFlight {

@@ -28,6 +28,7 @@ pub mod endpoint;
 pub mod event;
 pub mod forget;
 pub mod identity;
+pub mod kafka;
 pub mod mapping;
 pub mod metrics;
 pub mod pgoutput;

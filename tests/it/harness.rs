@@ -150,9 +150,15 @@ pub struct Daemon {
 impl Daemon {
     /// Starts `tributary run` with the config; logs go to a file next to it.
     pub fn start(cfg: &Path) -> Daemon {
+        Daemon::start_with_env(cfg, &[])
+    }
+
+    /// Starts `tributary run` with extra environment variables.
+    pub fn start_with_env(cfg: &Path, env: &[(&str, &str)]) -> Daemon {
         let log = cfg.with_extension(format!("log.{}", rand::random::<u16>()));
         let out = std::fs::File::create(&log).unwrap();
         let child = bin()
+            .envs(env.iter().copied())
             .env("RUST_LOG", "info,tributary=debug,sqlx=warn")
             .arg("--config")
             .arg(cfg)

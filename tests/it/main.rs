@@ -9,6 +9,7 @@ mod docs;
 mod faults;
 mod forget;
 mod harness;
+mod kafka;
 mod large;
 mod merge;
 mod migrate;

@@ -1,0 +1,161 @@
+//! The change-event envelope on Kafka: the JSON a Debezium PostgreSQL
+//! connector writes with `value.converter.schemas.enable=false`, so existing
+//! Debezium consumers read it unchanged. Pure: no I/O.
+//!
+//! ```json
+//! {"before": null, "after": {"id": 1, "email": "a@x.com"},
+//!  "source": {"version": "0.1.0", "connector": "tributary", "name": "tributary",
+//!             "ts_ms": 1700000000000, "snapshot": "false", "db": "crm",
+//!             "schema": "public", "table": "contacts", "txId": 743,
+//!             "lsn": 24023128, "sequence": "[\"24023040\",\"24023128\"]",
+//!             "commit_lsn": "0/16E8A40", "seq": 0},
+//!  "op": "c", "ts_ms": 1700000000123, "transaction": null}
+//! ```
+//!
+//! `source.db` is the Tributary source name. `(source.db, source.commit_lsn,
+//! source.seq)` identifies a change exactly once: several changes can share
+//! one `lsn` (a multi-row insert), never a commit LSN and a position.
+
+use serde_json::{json, Map, Value};
+
+use crate::event::{ChangeEvent, Op};
+
+/// What Debezium writes for an unchanged TOASTed value it did not receive.
+pub const UNAVAILABLE: &str = "__debezium_unavailable_value";
+
+/// Debezium's op letter: c(reate), u(pdate), d(elete), r(ead: snapshot), t(runcate).
+pub fn op_letter(op: Op) -> &'static str {
+    match op {
+        Op::Insert => "c",
+        Op::Update => "u",
+        Op::Delete => "d",
+        Op::Snapshot => "r",
+        Op::Truncate => "t",
+    }
+}
+
+/// The topic of a table's changes: `<prefix>.<source>.<schema>.<table>`.
+pub fn change_topic(prefix: &str, source: &str, qualified_table: &str) -> String {
+    format!("{prefix}.{source}.{qualified_table}")
+}
+
+/// The message key: the row's primary key as a JSON object (`{"id":1}`), as
+/// Debezium keys without schemas; none for a truncate.
+pub fn key(e: &ChangeEvent) -> Option<String> {
+    (e.op != Op::Truncate).then(|| Value::Object(e.key.clone()).to_string())
+}
+
+/// The message value. `now_ms` is the publish time (`ts_ms` of the envelope).
+pub fn value(prefix: &str, e: &ChangeEvent, now_ms: i64) -> String {
+    let (schema, table) = e.table.split_once('.').unwrap_or(("public", &e.table));
+    let mut after = e.row.clone();
+    for col in &e.unchanged {
+        after.insert(col.clone(), Value::String(UNAVAILABLE.into()));
+    }
+    let (before, after) = match e.op {
+        Op::Insert | Op::Update | Op::Snapshot => (Value::Null, Value::Object(after)),
+        Op::Delete => (Value::Object(e.row.clone()), Value::Null),
+        Op::Truncate => (Value::Null, Value::Null),
+    };
+    let mut source = Map::new();
+    source.insert("version".into(), json!(env!("CARGO_PKG_VERSION")));
+    source.insert("connector".into(), json!("tributary"));
+    source.insert("name".into(), json!(prefix));
+    source.insert("ts_ms".into(), json!(e.commit_time.timestamp_millis()));
+    source.insert(
+        "snapshot".into(),
+        json!(if e.op == Op::Snapshot {
+            "true"
+        } else {
+            "false"
+        }),
+    );
+    source.insert("db".into(), json!(e.source));
+    source.insert("schema".into(), json!(schema));
+    source.insert("table".into(), json!(table));
+    source.insert("txId".into(), json!(e.xid));
+    source.insert("lsn".into(), json!(e.lsn.0));
+    source.insert(
+        "sequence".into(),
+        json!(format!("[\"{}\",\"{}\"]", e.commit_lsn.0, e.lsn.0)),
+    );
+    source.insert("commit_lsn".into(), json!(e.commit_lsn.to_string()));
+    source.insert("seq".into(), json!(e.seq));
+    json!({
+        "before": before,
+        "after": after,
+        "source": source,
+        "op": op_letter(e.op),
+        "ts_ms": now_ms,
+        "transaction": null,
+    })
+    .to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::Lsn;
+
+    fn ev(op: Op) -> ChangeEvent {
+        let row: Map<String, Value> =
+            serde_json::from_str(r#"{"id": 7, "email": "a@x.com"}"#).unwrap();
+        ChangeEvent {
+            source: "crm".into(),
+            table: "public.contacts".into(),
+            op,
+            key: serde_json::from_str(r#"{"id": 7}"#).unwrap(),
+            row,
+            unchanged: vec!["bio".into()],
+            lsn: Lsn(0x16E_8A58),
+            commit_lsn: Lsn(0x16E_8A40),
+            seq: 3,
+            xid: 743,
+            commit_time: chrono::DateTime::from_timestamp_millis(1_700_000_000_000).unwrap(),
+        }
+    }
+
+    #[test]
+    fn an_update_reads_like_debezium() {
+        let v: Value = serde_json::from_str(&value("tributary", &ev(Op::Update), 5)).unwrap();
+        assert_eq!(v["op"], "u");
+        assert_eq!(v["before"], Value::Null);
+        assert_eq!(v["after"]["email"], "a@x.com");
+        assert_eq!(
+            v["after"]["bio"], UNAVAILABLE,
+            "unchanged TOAST is not NULL"
+        );
+        assert_eq!(v["source"]["db"], "crm");
+        assert_eq!(v["source"]["schema"], "public");
+        assert_eq!(v["source"]["table"], "contacts");
+        assert_eq!(v["source"]["txId"], 743);
+        assert_eq!(v["source"]["lsn"], 0x16E_8A58);
+        assert_eq!(v["source"]["ts_ms"], 1_700_000_000_000_i64);
+        assert_eq!(v["source"]["snapshot"], "false");
+        assert_eq!(v["source"]["commit_lsn"], "0/16E8A40");
+        assert_eq!(v["source"]["seq"], 3);
+        assert_eq!(v["ts_ms"], 5);
+        assert_eq!(key(&ev(Op::Update)).as_deref(), Some(r#"{"id":7}"#));
+    }
+
+    #[test]
+    fn deletes_snapshots_and_truncates_have_their_letters_and_images() {
+        let d: Value = serde_json::from_str(&value("p", &ev(Op::Delete), 0)).unwrap();
+        assert_eq!((d["op"].as_str(), d["after"].is_null()), (Some("d"), true));
+        assert_eq!(d["before"]["id"], 7);
+        let r: Value = serde_json::from_str(&value("p", &ev(Op::Snapshot), 0)).unwrap();
+        assert_eq!(
+            (r["op"].as_str(), r["source"]["snapshot"].as_str()),
+            (Some("r"), Some("true"))
+        );
+        let t: Value = serde_json::from_str(&value("p", &ev(Op::Truncate), 0)).unwrap();
+        assert_eq!(t["op"], "t");
+        assert!(t["before"].is_null() && t["after"].is_null());
+        assert_eq!(key(&ev(Op::Truncate)), None);
+        assert_eq!(op_letter(Op::Insert), "c");
+        assert_eq!(
+            change_topic("p", "crm", "public.contacts"),
+            "p.crm.public.contacts"
+        );
+    }
+}

@@ -1,0 +1,204 @@
+//! Publishing change events to Kafka (`[kafka]`), with delivery confirmed
+//! before the checkpoint that covers them is committed.
+//!
+//! The daemon publishes a batch, waits until the broker has acknowledged every
+//! message (idempotent producer, `acks=all`), and only then applies the batch
+//! to the store with its checkpoint. A crash in between re-reads the batch
+//! from the slot and publishes it again: duplicates are possible, loss is not.
+//! Consumers de-duplicate on `(source.db, source.commit_lsn, source.seq)`.
+//! Within a batch messages are enqueued in commit order and the producer keeps
+//! that order per partition; the key (the row's primary key) keeps each row's
+//! changes on one partition.
+
+pub mod envelope;
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
+
+use crate::config::{Config, KafkaConfig};
+use crate::event::ChangeEvent;
+
+/// What went wrong talking to Kafka.
+#[derive(Debug, thiserror::Error)]
+pub enum PublishError {
+    /// The client could not be created (a bad `[kafka] options` property).
+    #[error("kafka: cannot create the client (check [kafka] brokers and options): {0}")]
+    Client(#[source] KafkaError),
+    /// A topic could not be created.
+    #[error("kafka: cannot create topic {topic}: {error}")]
+    Topic {
+        /// The topic.
+        topic: String,
+        /// What the broker said.
+        error: String,
+    },
+    /// A message was not delivered (the batch is retried).
+    #[error("kafka: delivery to {topic} failed: {error}")]
+    Delivery {
+        /// The topic.
+        topic: String,
+        /// Why.
+        #[source]
+        error: KafkaError,
+    },
+}
+
+impl PublishError {
+    /// Delivery failures are retried (the broker may be back); a bad config is not.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, PublishError::Delivery { .. })
+    }
+}
+
+/// The producer side.
+pub struct Publisher {
+    producer: FutureProducer,
+    prefix: String,
+}
+
+impl std::fmt::Debug for Publisher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Publisher")
+            .field("prefix", &self.prefix)
+            .finish_non_exhaustive()
+    }
+}
+
+fn client_config(k: &KafkaConfig) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", &k.brokers)
+        .set("client.id", "tributary");
+    for (key, v) in &k.options.0 {
+        c.set(key, v);
+    }
+    c
+}
+
+/// Every change topic of the config.
+pub fn change_topics(cfg: &Config, k: &KafkaConfig) -> BTreeSet<String> {
+    cfg.sources
+        .iter()
+        .flat_map(|s| {
+            s.tables
+                .iter()
+                .map(|t| envelope::change_topic(&k.topic_prefix, &s.name, &t.qualified))
+        })
+        .collect()
+}
+
+/// Creates the topics that do not exist yet (existing ones are left alone).
+pub async fn create_topics(k: &KafkaConfig, topics: &BTreeSet<String>) -> Result<(), PublishError> {
+    let admin: AdminClient<DefaultClientContext> =
+        client_config(k).create().map_err(PublishError::Client)?;
+    let new: Vec<NewTopic<'_>> = topics
+        .iter()
+        .map(|t| {
+            NewTopic::new(
+                t,
+                k.partitions,
+                TopicReplication::Fixed(k.replication_factor),
+            )
+        })
+        .collect();
+    let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
+    let results = admin
+        .create_topics(new.iter(), &opts)
+        .await
+        .map_err(PublishError::Client)?;
+    for r in results {
+        match r {
+            Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Err((topic, code)) => {
+                return Err(PublishError::Topic {
+                    topic,
+                    error: code.to_string(),
+                })
+            }
+        }
+    }
+    Ok(())
+}
+
+impl Publisher {
+    /// An idempotent producer (`acks=all`, Java-compatible murmur2
+    /// partitioning); `[kafka] options` may add or override properties.
+    pub fn new(k: &KafkaConfig) -> Result<Publisher, PublishError> {
+        let mut c = ClientConfig::new();
+        c.set("bootstrap.servers", &k.brokers)
+            .set("client.id", "tributary")
+            .set("enable.idempotence", "true")
+            .set("acks", "all")
+            .set("partitioner", "murmur2_random")
+            .set("linger.ms", "5")
+            .set("message.timeout.ms", "30000");
+        for (key, v) in &k.options.0 {
+            c.set(key, v);
+        }
+        Ok(Publisher {
+            producer: c.create().map_err(PublishError::Client)?,
+            prefix: k.topic_prefix.clone(),
+        })
+    }
+
+    /// Publishes `events` in order and returns once the broker acknowledged
+    /// every one of them.
+    pub async fn publish(&self, events: &[ChangeEvent]) -> Result<(), PublishError> {
+        let now = chrono::Utc::now().timestamp_millis();
+        let mut pending: Vec<(String, DeliveryFuture)> = Vec::with_capacity(events.len());
+        for e in events {
+            let topic = envelope::change_topic(&self.prefix, &e.source, &e.table);
+            let value = envelope::value(&self.prefix, e, now);
+            let key = envelope::key(e);
+            let mut record = FutureRecord::<String, String>::to(&topic).payload(&value);
+            if let Some(k) = &key {
+                record = record.key(k);
+            }
+            let mut record = record;
+            loop {
+                match self.producer.send_result(record) {
+                    Ok(f) => {
+                        pending.push((topic.clone(), f));
+                        break;
+                    }
+                    Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
+                        // The local queue is full: wait for the oldest delivery.
+                        record = r;
+                        if !pending.is_empty() {
+                            let (t, f) = pending.remove(0);
+                            Self::confirm(t, f).await?;
+                        } else {
+                            self.producer.poll(Duration::from_millis(10));
+                        }
+                    }
+                    Err((error, _)) => return Err(PublishError::Delivery { topic, error }),
+                }
+            }
+        }
+        for (topic, f) in pending {
+            Self::confirm(topic, f).await?;
+        }
+        Ok(())
+    }
+
+    async fn confirm(topic: String, f: DeliveryFuture) -> Result<(), PublishError> {
+        match f.await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err((error, _))) => Err(PublishError::Delivery { topic, error }),
+            Err(_) => Err(PublishError::Delivery {
+                topic,
+                error: KafkaError::Canceled,
+            }),
+        }
+    }
+
+    /// Waits for everything in flight (at shutdown).
+    pub fn flush(&self) {
+        let _ = self.producer.flush(Duration::from_secs(10));
+    }
+}
