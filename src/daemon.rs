@@ -63,7 +63,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
     }
     let publisher = match &cfg.kafka {
         Some(k) => {
-            crate::kafka::create_topics(k, &crate::kafka::change_topics(&cfg, k)).await?;
+            crate::kafka::create_topics(k, &crate::kafka::all_topics(&cfg, k)).await?;
             let p = Arc::new(crate::kafka::Publisher::new(k)?);
             tracing::info!(brokers = %k.brokers, prefix = %k.topic_prefix, "publishing change events to Kafka");
             Some(p)
@@ -165,6 +165,8 @@ impl LoopError {
                     })
             }
             LoopError::Store(StoreError::Migrate(_)) => false,
+            // Kafka refused the batch's profile changes; the batch rolled back.
+            LoopError::Store(StoreError::Outbox(_)) => true,
             LoopError::Kafka(e) => e.is_transient(),
             LoopError::Other(e) => e
                 .chain()
@@ -188,9 +190,14 @@ impl SnapshotSink for StoreSink<'_> {
         if let Some(p) = &self.ctx.publisher {
             p.publish(&events).await?;
         }
+        let outbox = self
+            .ctx
+            .publisher
+            .as_deref()
+            .map(|p| p as &dyn crate::store::Outbox);
         self.ctx
             .store
-            .apply(&self.ctx.mapper, &self.ctx.src.name, &events, None)
+            .apply_via(&self.ctx.mapper, &self.ctx.src.name, &events, None, outbox)
             .await?;
         Ok(())
     }
@@ -537,8 +544,18 @@ impl SourceCtx {
             if let Some(p) = &self.publisher {
                 p.publish(&chunk).await?;
             }
+            let outbox = self
+                .publisher
+                .as_deref()
+                .map(|p| p as &dyn crate::store::Outbox);
             self.store
-                .apply(&self.mapper, &self.src.name, &chunk, last.then_some(end))
+                .apply_via(
+                    &self.mapper,
+                    &self.src.name,
+                    &chunk,
+                    last.then_some(end),
+                    outbox,
+                )
                 .await?;
             // Status updates between chunks keep the connection alive (the
             // server counts them as replies) without acknowledging anything new.
@@ -571,7 +588,10 @@ impl SourceCtx {
                 p.publish(&batch).await?;
                 crash_point_after_publish();
             }
-            let stats = store.apply(&mapper, &source, &batch, Some(end)).await?;
+            let outbox = publisher.as_deref().map(|p| p as &dyn crate::store::Outbox);
+            let stats = store
+                .apply_via(&mapper, &source, &batch, Some(end), outbox)
+                .await?;
             let mut commits: Vec<(Lsn, chrono::DateTime<chrono::Utc>)> = batch
                 .iter()
                 .map(|e| (e.commit_lsn, e.commit_time))

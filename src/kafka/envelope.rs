@@ -19,6 +19,7 @@
 use serde_json::{json, Map, Value};
 
 use crate::event::{ChangeEvent, Op};
+use crate::store::apply::{DeadLetter, ProfileChange};
 
 /// What Debezium writes for an unchanged TOASTed value it did not receive.
 pub const UNAVAILABLE: &str = "__debezium_unavailable_value";
@@ -37,6 +38,45 @@ pub fn op_letter(op: Op) -> &'static str {
 /// The topic of a table's changes: `<prefix>.<source>.<schema>.<table>`.
 pub fn change_topic(prefix: &str, source: &str, qualified_table: &str) -> String {
     format!("{prefix}.{source}.{qualified_table}")
+}
+
+/// The topic of profile changes: `<prefix>.profiles`, keyed by profile id.
+pub fn profiles_topic(prefix: &str) -> String {
+    format!("{prefix}.profiles")
+}
+
+/// The dead-letter topic, mirroring the `dead_letters` table.
+pub fn dead_letters_topic(prefix: &str) -> String {
+    format!("{prefix}.dead_letters")
+}
+
+/// A profile change: `{"profile_id", "merged_into", "changed", "traits",
+/// "source", "ts_ms"}`; `changed` holds the traits whose value changed (null
+/// when a trait is gone), `traits` the whole profile after the change, so the
+/// latest message per key is the profile (a compacted topic works).
+pub fn profile_value(source: &str, c: &ProfileChange, now_ms: i64) -> String {
+    json!({
+        "profile_id": c.profile_id,
+        "merged_into": c.merged_into,
+        "changed": c.changed,
+        "traits": c.traits,
+        "source": source,
+        "ts_ms": now_ms,
+    })
+    .to_string()
+}
+
+/// A dead letter, as in the `dead_letters` table.
+pub fn dead_letter_value(d: &DeadLetter, now_ms: i64) -> String {
+    json!({
+        "source": d.source,
+        "table": d.table,
+        "lsn": d.lsn.to_string(),
+        "row": d.row,
+        "error": d.error,
+        "ts_ms": now_ms,
+    })
+    .to_string()
 }
 
 /// The message key: the row's primary key as a JSON object (`{"id":1}`), as

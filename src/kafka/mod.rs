@@ -23,6 +23,8 @@ use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
 
 use crate::config::{Config, KafkaConfig};
 use crate::event::ChangeEvent;
+use crate::store::apply::ApplyStats;
+use crate::store::Outbox;
 
 /// What went wrong talking to Kafka.
 #[derive(Debug, thiserror::Error)]
@@ -78,6 +80,29 @@ fn client_config(k: &KafkaConfig) -> ClientConfig {
         c.set(key, v);
     }
     c
+}
+
+impl Outbox for Publisher {
+    fn deliver<'a>(
+        &'a self,
+        source: &'a str,
+        stats: &'a ApplyStats,
+    ) -> futures_util::future::BoxFuture<'a, Result<(), Box<dyn std::error::Error + Send + Sync>>>
+    {
+        Box::pin(async move {
+            self.publish_derived(source, stats)
+                .await
+                .map_err(|e| Box::new(e) as Box<dyn std::error::Error + Send + Sync>)
+        })
+    }
+}
+
+/// Every topic the daemon writes: the change topics, profiles, dead letters.
+pub fn all_topics(cfg: &Config, k: &KafkaConfig) -> BTreeSet<String> {
+    let mut t = change_topics(cfg, k);
+    t.insert(envelope::profiles_topic(&k.topic_prefix));
+    t.insert(envelope::dead_letters_topic(&k.topic_prefix));
+    t
 }
 
 /// Every change topic of the config.
@@ -150,30 +175,67 @@ impl Publisher {
     /// every one of them.
     pub async fn publish(&self, events: &[ChangeEvent]) -> Result<(), PublishError> {
         let now = chrono::Utc::now().timestamp_millis();
-        let mut pending: Vec<(String, DeliveryFuture)> = Vec::with_capacity(events.len());
-        for e in events {
-            let topic = envelope::change_topic(&self.prefix, &e.source, &e.table);
-            let value = envelope::value(&self.prefix, e, now);
-            let key = envelope::key(e);
+        self.send_all(events.iter().map(|e| {
+            (
+                envelope::change_topic(&self.prefix, &e.source, &e.table),
+                envelope::key(e),
+                envelope::value(&self.prefix, e, now),
+            )
+        }))
+        .await
+    }
+
+    /// Publishes a batch's profile changes (keyed by profile id) and dead
+    /// letters, and waits for every acknowledgement.
+    pub async fn publish_derived(
+        &self,
+        source: &str,
+        stats: &ApplyStats,
+    ) -> Result<(), PublishError> {
+        let now = chrono::Utc::now().timestamp_millis();
+        let profiles = envelope::profiles_topic(&self.prefix);
+        let dead = envelope::dead_letters_topic(&self.prefix);
+        let changes = stats.profile_changes.iter().map(|c| {
+            (
+                profiles.clone(),
+                Some(c.profile_id.to_string()),
+                envelope::profile_value(source, c, now),
+            )
+        });
+        let letters = stats.dead.iter().map(|d| {
+            (
+                dead.clone(),
+                Some(format!("{}:{}", d.source, d.table)),
+                envelope::dead_letter_value(d, now),
+            )
+        });
+        self.send_all(changes.chain(letters)).await
+    }
+
+    /// Enqueues every `(topic, key, value)` in order, then waits for all
+    /// acknowledgements (a full local queue waits for the oldest first).
+    async fn send_all(
+        &self,
+        messages: impl Iterator<Item = (String, Option<String>, String)>,
+    ) -> Result<(), PublishError> {
+        let mut pending: std::collections::VecDeque<(String, DeliveryFuture)> =
+            std::collections::VecDeque::new();
+        for (topic, key, value) in messages {
             let mut record = FutureRecord::<String, String>::to(&topic).payload(&value);
             if let Some(k) = &key {
                 record = record.key(k);
             }
-            let mut record = record;
             loop {
                 match self.producer.send_result(record) {
                     Ok(f) => {
-                        pending.push((topic.clone(), f));
+                        pending.push_back((topic.clone(), f));
                         break;
                     }
                     Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
-                        // The local queue is full: wait for the oldest delivery.
                         record = r;
-                        if !pending.is_empty() {
-                            let (t, f) = pending.remove(0);
-                            Self::confirm(t, f).await?;
-                        } else {
-                            self.producer.poll(Duration::from_millis(10));
+                        match pending.pop_front() {
+                            Some((t, f)) => Self::confirm(t, f).await?,
+                            None => self.producer.poll(Duration::from_millis(10)),
                         }
                     }
                     Err((error, _)) => return Err(PublishError::Delivery { topic, error }),

@@ -27,8 +27,36 @@ use crate::resolve::{
 /// Key of the advisory lock that serialises profile writes.
 const APPLY_LOCK: i64 = 0x7472_6962_7574; // "tribut"
 
+/// A profile whose traits (or merge pointer) a batch changed.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct ProfileChange {
+    /// The profile.
+    pub profile_id: ProfileId,
+    /// Set when the batch merged it into another profile.
+    pub merged_into: Option<ProfileId>,
+    /// Traits whose value changed (null: the trait is gone).
+    pub changed: Map<String, Value>,
+    /// All traits after the batch.
+    pub traits: Map<String, Value>,
+}
+
+/// A row the batch sent to `dead_letters`.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct DeadLetter {
+    /// Source name.
+    pub source: String,
+    /// `schema.table`.
+    pub table: String,
+    /// Commit LSN of the change.
+    pub lsn: Lsn,
+    /// The row image.
+    pub row: Map<String, Value>,
+    /// Why it could not be mapped.
+    pub error: String,
+}
+
 /// What one batch did.
-#[derive(Debug, Default, Clone, PartialEq, Eq)]
+#[derive(Debug, Default, Clone, PartialEq)]
 pub struct ApplyStats {
     /// Events in the batch (after truncate expansion).
     pub events: usize,
@@ -44,6 +72,10 @@ pub struct ApplyStats {
     pub merges: usize,
     /// Changes of forgotten people, dropped.
     pub suppressed: usize,
+    /// Profiles whose traits or merge pointer changed, for the profiles topic.
+    pub profile_changes: Vec<ProfileChange>,
+    /// Rows sent to `dead_letters`, for the dead-letter topic.
+    pub dead: Vec<DeadLetter>,
 }
 
 /// Live contributions of `profiles`, grouped by profile; with `with_fields`
@@ -158,10 +190,29 @@ impl Store {
         events: &[ChangeEvent],
         checkpoint: Option<Lsn>,
     ) -> Result<ApplyStats, StoreError> {
+        self.apply_via(mapper, source, events, checkpoint, None)
+            .await
+    }
+
+    /// [`Store::apply`], handing the batch's profile changes and dead letters
+    /// to `outbox` before the commit.
+    pub async fn apply_via(
+        &self,
+        mapper: &Mapper,
+        source: &str,
+        events: &[ChangeEvent],
+        checkpoint: Option<Lsn>,
+        outbox: Option<&dyn super::Outbox>,
+    ) -> Result<ApplyStats, StoreError> {
         self.ensure_partitions(events).await?;
         let mut tx = self.pool.begin().await?;
         lock(&mut tx).await?;
         let stats = apply_in(&mut tx, mapper, source, events, true).await?;
+        if let Some(o) = outbox {
+            o.deliver(source, &stats)
+                .await
+                .map_err(StoreError::Outbox)?;
+        }
         if let Some(lsn) = checkpoint {
             sqlx::query(
                 "insert into checkpoints (source, lsn) values ($1, $2::pg_lsn)
@@ -480,10 +531,20 @@ pub(crate) async fn apply_in(
 
     // 6. Recompute traits of every touched profile from its stored rows.
     stats.profiles_touched = log.dirty.len();
-    refresh_profiles(tx, mapper, &mut state, &log, &before).await?;
+    stats.profile_changes = refresh_profiles(tx, mapper, &mut state, &log, &before).await?;
 
     // 7. Dead letters: the stream goes on.
     if record_dead_letters && !dead.is_empty() {
+        stats.dead = dead
+            .iter()
+            .map(|(e, err)| DeadLetter {
+                source: e.source.clone(),
+                table: e.table.clone(),
+                lsn: e.commit_lsn,
+                row: e.row.clone(),
+                error: err.clone(),
+            })
+            .collect();
         // One WARN per batch (nothing per row above DEBUG); the rows and their
         // reasons are in the table.
         for (e, err) in &dead {
@@ -616,9 +677,10 @@ async fn refresh_profiles(
     state: &mut State,
     log: &ChangeLog,
     before: &HashMap<ProfileId, StoredProfile>,
-) -> Result<(), StoreError> {
+) -> Result<Vec<ProfileChange>, StoreError> {
+    let mut changes = Vec::new();
     if log.dirty.is_empty() {
-        return Ok(());
+        return Ok(changes);
     }
     let fields_dirty: Vec<ProfileId> = log
         .fields_dirty
@@ -733,6 +795,24 @@ async fn refresh_profiles(
         let unchanged =
             old.is_some_and(|o| o.traits == t && o.aggs == aggs && o.merged_into == st.merged_into);
         if !unchanged {
+            let no_traits = Map::new();
+            let old_traits = old.map_or(&no_traits, |o| &o.traits);
+            let mut changed: Map<String, Value> = t
+                .iter()
+                .filter(|(k, v)| old_traits.get(*k) != Some(*v))
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect();
+            for k in old_traits.keys().filter(|k| !t.contains_key(*k)) {
+                changed.insert(k.clone(), Value::Null);
+            }
+            if !changed.is_empty() || old.map(|o| o.merged_into) != Some(st.merged_into) {
+                changes.push(ProfileChange {
+                    profile_id: *p,
+                    merged_into: st.merged_into,
+                    changed,
+                    traits: t.clone(),
+                });
+            }
             upd.id.push(*p);
             upd.merged_into.push(st.merged_into);
             upd.traits.push(Value::Object(t).to_string());
@@ -790,7 +870,7 @@ async fn refresh_profiles(
         .execute(&mut *tx)
         .await?;
     }
-    Ok(())
+    Ok(changes)
 }
 
 /// A `profile_fields` row as stored.

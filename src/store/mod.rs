@@ -37,6 +37,22 @@ pub enum StoreError {
     /// Any query.
     #[error("profile store query failed")]
     Query(#[from] sqlx::Error),
+    /// The outbox (Kafka) did not take the batch's derived changes; the batch
+    /// was rolled back and is retried.
+    #[error("delivering the batch's profile changes before commit failed")]
+    Outbox(#[source] Box<dyn std::error::Error + Send + Sync>),
+}
+
+/// Takes a batch's derived changes (profile changes, dead letters) inside the
+/// store transaction, before it commits: a crash or a failure there rolls the
+/// batch back, so it is delivered again, never lost.
+pub trait Outbox: Send + Sync {
+    /// Delivers what `stats` carries for `source`; Ok only once it is durable.
+    fn deliver<'a>(
+        &'a self,
+        source: &'a str,
+        stats: &'a apply::ApplyStats,
+    ) -> futures_util::future::BoxFuture<'a, Result<(), Box<dyn std::error::Error + Send + Sync>>>;
 }
 
 /// A handle on the profile store.
