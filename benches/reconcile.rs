@@ -85,7 +85,11 @@ normalize = "email"
     );
     let cfg = Config::parse(&text, Path::new("<bench>"))?;
     let shutdown = CancellationToken::new();
-    let daemon = tokio::spawn(tributary::daemon::run(cfg.clone(), shutdown.clone()));
+    let daemon = tokio::spawn(tributary::daemon::run(
+        cfg.clone(),
+        tributary::cli::Role::All,
+        shutdown.clone(),
+    ));
     let t = Instant::now();
     loop {
         let done = scalar_i64(

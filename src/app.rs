@@ -59,11 +59,26 @@ pub async fn execute(cli: Cli) -> anyhow::Result<u8> {
             }
             Ok(0)
         }
-        Command::Run => {
+        Command::Run { role } => {
             let cfg = Config::load(&cli.config)?;
+            if role != crate::cli::Role::All && cfg.kafka.is_none() {
+                return Err(crate::config::ConfigError::Invalid {
+                    path: cli.config.clone(),
+                    key: "kafka".into(),
+                    message: format!(
+                        "`run --role {}` needs a [kafka] section (brokers, topic_prefix)",
+                        if role == crate::cli::Role::Capture {
+                            "capture"
+                        } else {
+                            "apply"
+                        }
+                    ),
+                }
+                .into());
+            }
             let shutdown = CancellationToken::new();
             tokio::spawn(stop_on_signal(shutdown.clone()));
-            crate::daemon::run(cfg, shutdown).await?;
+            crate::daemon::run(cfg, role, shutdown).await?;
             Ok(0)
         }
         Command::Status => {

@@ -36,6 +36,17 @@ pub enum LogFormat {
     Json,
 }
 
+/// What a `run` process does (scaling out over Kafka partitions).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Role {
+    /// Sources to the store (and to Kafka when configured), in one process.
+    All,
+    /// Sources to Kafka only (the store keeps only the checkpoints).
+    Capture,
+    /// Kafka change topics to the store, in a consumer group.
+    Apply,
+}
+
 /// The commands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
@@ -53,7 +64,13 @@ pub enum Command {
     /// Apply the profile-store migrations.
     Migrate,
     /// The daemon: snapshot new sources, then stream all sources until SIGINT/SIGTERM.
-    Run,
+    Run {
+        /// `all`: stream sources into the store (and Kafka if configured);
+        /// `capture`: stream sources into Kafka only; `apply`: consume the
+        /// change topics in a consumer group and apply them to the store.
+        #[arg(long, value_enum, default_value_t = Role::All)]
+        role: Role,
+    },
     /// Per-source replication state, profile counts and dead letters.
     Status,
     /// Re-apply the logged change events of a source from an LSN (idempotent).

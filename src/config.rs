@@ -202,6 +202,7 @@ struct RawKafka {
     topic_prefix: Option<String>,
     partitions: Option<i32>,
     replication_factor: Option<i32>,
+    group_id: Option<String>,
     options: Option<BTreeMap<String, Expanded>>,
 }
 
@@ -405,6 +406,8 @@ pub struct KafkaConfig {
     pub partitions: i32,
     /// Replication factor of the topics Tributary creates.
     pub replication_factor: i32,
+    /// Consumer group of `run --role apply` instances.
+    pub group_id: String,
     /// librdkafka properties passed through (security.protocol, sasl.*, ssl.*).
     pub options: KafkaOptions,
 }
@@ -702,9 +705,12 @@ fn validate(raw: RawConfig, path: &Path) -> Result<Config, ConfigError> {
             }
             Some(KafkaConfig {
                 brokers: k.brokers.0,
-                topic_prefix,
+                topic_prefix: topic_prefix.clone(),
                 partitions,
                 replication_factor,
+                group_id: k
+                    .group_id
+                    .unwrap_or_else(|| format!("{topic_prefix}-apply")),
                 options: KafkaOptions(
                     k.options
                         .unwrap_or_default()

@@ -24,6 +24,7 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use crate::cli::Role;
 use crate::config::{Config, SinkConfig, SourceConfig};
 use crate::endpoint::Health;
 use crate::event::{ChangeEvent, Lsn, Op};
@@ -39,11 +40,17 @@ use crate::store::{Store, StoreError};
 const STATUS_INTERVAL: Duration = Duration::from_secs(10);
 
 /// Runs the daemon until `shutdown` is cancelled or a source fails definitely.
-pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
+pub async fn run(cfg: Config, role: Role, shutdown: CancellationToken) -> anyhow::Result<()> {
     let store = Store::connect(&cfg.sink).await?;
     store.migrate().await?;
     let mapper = Arc::new(Mapper::new(&cfg));
-    let health = Arc::new(Health::new(cfg.sources.iter().map(|s| s.name.as_str())));
+    // An apply-only process streams no source: readiness is the store alone.
+    let streamed: Vec<&str> = if role == Role::Apply {
+        Vec::new()
+    } else {
+        cfg.sources.iter().map(|s| s.name.as_str()).collect()
+    };
+    let health = Arc::new(Health::new(streamed));
     if let Some(m) = &cfg.metrics {
         let handle = crate::metrics::install()?;
         crate::endpoint::serve(
@@ -94,7 +101,20 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
             }
         });
     }
+    if role == Role::Apply {
+        let k = cfg.kafka.clone().context("--role apply needs [kafka]")?;
+        tasks.spawn(crate::kafka::consume::apply_from_kafka(
+            cfg.clone(),
+            k,
+            store.clone(),
+            mapper.clone(),
+            shutdown.clone(),
+        ));
+    }
     for src in cfg.sources.clone() {
+        if role == Role::Apply {
+            break;
+        }
         let ctx = SourceCtx {
             src,
             sink: cfg.sink.clone(),
@@ -103,6 +123,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
             shutdown: shutdown.clone(),
             health: health.clone(),
             publisher: publisher.clone(),
+            to_store: role == Role::All,
         };
         tasks.spawn(async move { ctx.run().await });
     }
@@ -129,6 +150,9 @@ struct SourceCtx {
     shutdown: CancellationToken,
     health: Arc<Health>,
     publisher: Option<Arc<Publisher>>,
+    /// Apply changes to the store (`all`); `capture` only publishes them and
+    /// keeps its checkpoint in the store.
+    to_store: bool,
 }
 
 /// What failed inside a source loop, classified for the retry policy.
@@ -189,6 +213,9 @@ impl SnapshotSink for StoreSink<'_> {
             .increment(events.len() as u64);
         if let Some(p) = &self.ctx.publisher {
             p.publish(&events).await?;
+        }
+        if !self.ctx.to_store {
+            return Ok(());
         }
         let outbox = self
             .ctx
@@ -335,9 +362,14 @@ impl SourceCtx {
                 })
                 .collect();
             for chunk in deletes.chunks(self.sink.batch_max_events) {
-                self.store
-                    .apply(&self.mapper, &src.name, chunk, None)
-                    .await?;
+                if let Some(p) = &self.publisher {
+                    p.publish(chunk).await?;
+                }
+                if self.to_store {
+                    self.store
+                        .apply(&self.mapper, &src.name, chunk, None)
+                        .await?;
+                }
             }
         }
         self.store
@@ -548,11 +580,12 @@ impl SourceCtx {
                 .publisher
                 .as_deref()
                 .map(|p| p as &dyn crate::store::Outbox);
+            let chunk = if self.to_store { &chunk[..] } else { &[] };
             self.store
                 .apply_via(
                     &self.mapper,
                     &self.src.name,
-                    &chunk,
+                    chunk,
                     last.then_some(end),
                     outbox,
                 )
@@ -575,11 +608,12 @@ impl SourceCtx {
 
     /// Starts applying a batch (with the checkpoint `end`) in the background.
     fn start_apply(&self, batch: Vec<ChangeEvent>, end: Lsn) -> InFlight {
-        let (store, mapper, source, publisher) = (
+        let (store, mapper, source, publisher, to_store) = (
             self.store.clone(),
             self.mapper.clone(),
             self.src.name.clone(),
             self.publisher.clone(),
+            self.to_store,
         );
         let task = tokio::spawn(async move {
             let started = std::time::Instant::now();
@@ -589,8 +623,10 @@ impl SourceCtx {
                 crash_point_after_publish();
             }
             let outbox = publisher.as_deref().map(|p| p as &dyn crate::store::Outbox);
+            // A capture process commits only the checkpoint (after delivery).
+            let events = if to_store { &batch[..] } else { &[] };
             let stats = store
-                .apply_via(&mapper, &source, &batch, Some(end), outbox)
+                .apply_via(&mapper, &source, events, Some(end), outbox)
                 .await?;
             let mut commits: Vec<(Lsn, chrono::DateTime<chrono::Utc>)> = batch
                 .iter()

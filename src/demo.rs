@@ -145,7 +145,11 @@ pub async fn demo(duration: u64, keep: bool, json: bool) -> anyhow::Result<u8> {
 
     let cfg = Config::parse(&config_text(&crm, &shop, &sink), Path::new("<demo>"))?;
     let shutdown = CancellationToken::new();
-    let daemon = tokio::spawn(crate::daemon::run(cfg.clone(), shutdown.clone()));
+    let daemon = tokio::spawn(crate::daemon::run(
+        cfg.clone(),
+        crate::cli::Role::All,
+        shutdown.clone(),
+    ));
     say("Running the daemon: snapshot of both sources, then streaming...");
     let started = Instant::now();
     let mut sinkc = loop {

@@ -102,6 +102,7 @@ pub fn value(prefix: &str, e: &ChangeEvent, now_ms: i64) -> String {
     source.insert("connector".into(), json!("tributary"));
     source.insert("name".into(), json!(prefix));
     source.insert("ts_ms".into(), json!(e.commit_time.timestamp_millis()));
+    source.insert("ts_us".into(), json!(e.commit_time.timestamp_micros()));
     source.insert(
         "snapshot".into(),
         json!(if e.op == Op::Snapshot {
@@ -132,6 +133,70 @@ pub fn value(prefix: &str, e: &ChangeEvent, now_ms: i64) -> String {
     .to_string()
 }
 
+/// A change envelope read back into the event it was made from (the apply
+/// role). `source.ts_us` keeps the commit time to the microsecond.
+pub fn decode(key: Option<&[u8]>, value: &[u8]) -> Result<ChangeEvent, String> {
+    let v: Value = serde_json::from_slice(value).map_err(|e| format!("not JSON: {e}"))?;
+    let src = &v["source"];
+    let text = |f: &str| {
+        src[f]
+            .as_str()
+            .map(str::to_owned)
+            .ok_or_else(|| format!("source.{f} missing"))
+    };
+    let op = match v["op"].as_str() {
+        Some("c") => Op::Insert,
+        Some("u") => Op::Update,
+        Some("d") => Op::Delete,
+        Some("r") => Op::Snapshot,
+        Some("t") => Op::Truncate,
+        other => return Err(format!("unknown op {other:?}")),
+    };
+    let image = match op {
+        Op::Delete => &v["before"],
+        _ => &v["after"],
+    };
+    let mut row = image.as_object().cloned().unwrap_or_default();
+    let unchanged: Vec<String> = row
+        .iter()
+        .filter(|(_, v)| v.as_str() == Some(UNAVAILABLE))
+        .map(|(k, _)| k.clone())
+        .collect();
+    for c in &unchanged {
+        row.remove(c);
+    }
+    let key: Map<String, Value> = match key {
+        Some(k) => {
+            serde_json::from_slice(k).map_err(|e| format!("key is not a JSON object: {e}"))?
+        }
+        None => Map::new(),
+    };
+    let commit_lsn = text("commit_lsn")?
+        .parse()
+        .map_err(|e| format!("source.commit_lsn: {e}"))?;
+    let micros = src["ts_us"]
+        .as_i64()
+        .or_else(|| src["ts_ms"].as_i64().map(|m| m * 1000))
+        .ok_or("source.ts_us missing")?;
+    Ok(ChangeEvent {
+        source: text("db")?,
+        table: format!("{}.{}", text("schema")?, text("table")?),
+        op,
+        key,
+        row,
+        unchanged,
+        lsn: crate::event::Lsn(src["lsn"].as_u64().ok_or("source.lsn missing")?),
+        commit_lsn,
+        seq: src["seq"].as_u64().ok_or("source.seq missing")?,
+        xid: src["txId"]
+            .as_u64()
+            .and_then(|x| u32::try_from(x).ok())
+            .ok_or("source.txId missing")?,
+        commit_time: chrono::DateTime::from_timestamp_micros(micros)
+            .ok_or("source.ts_us out of range")?,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -153,6 +218,36 @@ mod tests {
             xid: 743,
             commit_time: chrono::DateTime::from_timestamp_millis(1_700_000_000_000).unwrap(),
         }
+    }
+
+    #[test]
+    fn an_envelope_decodes_to_the_event_it_was_made_from() {
+        for op in [
+            Op::Insert,
+            Op::Update,
+            Op::Delete,
+            Op::Snapshot,
+            Op::Truncate,
+        ] {
+            let mut e = ev(op);
+            e.commit_time = chrono::DateTime::from_timestamp_micros(1_700_000_000_123_456).unwrap();
+            if op == Op::Truncate {
+                e.key = Map::new();
+                e.row = Map::new();
+                e.unchanged.clear();
+            }
+            if op == Op::Delete {
+                e.unchanged.clear();
+            }
+            let k = key(&e);
+            let back = decode(
+                k.as_deref().map(str::as_bytes),
+                value("p", &e, 0).as_bytes(),
+            )
+            .unwrap();
+            assert_eq!(back, e, "{op:?}");
+        }
+        assert!(decode(None, b"{}").is_err());
     }
 
     #[test]

@@ -10,6 +10,7 @@
 //! that order per partition; the key (the row's primary key) keeps each row's
 //! changes on one partition.
 
+pub mod consume;
 pub mod envelope;
 
 use std::collections::BTreeSet;

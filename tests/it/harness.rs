@@ -156,6 +156,16 @@ impl Daemon {
     /// Starts `tributary run` with extra environment variables.
     pub fn start_with_env(cfg: &Path, env: &[(&str, &str)]) -> Daemon {
         let log = cfg.with_extension(format!("log.{}", rand::random::<u16>()));
+        Daemon::spawn(cfg, &["run"], env, &log)
+    }
+
+    /// Starts `tributary <args>` (a long-running command), logging to `log`.
+    pub fn spawn_args(cfg: &Path, args: &[&str], log: &Path) -> Daemon {
+        Daemon::spawn(cfg, args, &[], log)
+    }
+
+    fn spawn(cfg: &Path, args: &[&str], env: &[(&str, &str)], log: &Path) -> Daemon {
+        let log = log.to_owned();
         let out = std::fs::File::create(&log).unwrap();
         let child = bin()
             .envs(env.iter().copied())
@@ -164,7 +174,7 @@ impl Daemon {
             .arg(cfg)
             .arg("--log-format")
             .arg("human")
-            .arg("run")
+            .args(args)
             .stdout(out.try_clone().unwrap())
             .stderr(out)
             .spawn()

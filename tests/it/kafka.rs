@@ -369,3 +369,81 @@ async fn a_crash_between_publish_and_checkpoint_loses_no_event() {
         .collect();
     assert_ordered_per_key(&firsts);
 }
+
+/// Starts `tributary run --role <role>`.
+fn start_role(cfg: &std::path::Path, role: &str) -> Daemon {
+    let log = cfg.with_extension(format!("{role}.log.{}", rand::random::<u16>()));
+    Daemon::spawn_args(cfg, &["run", "--role", role], &log)
+}
+
+/// One capture and two apply instances over Kafka: both apply instances take
+/// part, one is SIGKILLed mid-stream and the other takes its partitions over,
+/// and the final store equals a single-process (`--role all`) run of the same
+/// workload into a second store.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn capture_and_two_apply_instances_equal_a_single_process_run() {
+    let broker = broker();
+    let pg = cluster();
+    let (crm, shop, sink) = two_sources(&pg).await;
+    let reference = create_db(&pg, "reference").await;
+    let prefix = prefix("scale");
+    let kafka = format!(
+        "\n[kafka]\nbrokers = \"{broker}\"\ntopic_prefix = \"{prefix}\"\npartitions = 3\n\
+         options = {{ \"session.timeout.ms\" = \"6000\", \"heartbeat.interval.ms\" = \"500\" }}\n"
+    );
+    let split = write_config(&format!(
+        "{}{kafka}",
+        pipeline_config(&crm, &shop, &sink, "sp")
+    ));
+    let single = write_config(&pipeline_config(&crm, &shop, &reference, "sg"));
+    let one = Daemon::start(&single);
+    let capture = start_role(&split, "capture");
+    let apply_a = start_role(&split, "apply");
+    let apply_b = start_role(&split, "apply");
+    wait_snapshots(&reference, 2).await;
+    wait_snapshots(&sink, 2).await;
+    let mut w = Workload::default();
+    w.run(&crm, &shop, 1500, 41, |_| {}).await;
+    // Both apply instances have applied batches before one of them dies.
+    wait_until(
+        "both apply instances at work",
+        Duration::from_secs(60),
+        || async {
+            let busy = |d: &Daemon| d.log_text().matches("batch applied from kafka").count() > 0;
+            busy(&apply_a) && busy(&apply_b)
+        },
+    )
+    .await;
+    apply_a.kill9();
+    w.run(&crm, &shop, 1500, 42, |_| {}).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    while !(caught_up(&shop, &reference, &w).await
+        && profiles(&sink).await == profiles(&reference).await)
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the split run did not converge to the single-process run:\ncapture:\n{}\napply b:\n{}",
+            capture
+                .log_text()
+                .lines()
+                .filter(|l| !l.contains("DEBUG"))
+                .collect::<Vec<_>>()
+                .join("\n"),
+            apply_b
+                .log_text()
+                .lines()
+                .filter(|l| !l.contains("DEBUG"))
+                .collect::<Vec<_>>()
+                .join("\n"),
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert_eq!(
+        provenance(&sink).await,
+        provenance(&reference).await,
+        "field provenance equal too"
+    );
+    assert_eq!(apply_b.stop(), Some(0));
+    assert_eq!(capture.stop(), Some(0));
+    assert_eq!(one.stop(), Some(0));
+}
