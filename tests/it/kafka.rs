@@ -72,6 +72,11 @@ fn consume_all(broker: &str, topics: &[String], want: usize) -> Vec<Got> {
         }
     }
     consumer.assign(&tpl).unwrap();
+    let got_one = |m: &rdkafka::message::BorrowedMessage<'_>| -> Got {
+        let value: Value = serde_json::from_slice(m.payload().unwrap_or(b"null")).unwrap();
+        let key = m.key().map(|k| String::from_utf8_lossy(k).into_owned());
+        (m.topic().to_owned(), m.partition(), key, value)
+    };
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     let mut got = Vec::new();
     while got.len() < want && std::time::Instant::now() < deadline {
@@ -79,20 +84,15 @@ fn consume_all(broker: &str, topics: &[String], want: usize) -> Vec<Got> {
             break; // "everything": read until 2 s pass without a message (below)
         }
         if let Some(m) = consumer.poll(Duration::from_millis(200)) {
-            let m = m.expect("consume");
-            let value: Value = serde_json::from_slice(m.payload().unwrap_or(b"null")).unwrap();
-            let key = m.key().map(|k| String::from_utf8_lossy(k).into_owned());
-            got.push((m.topic().to_owned(), m.partition(), key, value));
+            got.push(got_one(&m.expect("consume")));
         }
     }
-    // A little longer: anything beyond `want` would be a duplicate.
+    // Until 2 s pass without a message: anything beyond `want` is a duplicate.
     let mut extra = std::time::Instant::now() + Duration::from_secs(2);
     while std::time::Instant::now() < extra {
         if let Some(Ok(m)) = consumer.poll(Duration::from_millis(100)) {
             extra = std::time::Instant::now() + Duration::from_secs(2);
-            let value: Value = serde_json::from_slice(m.payload().unwrap_or(b"null")).unwrap();
-            let key = m.key().map(|k| String::from_utf8_lossy(k).into_owned());
-            got.push((m.topic().to_owned(), m.partition(), key, value));
+            got.push(got_one(&m));
         }
     }
     got
@@ -276,22 +276,18 @@ async fn every_change_is_published_once_in_commit_order_per_key() {
     for g in &got {
         *per_op.entry(g.3["op"].as_str().unwrap()).or_default() += 1;
     }
-    assert_eq!(
-        per_op.get("r").copied().unwrap_or(0),
-        ops.get("snapshot").copied().unwrap_or(0)
-    );
-    assert_eq!(
-        per_op.get("c").copied().unwrap_or(0),
-        ops.get("insert").copied().unwrap_or(0)
-    );
-    assert_eq!(
-        per_op.get("u").copied().unwrap_or(0),
-        ops.get("update").copied().unwrap_or(0)
-    );
-    assert_eq!(
-        per_op.get("d").copied().unwrap_or(0),
-        ops.get("delete").copied().unwrap_or(0)
-    );
+    for (letter, op) in [
+        ("r", "snapshot"),
+        ("c", "insert"),
+        ("u", "update"),
+        ("d", "delete"),
+    ] {
+        assert_eq!(
+            per_op.get(letter).copied().unwrap_or(0),
+            ops.get(op).copied().unwrap_or(0),
+            "{op} messages"
+        );
+    }
     assert_ordered_per_key(&got);
 
     // The envelope, on one update of a contact.

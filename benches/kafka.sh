@@ -1,0 +1,162 @@
+#!/usr/bin/env bash
+# Benchmark (not a test): N row changes (default 1,000,000) published to Kafka by
+# `run --role capture` and applied from Kafka by two `run --role apply` instances,
+# next to a single-process `run` (`--role all`, no Kafka) draining the same backlog,
+# in the same run, on the same machine. Prints events/s for each and writes
+# target/bench/kafka.json.
+#
+#   benches/kafka.sh              # N=1000000
+#   N=100000 benches/kafka.sh     # quicker
+#
+# Needs the PostgreSQL server binaries and ../shared/tools/kafka-test-broker.sh
+# (tansu on 127.0.0.1:$KAFKA_PORT, installed into ~/.cache on first use).
+set -Eeuo pipefail
+cd "$(dirname "$0")/.."
+root=$(pwd)
+shared=${SHARED:-$root/../shared}
+N=${N:-1000000}
+BATCH=100
+SRC_PORT=${SRC_PORT:-56542}
+SINK_PORT=${SINK_PORT:-56543}
+export KAFKA_PORT=${KAFKA_PORT:-19092} TANSU_SOURCE=${TANSU_SOURCE:-pypi}
+cargo build --release --quiet
+BIN=$root/target/release/tributary
+mkdir -p target/bench
+bash "$shared/tools/kafka-test-broker.sh" start >/dev/null
+PGBIN=${PGBIN:-$(dirname "$(readlink -f "$(command -v pg_ctl || ls /usr/lib/postgresql/*/bin/pg_ctl | tail -1)")")}
+TMP=$(mktemp -d /tmp/kafka-bench.XXXXXX)
+RUNAS=()
+if [ "$(id -u)" = 0 ]; then RUNAS=(runuser -u postgres --); chown postgres "$TMP"; fi
+pids=()
+cleanup() {
+  for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  for c in src sink; do
+    [ -d "$TMP/$c" ] && "${RUNAS[@]}" "$PGBIN/pg_ctl" -D "$TMP/$c" -m immediate stop >/dev/null 2>&1 || true
+  done
+  rm -rf "$TMP"
+}
+trap cleanup EXIT
+start() { # name port
+  "${RUNAS[@]}" "$PGBIN/initdb" -D "$TMP/$1" -A trust -U postgres >/dev/null
+  cat >>"$TMP/$1/postgresql.conf" <<CONF
+port = $2
+listen_addresses = '127.0.0.1'
+unix_socket_directories = '$TMP'
+wal_level = logical
+max_replication_slots = 10
+max_wal_senders = 10
+shared_buffers = 512MB
+max_wal_size = 8GB
+synchronous_commit = off
+CONF
+  "${RUNAS[@]}" "$PGBIN/pg_ctl" -D "$TMP/$1" -l "$TMP/$1.log" -w start >/dev/null
+}
+q() { local port=$1 db=$2; shift 2; psql -X -q -v ON_ERROR_STOP=1 -h 127.0.0.1 -p "$port" -U postgres -d "$db" -At "$@"; }
+now() { date +%s.%N; }
+start src "$SRC_PORT"
+start sink "$SINK_PORT"
+q "$SRC_PORT" postgres -c "
+create table contacts(id bigint primary key, email text, first_name text, last_name text, phone text,
+  opted_in boolean, updated_at timestamptz not null default now(), version bigint not null default 1);
+create table orders(id bigint primary key, contact_id bigint not null, status text not null,
+  total_cents bigint not null, created_at timestamptz not null default now(), updated_at timestamptz not null default now());"
+q "$SINK_PORT" postgres -c "create database split" -c "create database single"
+prefix="bench$(date +%s)"
+config() { # db tag [kafka]
+  cat <<CFG
+[sink]
+url = "postgres://postgres@127.0.0.1:$SINK_PORT/$1"
+[[source]]
+name = "crm"
+url = "postgres://postgres@127.0.0.1:$SRC_PORT/postgres"
+slot = "crm_$2"
+publication = "crm_$2"
+  [[source.table]]
+  name = "public.contacts"
+  identity = { email = "email", contact = "id" }
+  version = "version"
+  updated_at = "updated_at"
+  fields = { email = "email", first_name = "first_name", last_name = "last_name", phone = "phone", opted_in = "opted_in" }
+  [[source.table]]
+  name = "public.orders"
+  identity = { contact = "contact_id" }
+  updated_at = "updated_at"
+  [source.table.aggregates]
+  order_count = { fn = "count" }
+  shipped_orders = { fn = "count", only_when = { status = ["shipped"] } }
+  lifetime_value_cents = { fn = "sum", column = "total_cents" }
+CFG
+  if [ -n "${3:-}" ]; then
+    printf '[kafka]\nbrokers = "127.0.0.1:%s"\ntopic_prefix = "%s"\npartitions = 6\n' "$KAFKA_PORT" "$prefix"
+  fi
+}
+config split split kafka >"$TMP/split.toml"
+config single single >"$TMP/single.toml"
+# First runs: slots, publications, (empty) snapshots, topics; then stop.
+for c in "split.toml --role capture" "single.toml"; do
+  set -- $c
+  "$BIN" --config "$TMP/$1" run "${@:2}" >>"$TMP/setup.log" 2>&1 &
+  p=$!
+  for _ in $(seq 1 300); do
+    [ "$(q "$SINK_PORT" "${1%.toml}" -c "select count(*) from tributary.checkpoints where snapshot_completed_at is not null" 2>/dev/null || echo 0)" = 1 ] && break
+    sleep 0.1
+  done
+  kill -TERM "$p"; wait "$p" || true
+done
+# The backlog: N row changes, as in native-backlog.sh.
+quarter=$((N / 4)); txns=$((quarter / BATCH)); rows=$((txns * BATCH * 4))
+q "$SRC_PORT" postgres -c "
+do \$\$ declare t int; begin
+  for t in 0..$((txns - 1)) loop
+    insert into contacts select g, 'user'||g||'@example.com', 'F'||g, 'L'||g, '+1'||g, g % 2 = 0
+      from generate_series(t*$BATCH + 1, (t+1)*$BATCH) g; commit;
+  end loop;
+  for t in 0..$((txns - 1)) loop
+    insert into orders select g, 1 + (g % $quarter), 'paid', g % 10000
+      from generate_series(t*$BATCH + 1, (t+1)*$BATCH) g; commit;
+  end loop;
+  for t in 0..$((txns - 1)) loop
+    update contacts set phone = phone||'x', version = version + 1, updated_at = now()
+      where id between t*$BATCH + 1 and (t+1)*$BATCH; commit;
+  end loop;
+  for t in 0..$((txns - 1)) loop
+    update orders set status = 'shipped', updated_at = now() where id between t*$BATCH + 1 and (t+1)*$BATCH; commit;
+  end loop;
+end \$\$"
+end_lsn=$(q "$SRC_PORT" postgres -c "select pg_current_wal_insert_lsn()")
+want=$((txns * BATCH))
+shipped() { q "$SINK_PORT" "$1" -c "select coalesce(sum((traits->>'shipped_orders')::bigint), 0) from tributary.profiles" 2>/dev/null || echo 0; }
+export RUST_LOG=${RUST_LOG:-info}
+
+# 1. Capture: sources -> Kafka, until its slot has confirmed the backlog's end.
+t0=$(now)
+"$BIN" --config "$TMP/split.toml" run --role capture >"$TMP/capture.log" 2>&1 & pids+=($!)
+until [ "$(q "$SRC_PORT" postgres -c "select coalesce(confirmed_flush_lsn >= '$end_lsn', false) from pg_replication_slots where slot_name = 'crm_split'")" = t ]; do sleep 0.1; done
+capture_s=$(awk "BEGIN{print $(now) - $t0}")
+echo "capture (publish to Kafka): $rows events in ${capture_s}s = $(awk "BEGIN{printf \"%d\", $rows / $capture_s}") events/s"
+
+# 2. Apply: Kafka -> store, two instances in one consumer group.
+t0=$(now)
+for i in 1 2; do "$BIN" --config "$TMP/split.toml" run --role apply >"$TMP/apply$i.log" 2>&1 & pids+=($!); done
+until [ "$(shipped split)" = "$want" ]; do sleep 0.2; done
+apply_s=$(awk "BEGIN{print $(now) - $t0}")
+echo "apply (2 instances from Kafka): $rows events in ${apply_s}s = $(awk "BEGIN{printf \"%d\", $rows / $apply_s}") events/s"
+
+# 3. Single process, no Kafka, the same backlog into another store.
+t0=$(now)
+"$BIN" --config "$TMP/single.toml" run >"$TMP/single.log" 2>&1 & pids+=($!)
+until [ "$(shipped single)" = "$want" ]; do sleep 0.2; done
+single_s=$(awk "BEGIN{print $(now) - $t0}")
+echo "single process (--role all): $rows events in ${single_s}s = $(awk "BEGIN{printf \"%d\", $rows / $single_s}") events/s"
+
+same=$(diff <(q "$SINK_PORT" split -c "select traits::text from tributary.profile_view order by traits->>'email'") \
+            <(q "$SINK_PORT" single -c "select traits::text from tributary.profile_view order by traits->>'email'") >/dev/null && echo true || echo false)
+echo "stores equal: $same"
+cat >"$root/target/bench/kafka.json" <<JSON
+{"rows": $rows, "capture_s": $capture_s, "apply_s": $apply_s, "single_s": $single_s,
+ "capture_events_per_s": $(awk "BEGIN{printf \"%d\", $rows / $capture_s}"),
+ "apply_events_per_s": $(awk "BEGIN{printf \"%d\", $rows / $apply_s}"),
+ "single_events_per_s": $(awk "BEGIN{printf \"%d\", $rows / $single_s}"),
+ "stores_equal": $same}
+JSON
