@@ -22,7 +22,7 @@ export KAFKA_PORT=${KAFKA_PORT:-19092} TANSU_SOURCE=${TANSU_SOURCE:-pypi}
 cargo build --release --quiet
 BIN=$root/target/release/tributary
 mkdir -p target/bench
-bash "$shared/tools/kafka-test-broker.sh" start >/dev/null
+(exec 3<>"/dev/tcp/127.0.0.1/$KAFKA_PORT") 2>/dev/null || bash "$shared/tools/kafka-test-broker.sh" start >/dev/null
 PGBIN=${PGBIN:-$(dirname "$(readlink -f "$(command -v pg_ctl || ls /usr/lib/postgresql/*/bin/pg_ctl | tail -1)")")}
 TMP=$(mktemp -d /tmp/kafka-bench.XXXXXX)
 RUNAS=()
@@ -31,6 +31,7 @@ pids=()
 cleanup() {
   for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
   wait 2>/dev/null || true
+  mkdir -p "$root/target/bench/kafka-logs" && cp "$TMP"/*.log "$root/target/bench/kafka-logs/" 2>/dev/null || true
   for c in src sink; do
     [ -d "$TMP/$c" ] && "${RUNAS[@]}" "$PGBIN/pg_ctl" -D "$TMP/$c" -m immediate stop >/dev/null 2>&1 || true
   done
