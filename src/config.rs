@@ -888,6 +888,33 @@ strategy = "priority"
     }
 
     #[test]
+    fn kafka_options_take_secrets_from_the_environment_and_never_show_them() {
+        // PATH stands in for a secret: set everywhere, and long enough to be unique.
+        let secret = std::env::var("PATH").unwrap();
+        let text = format!(
+            "{GOOD}\n[kafka]\nbrokers = \"k:9092\"\noptions = {{ \"sasl.mechanism\" = \"SCRAM-SHA-512\", \"sasl.password\" = \"${{PATH}}\" }}\n"
+        );
+        let cfg = parse(&text).unwrap();
+        let k = cfg.kafka.as_ref().unwrap();
+        assert_eq!(k.options.0["sasl.password"], secret);
+        assert_eq!(k.options.0["sasl.mechanism"], "SCRAM-SHA-512");
+        assert_eq!(k.group_id, "tributary-apply");
+        let shown = format!("{cfg:?}");
+        assert!(
+            shown.contains("sasl.password") && !shown.contains(&secret),
+            "{shown}"
+        );
+        let bad = text.replace(
+            "brokers = \"k:9092\"",
+            "brokers = \"k:9092\"\npartitions = 0",
+        );
+        assert!(parse(&bad)
+            .unwrap_err()
+            .to_string()
+            .contains("kafka.partitions"));
+    }
+
+    #[test]
     fn invalid_values_name_the_key_and_the_fix() {
         let cases = [
             (
