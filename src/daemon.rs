@@ -217,11 +217,7 @@ impl SnapshotSink for StoreSink<'_> {
         if !self.ctx.to_store {
             return Ok(());
         }
-        let outbox = self
-            .ctx
-            .publisher
-            .as_deref()
-            .map(|p| p as &dyn crate::store::Outbox);
+        let outbox = outbox(self.ctx.publisher.as_ref());
         self.ctx
             .store
             .apply_via(&self.ctx.mapper, &self.ctx.src.name, &events, None, outbox)
@@ -576,10 +572,7 @@ impl SourceCtx {
             if let Some(p) = &self.publisher {
                 p.publish(&chunk).await?;
             }
-            let outbox = self
-                .publisher
-                .as_deref()
-                .map(|p| p as &dyn crate::store::Outbox);
+            let outbox = outbox(self.publisher.as_ref());
             let chunk = if self.to_store { &chunk[..] } else { &[] };
             self.store
                 .apply_via(
@@ -622,7 +615,7 @@ impl SourceCtx {
                 p.publish(&batch).await?;
                 crash_point_after_publish();
             }
-            let outbox = publisher.as_deref().map(|p| p as &dyn crate::store::Outbox);
+            let outbox = outbox(publisher.as_ref());
             // A capture process commits only the checkpoint (after delivery).
             let events = if to_store { &batch[..] } else { &[] };
             let stats = store
@@ -643,6 +636,11 @@ impl SourceCtx {
             task,
         }
     }
+}
+
+/// The publisher as the store's outbox for a batch's profile changes and dead letters.
+fn outbox(publisher: Option<&Arc<Publisher>>) -> Option<&dyn crate::store::Outbox> {
+    publisher.map(|p| &**p as &dyn crate::store::Outbox)
 }
 
 /// Fault injection for the crash tests: with `TRIBUTARY_TEST_CRASH_AFTER_PUBLISH=N`

@@ -14,7 +14,6 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::message::Message;
 use rdkafka::{Offset, TopicPartitionList};
@@ -33,15 +32,15 @@ pub async fn apply_from_kafka(
     mapper: Arc<Mapper>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let mut c = ClientConfig::new();
-    c.set("bootstrap.servers", &k.brokers)
-        .set("client.id", "tributary-apply")
-        .set("group.id", &k.group_id)
-        .set("enable.auto.commit", "false")
-        .set("auto.offset.reset", "earliest");
-    for (key, v) in &k.options.0 {
-        c.set(key, v);
-    }
+    let c = super::client_config(
+        &k,
+        "tributary-apply",
+        &[
+            ("group.id", k.group_id.as_str()),
+            ("enable.auto.commit", "false"),
+            ("auto.offset.reset", "earliest"),
+        ],
+    );
     let consumer: StreamConsumer = c.create().map_err(|e| {
         anyhow::anyhow!(
             "kafka: cannot create the consumer (check [kafka] brokers and options): {e}"

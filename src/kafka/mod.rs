@@ -73,10 +73,19 @@ impl std::fmt::Debug for Publisher {
     }
 }
 
-fn client_config(k: &KafkaConfig) -> ClientConfig {
+/// A librdkafka config: the brokers, `client.id`, the client's own
+/// `defaults`, then `[kafka] options` (which may override any of them).
+pub(crate) fn client_config(
+    k: &KafkaConfig,
+    client_id: &str,
+    defaults: &[(&str, &str)],
+) -> ClientConfig {
     let mut c = ClientConfig::new();
     c.set("bootstrap.servers", &k.brokers)
-        .set("client.id", "tributary");
+        .set("client.id", client_id);
+    for (key, v) in defaults {
+        c.set(*key, *v);
+    }
     for (key, v) in &k.options.0 {
         c.set(key, v);
     }
@@ -120,8 +129,9 @@ pub fn change_topics(cfg: &Config, k: &KafkaConfig) -> BTreeSet<String> {
 
 /// Creates the topics that do not exist yet (existing ones are left alone).
 pub async fn create_topics(k: &KafkaConfig, topics: &BTreeSet<String>) -> Result<(), PublishError> {
-    let admin: AdminClient<DefaultClientContext> =
-        client_config(k).create().map_err(PublishError::Client)?;
+    let admin: AdminClient<DefaultClientContext> = client_config(k, "tributary", &[])
+        .create()
+        .map_err(PublishError::Client)?;
     let new: Vec<NewTopic<'_>> = topics
         .iter()
         .map(|t| {
@@ -155,17 +165,17 @@ impl Publisher {
     /// An idempotent producer (`acks=all`, Java-compatible murmur2
     /// partitioning); `[kafka] options` may add or override properties.
     pub fn new(k: &KafkaConfig) -> Result<Publisher, PublishError> {
-        let mut c = ClientConfig::new();
-        c.set("bootstrap.servers", &k.brokers)
-            .set("client.id", "tributary")
-            .set("enable.idempotence", "true")
-            .set("acks", "all")
-            .set("partitioner", "murmur2_random")
-            .set("linger.ms", "5")
-            .set("message.timeout.ms", "30000");
-        for (key, v) in &k.options.0 {
-            c.set(key, v);
-        }
+        let c = client_config(
+            k,
+            "tributary",
+            &[
+                ("enable.idempotence", "true"),
+                ("acks", "all"),
+                ("partitioner", "murmur2_random"),
+                ("linger.ms", "5"),
+                ("message.timeout.ms", "30000"),
+            ],
+        );
         Ok(Publisher {
             producer: c.create().map_err(PublishError::Client)?,
             prefix: k.topic_prefix.clone(),
