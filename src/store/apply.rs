@@ -729,27 +729,17 @@ async fn refresh_profiles(
     }
 
     // Current provenance of the field-dirty profiles, to diff against.
-    let stored_fields: Vec<StoredField> = sqlx::query_as(
-        "select profile_id, field, value, source, table_name, row_key, freshness, lsn::text as lsn
-           from profile_fields where profile_id = any($1)",
-    )
+    let stored_fields: Vec<ProvenanceRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "select {} from profile_fields where profile_id = any($1)",
+        ProvenanceRow::COLUMNS
+    )))
     .bind(&fields_dirty)
     .fetch_all(&mut *tx)
     .await?;
     let mut old_winners: HashMap<(ProfileId, String), Winner> = HashMap::new();
     for f in stored_fields {
-        let row = RowRef {
-            source: f.source,
-            table: f.table_name,
-            row_key: f.row_key,
-        };
-        let w = Winner {
-            value: f.value.0,
-            row,
-            freshness: f.freshness,
-            lsn: f.lsn.parse().unwrap_or_default(),
-        };
-        old_winners.insert((f.profile_id, f.field), w);
+        let key = (f.profile_id, f.field.clone());
+        old_winners.insert(key, f.winner());
     }
 
     let mut upd = ProfileRows::default();
@@ -871,19 +861,6 @@ async fn refresh_profiles(
         .await?;
     }
     Ok(changes)
-}
-
-/// A `profile_fields` row as stored.
-#[derive(sqlx::FromRow)]
-struct StoredField {
-    profile_id: i64,
-    field: String,
-    value: Json<Value>,
-    source: String,
-    table_name: String,
-    row_key: String,
-    freshness: chrono::DateTime<chrono::Utc>,
-    lsn: String,
 }
 
 /// `profiles` rows to upsert, column by column.
