@@ -20,7 +20,7 @@ use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
 
 use crate::config::{Config, KafkaConfig};
 use crate::event::ChangeEvent;
@@ -268,10 +268,5 @@ impl Publisher {
                 error: KafkaError::Canceled,
             }),
         }
-    }
-
-    /// Waits for everything in flight (at shutdown).
-    pub fn flush(&self) {
-        let _ = self.producer.flush(Duration::from_secs(10));
     }
 }
