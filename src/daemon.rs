@@ -18,7 +18,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use backon::BackoffBuilder;
 use serde_json::{Map, Value};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
@@ -28,9 +27,10 @@ use crate::cli::Role;
 use crate::config::{Config, SinkConfig, SourceConfig};
 use crate::endpoint::Health;
 use crate::event::{ChangeEvent, Lsn, Op};
-use crate::kafka::{PublishError, Publisher};
 use crate::mapping::Mapper;
 use crate::pgoutput::Decoded;
+use crate::retry::Action;
+use crate::sink::{Sink, SinkError};
 use crate::source::snapshot::{snapshot, SnapshotSink};
 use crate::source::spill::TxnBuffer;
 use crate::source::{ensure_publication, slot_info, Replication, SourceError, StreamItem};
@@ -77,6 +77,7 @@ pub async fn run(cfg: Config, role: Role, shutdown: CancellationToken) -> anyhow
         }
         None => None,
     };
+    let sink = Sink::new(store.clone(), mapper.clone(), publisher, role);
     let mut tasks = JoinSet::new();
     if let Some(every) = cfg.reconcile.interval_s {
         tokio::spawn(scheduled_reconcile(
@@ -106,8 +107,7 @@ pub async fn run(cfg: Config, role: Role, shutdown: CancellationToken) -> anyhow
         tasks.spawn(crate::kafka::consume::apply_from_kafka(
             cfg.clone(),
             k,
-            store.clone(),
-            mapper.clone(),
+            sink.clone(),
             shutdown.clone(),
         ));
     }
@@ -117,13 +117,10 @@ pub async fn run(cfg: Config, role: Role, shutdown: CancellationToken) -> anyhow
         }
         let ctx = SourceCtx {
             src,
-            sink: cfg.sink.clone(),
-            store: store.clone(),
-            mapper: mapper.clone(),
+            settings: cfg.sink.clone(),
+            sink: sink.clone(),
             shutdown: shutdown.clone(),
             health: health.clone(),
-            publisher: publisher.clone(),
-            to_store: role == Role::All,
         };
         tasks.spawn(async move { ctx.run().await });
     }
@@ -144,18 +141,15 @@ pub async fn run(cfg: Config, role: Role, shutdown: CancellationToken) -> anyhow
 
 struct SourceCtx {
     src: SourceConfig,
-    sink: SinkConfig,
-    store: Store,
-    mapper: Arc<Mapper>,
+    /// Batch sizes, memory budget, spill directory.
+    settings: SinkConfig,
+    /// The one write path (it knows the role and the publisher).
+    sink: Sink,
     shutdown: CancellationToken,
     health: Arc<Health>,
-    publisher: Option<Arc<Publisher>>,
-    /// Apply changes to the store (`all`); `capture` only publishes them and
-    /// keeps its checkpoint in the store.
-    to_store: bool,
 }
 
-/// What failed inside a source loop, classified for the retry policy.
+/// What failed inside a source loop, classified by the retry policy.
 #[derive(Debug, thiserror::Error)]
 enum LoopError {
     #[error(transparent)]
@@ -163,64 +157,37 @@ enum LoopError {
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error(transparent)]
-    Kafka(#[from] PublishError),
+    Sink(#[from] SinkError),
     #[error(transparent)]
     Other(#[from] anyhow::Error),
 }
 
 impl LoopError {
-    /// The one place that decides what is retried.
-    fn is_transient(&self) -> bool {
+    /// What [`crate::retry`] does about it.
+    fn action(&self) -> Action {
         match self {
-            LoopError::Source(e) => e.is_transient(),
-            LoopError::Store(StoreError::Query(e) | StoreError::Connect { source: e, .. }) => {
-                matches!(
-                    e,
-                    sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed
-                ) || e
-                    .as_database_error()
-                    .and_then(|d| d.code())
-                    .is_some_and(|c| {
-                        c.starts_with("08")
-                            || matches!(
-                                c.as_ref(),
-                                "40001" | "40P01" | "57P01" | "57P02" | "57P03" | "53300"
-                            )
-                    })
-            }
-            LoopError::Store(StoreError::Migrate(_)) => false,
-            // Kafka refused the batch's profile changes; the batch rolled back.
-            LoopError::Store(StoreError::Outbox(_)) => true,
-            LoopError::Kafka(e) => e.is_transient(),
-            LoopError::Other(e) => e
-                .chain()
-                .any(|c| c.downcast_ref::<std::io::Error>().is_some()),
+            LoopError::Source(e) => e.action(),
+            LoopError::Store(e) => e.action(),
+            LoopError::Sink(e) => e.action(),
+            LoopError::Other(e) => crate::retry::classify_anyhow(e),
         }
     }
 }
 
-/// Snapshot batches go straight into the store (no checkpoint: the snapshot
-/// is only complete, and streaming may start, once every table has been read).
-struct StoreSink<'a> {
+/// Snapshot batches go through the write path without a checkpoint: the
+/// snapshot is only complete, and streaming may start, once every table has
+/// been read.
+struct SnapshotWriter<'a> {
     ctx: &'a SourceCtx,
-    rows: u64,
 }
 
-impl SnapshotSink for StoreSink<'_> {
+impl SnapshotSink for SnapshotWriter<'_> {
     async fn apply(&mut self, events: Vec<ChangeEvent>) -> anyhow::Result<()> {
-        self.rows += events.len() as u64;
         metrics::counter!(crate::metrics::SNAPSHOT_ROWS, "source" => self.ctx.src.name.clone())
             .increment(events.len() as u64);
-        if let Some(p) = &self.ctx.publisher {
-            p.publish(&events).await?;
-        }
-        if !self.ctx.to_store {
-            return Ok(());
-        }
-        let outbox = outbox(self.ctx.publisher.as_ref());
         self.ctx
-            .store
-            .apply_via(&self.ctx.mapper, &self.ctx.src.name, &events, None, outbox)
+            .sink
+            .write(&self.ctx.src.name, &events, None)
             .await?;
         Ok(())
     }
@@ -228,16 +195,16 @@ impl SnapshotSink for StoreSink<'_> {
 
 impl SourceCtx {
     async fn run(&self) -> anyhow::Result<()> {
-        let mut backoff = self.backoff();
+        let mut backoff = crate::retry::backoff();
         loop {
             let started = Instant::now();
             let result = self.stream_once().await;
             self.health.set_streaming(&self.src.name, false);
             match result {
                 Ok(()) => return Ok(()),
-                Err(e) if e.is_transient() && !self.shutdown.is_cancelled() => {
+                Err(e) if e.action() == Action::Retry && !self.shutdown.is_cancelled() => {
                     if started.elapsed() > Duration::from_secs(60) {
-                        backoff = self.backoff(); // it worked for a while: start over
+                        backoff = crate::retry::backoff(); // it worked for a while: start over
                     }
                     let delay = backoff.next().unwrap_or(Duration::from_secs(30));
                     tracing::warn!(source = %self.src.name, error = %format!("{e:#}"), retry_in_ms = delay.as_millis(), "source interrupted; reconnecting");
@@ -253,20 +220,11 @@ impl SourceCtx {
         }
     }
 
-    fn backoff(&self) -> backon::ExponentialBackoff {
-        backon::ExponentialBuilder::default()
-            .with_min_delay(Duration::from_millis(200))
-            .with_max_delay(Duration::from_secs(30))
-            .with_jitter()
-            .without_max_times()
-            .build()
-    }
-
     /// Connects, snapshots if needed, and streams until shutdown or an error.
     async fn stream_once(&self) -> Result<(), LoopError> {
         let src = &self.src;
         ensure_publication(src).await?;
-        let checkpoint = self.store.checkpoint(&src.name).await?;
+        let checkpoint = self.sink.store().checkpoint(&src.name).await?;
         let slot = slot_info(src).await?;
         let mut rep = Replication::connect(src).await?;
         if let (Some(cp), Some(info)) = (&checkpoint, &slot) {
@@ -315,7 +273,7 @@ impl SourceCtx {
             rep.drop_slot(&src.slot).await?;
         }
         let created = rep.create_slot(&src.slot).await?;
-        let mut sink = StoreSink { ctx: self, rows: 0 };
+        let mut writer = SnapshotWriter { ctx: self };
         let running =
             metrics::gauge!(crate::metrics::SNAPSHOT_RUNNING, "source" => src.name.clone());
         running.set(1.0);
@@ -323,8 +281,8 @@ impl SourceCtx {
             src,
             &created.snapshot_name,
             created.consistent_point,
-            self.sink.batch_max_events,
-            &mut sink,
+            self.settings.batch_max_events,
+            &mut writer,
         )
         .await;
         running.set(0.0);
@@ -332,7 +290,8 @@ impl SourceCtx {
         // Rows the store knows from before this snapshot but the snapshot did
         // not see are gone upstream: withdraw them at the consistent point.
         let gone = self
-            .store
+            .sink
+            .store()
             .live_rows_before(&src.name, created.consistent_point)
             .await?;
         if !gone.is_empty() {
@@ -357,18 +316,11 @@ impl SourceCtx {
                     }
                 })
                 .collect();
-            for chunk in deletes.chunks(self.sink.batch_max_events) {
-                if let Some(p) = &self.publisher {
-                    p.publish(chunk).await?;
-                }
-                if self.to_store {
-                    self.store
-                        .apply(&self.mapper, &src.name, chunk, None)
-                        .await?;
-                }
+            for chunk in deletes.chunks(self.settings.batch_max_events) {
+                self.sink.write(&src.name, chunk, None).await?;
             }
         }
-        self.store
+        self.sink
             .complete_snapshot(&src.name, &src.slot, created.consistent_point)
             .await?;
         tracing::info!(source = %src.name, rows, lsn = %created.consistent_point, "initial snapshot complete");
@@ -388,10 +340,10 @@ impl SourceCtx {
     /// transactions, buffered the same way per transaction and dropped on
     /// Stream Abort (or only the aborted subtransaction's changes).
     async fn stream(&self, rep: &mut Replication, checkpoint: Lsn) -> Result<(), LoopError> {
-        let linger = Duration::from_millis(self.sink.batch_max_wait_ms);
-        let max = self.sink.batch_max_events;
-        let budget = self.sink.max_txn_memory_bytes;
-        let spill = self.sink.spill_dir.clone();
+        let linger = Duration::from_millis(self.settings.batch_max_wait_ms);
+        let max = self.settings.batch_max_events;
+        let budget = self.settings.max_txn_memory_bytes;
+        let spill = self.settings.spill_dir.clone();
         let mut p = Pending {
             flushed: checkpoint,
             batch: Vec::new(),
@@ -555,7 +507,9 @@ impl SourceCtx {
         p.settle(self).await?;
         let started = std::time::Instant::now();
         let total = txn.len();
-        let mut chunks = txn.into_chunks(self.sink.batch_max_events).map_err(io)?;
+        let mut chunks = txn
+            .into_chunks(self.settings.batch_max_events)
+            .map_err(io)?;
         let mut seq: u64 = 0;
         let mut next = chunks.next_chunk().map_err(io)?;
         while !next.is_empty() {
@@ -569,19 +523,8 @@ impl SourceCtx {
                 }
             }
             let last = next.is_empty();
-            if let Some(p) = &self.publisher {
-                p.publish(&chunk).await?;
-            }
-            let outbox = outbox(self.publisher.as_ref());
-            let chunk = if self.to_store { &chunk[..] } else { &[] };
-            self.store
-                .apply_via(
-                    &self.mapper,
-                    &self.src.name,
-                    chunk,
-                    last.then_some(end),
-                    outbox,
-                )
+            self.sink
+                .write(&self.src.name, &chunk, last.then_some(end))
                 .await?;
             // Status updates between chunks keep the connection alive (the
             // server counts them as replies) without acknowledging anything new.
@@ -589,9 +532,7 @@ impl SourceCtx {
         }
         if seq == 0 && stamp.is_some() || total == 0 {
             // Nothing survived (all subtransactions aborted): just move the checkpoint.
-            self.store
-                .apply(&self.mapper, &self.src.name, &[], Some(end))
-                .await?;
+            self.sink.write(&self.src.name, &[], Some(end)).await?;
             rep.send_status(end).await?;
         }
         p.flushed = end;
@@ -599,37 +540,10 @@ impl SourceCtx {
         Ok(())
     }
 
-    /// Starts applying a batch (with the checkpoint `end`) in the background.
+    /// Starts writing a batch (with the checkpoint `end`) in the background.
     fn start_apply(&self, batch: Vec<ChangeEvent>, end: Lsn) -> InFlight {
-        let (store, mapper, source, publisher, to_store) = (
-            self.store.clone(),
-            self.mapper.clone(),
-            self.src.name.clone(),
-            self.publisher.clone(),
-            self.to_store,
-        );
-        let task = tokio::spawn(async move {
-            let started = std::time::Instant::now();
-            // Delivered before the checkpoint that covers it is committed.
-            if let Some(p) = &publisher {
-                p.publish(&batch).await?;
-                crash_point_after_publish();
-            }
-            let outbox = outbox(publisher.as_ref());
-            // A capture process commits only the checkpoint (after delivery).
-            let events = if to_store { &batch[..] } else { &[] };
-            let stats = store
-                .apply_via(&mapper, &source, events, Some(end), outbox)
-                .await?;
-            let mut commits: Vec<(Lsn, chrono::DateTime<chrono::Utc>)> = batch
-                .iter()
-                .map(|e| (e.commit_lsn, e.commit_time))
-                .collect();
-            commits.dedup_by_key(|c| c.0);
-            let times: Vec<_> = commits.into_iter().map(|c| c.1).collect();
-            crate::metrics::batch_applied(&source, &stats, &times, started.elapsed());
-            Ok(stats)
-        });
+        let (sink, source) = (self.sink.clone(), self.src.name.clone());
+        let task = tokio::spawn(async move { write_batch(&sink, &source, &batch, end).await });
         InFlight {
             end,
             started: std::time::Instant::now(),
@@ -638,30 +552,24 @@ impl SourceCtx {
     }
 }
 
-/// The publisher as the store's outbox for a batch's profile changes and dead letters.
-fn outbox(publisher: Option<&Arc<Publisher>>) -> Option<&dyn crate::store::Outbox> {
-    publisher.map(|p| &**p as &dyn crate::store::Outbox)
-}
-
-/// Fault injection for the crash tests: with `TRIBUTARY_TEST_CRASH_AFTER_PUBLISH=N`
-/// the process aborts right after the Nth published batch, before the store
-/// commits it (the window the at-least-once rule is about). Read once.
-fn crash_point_after_publish() {
-    use std::sync::atomic::{AtomicU64, Ordering};
-    use std::sync::OnceLock;
-    static AT: OnceLock<Option<u64>> = OnceLock::new();
-    static N: AtomicU64 = AtomicU64::new(0);
-    let at = AT.get_or_init(|| {
-        std::env::var("TRIBUTARY_TEST_CRASH_AFTER_PUBLISH")
-            .ok()
-            .and_then(|v| v.parse().ok())
-    });
-    if let Some(at) = at {
-        if N.fetch_add(1, Ordering::SeqCst) + 1 == *at {
-            eprintln!("TRIBUTARY_TEST_CRASH_AFTER_PUBLISH: aborting after publishing batch {at}");
-            std::process::abort();
-        }
-    }
+/// Writes a batch of whole source transactions with the checkpoint `end`
+/// after its last one, and records the batch metrics.
+async fn write_batch(
+    sink: &Sink,
+    source: &str,
+    batch: &[ChangeEvent],
+    end: Lsn,
+) -> Result<crate::store::apply::ApplyStats, LoopError> {
+    let started = std::time::Instant::now();
+    let stats = sink.write(source, batch, Some(end)).await?;
+    let mut commits: Vec<(Lsn, chrono::DateTime<chrono::Utc>)> = batch
+        .iter()
+        .map(|e| (e.commit_lsn, e.commit_time))
+        .collect();
+    commits.dedup_by_key(|c| c.0);
+    let times: Vec<_> = commits.into_iter().map(|c| c.1).collect();
+    crate::metrics::batch_applied(source, &stats, &times, started.elapsed());
+    Ok(stats)
 }
 
 /// Reconciles every `every` (the first run one interval after start, when the
@@ -739,15 +647,14 @@ impl Pending {
             .max(self.end.unwrap_or_default())
     }
 
-    /// Waits for the batch in flight and applies the pending one.
+    /// Waits for the batch in flight and writes the pending one, through the
+    /// same write path as every batch (published, applied as the role says).
     async fn settle(&mut self, ctx: &SourceCtx) -> Result<(), LoopError> {
         if let Some(f) = self.inflight.take() {
             self.flushed = f.finish().await?;
         }
         if let Some(end) = self.end.take() {
-            ctx.store
-                .apply(&ctx.mapper, &ctx.src.name, &self.batch, Some(end))
-                .await?;
+            write_batch(&ctx.sink, &ctx.src.name, &self.batch, end).await?;
             self.batch.clear();
             self.deadline = None;
             self.flushed = end;

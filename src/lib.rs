@@ -13,7 +13,9 @@
 //! * [`pgoutput`]: pgoutput messages → [`event::ChangeEvent`], with the relation cache and TOAST markers.
 //! * [`source`]: one loop per source database: slot, publication, snapshot, stream, flush feedback.
 //! * [`resolve`]: the pure merge core (contributions, identity merges, field resolution, aggregates).
+//! * [`sink`]: the one write path: publish → apply → outbox → checkpoint → commit, by role.
 //! * [`store`]: the profile store: migrations, batch apply with checkpoint, reads.
+//! * [`retry`]: the one error policy: what is retried with backoff, what stops.
 //! * [`config`], [`cli`], [`app`]: the edges.
 
 pub mod app;
@@ -38,6 +40,8 @@ pub mod reconcile;
 pub mod replay;
 pub mod resnapshot;
 pub mod resolve;
+pub mod retry;
+pub mod sink;
 pub mod source;
 pub mod status;
 pub mod store;

@@ -98,19 +98,16 @@ pub enum PgWireError {
 }
 
 impl PgWireError {
-    /// Transient errors are worth retrying with backoff: connection-level
-    /// failures, server shutdown or start-up, and SQLSTATE class 08.
-    pub fn is_transient(&self) -> bool {
+    /// What the retry policy ([`crate::retry`]) does about it: I/O is
+    /// retried, a server error goes by its SQLSTATE, TLS, authentication and
+    /// protocol errors stop.
+    pub fn action(&self) -> crate::retry::Action {
         match self {
-            PgWireError::Io { .. } => true,
-            PgWireError::Server(e) => {
-                e.code.starts_with("08")
-                    || matches!(
-                        e.code.as_str(),
-                        "57P01" | "57P02" | "57P03" | "53300" | "55006"
-                    )
+            PgWireError::Io { .. } => crate::retry::Action::Retry,
+            PgWireError::Server(e) => crate::retry::sqlstate(&e.code),
+            PgWireError::Tls { .. } | PgWireError::Auth { .. } | PgWireError::Protocol(_) => {
+                crate::retry::Action::Stop
             }
-            PgWireError::Tls { .. } | PgWireError::Auth { .. } | PgWireError::Protocol(_) => false,
         }
     }
 

@@ -541,6 +541,10 @@ impl State {
 
     /// Applies one change event (insert, update, snapshot or delete; a
     /// truncate must first be expanded into deletes with [`truncate_as_deletes`]).
+    ///
+    /// An error means the image cannot be mapped (it becomes a dead letter);
+    /// when its identifiers are NULL or unparsable, the row's previous
+    /// contribution has been withdrawn all the same.
     pub fn apply(&mut self, mapper: &Mapper, ev: &ChangeEvent) -> Result<Outcome, MapError> {
         let Some(mapping) = mapper.table(&ev.source, &ev.table) else {
             return Ok(Outcome::Unmapped);
@@ -553,7 +557,21 @@ impl State {
         let prev = self.contributions.get(&row).cloned();
         match ev.op {
             Op::Insert | Op::Update | Op::Snapshot => {
-                let mut new = mapping.contribution(ev, prev.as_ref().filter(|p| !p.deleted))?;
+                let mut new = match mapping.contribution(ev, prev.as_ref().filter(|p| !p.deleted)) {
+                    Ok(c) => c,
+                    // The row's identifiers became NULL or unparsable: as it is
+                    // now it links nobody, so it contributes nothing any more
+                    // (like a delete), and the image goes to dead_letters. Other
+                    // errors (a mapped column dropped upstream) keep the row's
+                    // last good word until the mapping is fixed.
+                    Err(err @ (MapError::NoIdentity(_) | MapError::Identity(_))) => {
+                        if prev.is_some() {
+                            self.remove_row(row, prev.as_ref(), ev, mapping.priority);
+                        }
+                        return Err(err);
+                    }
+                    Err(err) => return Err(err),
+                };
                 let p = self.link(&new.identities, mapper.max_identities())?;
                 if let Some(prev) = &prev {
                     if !is_newer(&new, prev) {
@@ -567,33 +585,43 @@ impl State {
                 Ok(Outcome::Applied)
             }
             Op::Delete | Op::Truncate => {
-                let tomb = Contribution {
-                    row,
-                    profile_id: None,
-                    deleted: true,
-                    identities: prev
-                        .as_ref()
-                        .map(|p| p.identities.clone())
-                        .unwrap_or_default(),
-                    fields: BTreeMap::new(),
-                    aggs: BTreeMap::new(),
-                    version: prev.as_ref().and_then(|p| p.version),
-                    lsn: ev.commit_lsn,
-                    seq: ev.seq,
-                    freshness: ev.commit_time,
-                    priority: mapping.priority,
-                    image: None,
-                };
-                if let Some(prev) = &prev {
-                    if !is_newer(&tomb, prev) {
-                        return Ok(Outcome::Stale);
-                    }
-                    self.withdraw(prev);
-                }
-                self.put(tomb);
-                Ok(Outcome::Applied)
+                Ok(self.remove_row(row, prev.as_ref(), ev, mapping.priority))
             }
         }
+    }
+
+    /// The row contributes nothing from `ev` on: its previous contribution is
+    /// withdrawn and a tombstone at `ev`'s position keeps an older change from
+    /// bringing it back. Stale when the stored word is newer.
+    fn remove_row(
+        &mut self,
+        row: RowRef,
+        prev: Option<&Contribution>,
+        ev: &ChangeEvent,
+        priority: i32,
+    ) -> Outcome {
+        let tomb = Contribution {
+            row,
+            profile_id: None,
+            deleted: true,
+            identities: prev.map(|p| p.identities.clone()).unwrap_or_default(),
+            fields: BTreeMap::new(),
+            aggs: BTreeMap::new(),
+            version: prev.and_then(|p| p.version),
+            lsn: ev.commit_lsn,
+            seq: ev.seq,
+            freshness: ev.commit_time,
+            priority,
+            image: None,
+        };
+        if let Some(prev) = prev {
+            if !is_newer(&tomb, prev) {
+                return Outcome::Stale;
+            }
+            self.withdraw(prev);
+        }
+        self.put(tomb);
+        Outcome::Applied
     }
 
     /// Live contributions of a profile (full state only).

@@ -9,9 +9,13 @@
 //! and the event log ignores a change it already has. Different instances may
 //! apply the rows of one person at the same time; the apply lock serialises
 //! their profile writes, so merges and aggregates stay exact.
+//!
+//! Writes go through the one write path ([`crate::sink::Sink::write_consumed`]).
+//! A transient store failure (the store restarting, a connection cut) is
+//! retried with the same backoff as the source loops, for the same batch and
+//! before any offset is committed; a definite one stops the process.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
 use std::time::Duration;
 
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
@@ -21,15 +25,14 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, KafkaConfig};
 use crate::event::ChangeEvent;
-use crate::mapping::Mapper;
-use crate::store::Store;
+use crate::retry::Action;
+use crate::sink::{Sink, SinkError};
 
 /// Runs until `shutdown`; an error here stops the daemon (exit 3).
 pub async fn apply_from_kafka(
     cfg: Config,
     k: KafkaConfig,
-    store: Store,
-    mapper: Arc<Mapper>,
+    sink: Sink,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let c = super::client_config(
@@ -90,7 +93,12 @@ pub async fn apply_from_kafka(
         }
         for (source, events) in &by_source {
             let started = std::time::Instant::now();
-            let stats = store.apply(&mapper, source, events, None).await?;
+            let Some(stats) = write_retrying(&sink, source, events, &shutdown).await? else {
+                // Shut down while retrying: nothing of this batch is committed,
+                // nor its offsets; the group delivers it again.
+                tracing::info!("apply role stopped cleanly");
+                return Ok(());
+            };
             tracing::debug!(source = %source, events = stats.events, stale = stats.stale, "batch applied from kafka");
             let mut commits: Vec<(crate::event::Lsn, chrono::DateTime<chrono::Utc>)> = events
                 .iter()
@@ -115,6 +123,32 @@ pub async fn apply_from_kafka(
         if shutdown.is_cancelled() {
             tracing::info!("apply role stopped cleanly");
             return Ok(());
+        }
+    }
+}
+
+/// Writes one source's consumed events, retrying transient failures with
+/// backoff until they succeed or `shutdown` (then `None`).
+async fn write_retrying(
+    sink: &Sink,
+    source: &str,
+    events: &[ChangeEvent],
+    shutdown: &CancellationToken,
+) -> Result<Option<crate::store::apply::ApplyStats>, SinkError> {
+    let mut backoff = crate::retry::backoff();
+    loop {
+        match sink.write_consumed(source, events).await {
+            Ok(stats) => return Ok(Some(stats)),
+            Err(e) if e.action() == Action::Retry => {
+                let delay = backoff.next().unwrap_or(Duration::from_secs(30));
+                tracing::warn!(source = %source, error = %format!("{e:#}"), retry_in_ms = delay.as_millis(),
+                    "applying a batch from kafka failed; retrying");
+                tokio::select! {
+                    () = tokio::time::sleep(delay) => {}
+                    () = shutdown.cancelled() => return Ok(None),
+                }
+            }
+            Err(e) => return Err(e),
         }
     }
 }

@@ -53,9 +53,13 @@ pub enum PublishError {
 }
 
 impl PublishError {
-    /// Delivery failures are retried (the broker may be back); a bad config is not.
-    pub fn is_transient(&self) -> bool {
-        matches!(self, PublishError::Delivery { .. })
+    /// What the retry policy does about it: delivery failures are retried
+    /// (the broker may be back); a bad config or a refused topic stops.
+    pub fn action(&self) -> crate::retry::Action {
+        match self {
+            PublishError::Delivery { .. } => crate::retry::Action::Retry,
+            _ => crate::retry::Action::Stop,
+        }
     }
 }
 

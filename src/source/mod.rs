@@ -93,23 +93,15 @@ pub enum SourceError {
 }
 
 impl SourceError {
-    /// Worth retrying with backoff (connection trouble), as opposed to definite.
-    pub fn is_transient(&self) -> bool {
+    /// What the retry policy ([`crate::retry`]) does about it.
+    pub fn action(&self) -> crate::retry::Action {
         match self {
-            SourceError::Wire { error, .. } => error.is_transient(),
-            SourceError::Query { error, .. } => {
-                matches!(
-                    error,
-                    sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::Tls(_)
-                ) || error
-                    .as_database_error()
-                    .and_then(|e| e.code())
-                    .is_some_and(|c| c.starts_with("08") || c == "57P01" || c == "57P03")
-            }
+            SourceError::Wire { error, .. } => error.action(),
+            SourceError::Query { error, .. } => crate::retry::sqlx_error(error),
             SourceError::Decode { .. }
             | SourceError::WalLevel { .. }
             | SourceError::SlotLost { .. }
-            | SourceError::SlotInvalidated { .. } => false,
+            | SourceError::SlotInvalidated { .. } => crate::retry::Action::Stop,
         }
     }
 }

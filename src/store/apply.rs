@@ -206,9 +206,16 @@ impl Store {
     ) -> Result<ApplyStats, StoreError> {
         self.ensure_partitions(events).await?;
         let mut tx = self.pool.begin().await?;
-        lock(&mut tx).await?;
-        let stats = apply_in(&mut tx, mapper, source, events, true).await?;
-        if let Some(o) = outbox {
+        // A checkpoint alone (a capture process, an empty transaction) takes no lock.
+        let stats = if events.is_empty() {
+            ApplyStats::default()
+        } else {
+            lock(&mut tx).await?;
+            apply_in(&mut tx, mapper, source, events, true).await?
+        };
+        if let Some(o) =
+            outbox.filter(|_| !stats.profile_changes.is_empty() || !stats.dead.is_empty())
+        {
             o.deliver(source, &stats)
                 .await
                 .map_err(StoreError::Outbox)?;
@@ -299,20 +306,31 @@ pub(crate) async fn apply_in(
     events: &[ChangeEvent],
     record_dead_letters: bool,
 ) -> Result<ApplyStats, StoreError> {
-    // 2. Expand truncates into deletes of the table's live rows.
+    // 2. Expand truncates into deletes of the table's live rows: those the
+    // store holds and those this batch wrote before the truncate.
     let mut expanded: Vec<ChangeEvent> = Vec::with_capacity(events.len());
+    let mut written: HashMap<&str, BTreeSet<String>> = HashMap::new();
     for e in events {
         if e.op == Op::Truncate {
-            let keys: Vec<String> = sqlx::query_scalar("select row_key from contributions where source = $1 and table_name = $2 and not deleted")
+            let mut keys: BTreeSet<String> = sqlx::query_scalar("select row_key from contributions where source = $1 and table_name = $2 and not deleted")
                 .bind(source)
                 .bind(&e.table)
                 .fetch_all(&mut *tx)
-                .await?;
+                .await?
+                .into_iter()
+                .collect();
+            keys.extend(written.remove(e.table.as_str()).unwrap_or_default());
             let keys = keys
                 .iter()
                 .filter_map(|k| serde_json::from_str::<Map<String, Value>>(k).ok());
             expanded.extend(truncate_as_deletes(e, keys));
         } else {
+            if matches!(e.op, Op::Insert | Op::Update | Op::Snapshot) {
+                written
+                    .entry(e.table.as_str())
+                    .or_default()
+                    .insert(e.row_key());
+            }
             expanded.push(e.clone());
         }
     }

@@ -43,6 +43,20 @@ pub enum StoreError {
     Outbox(#[source] Box<dyn std::error::Error + Send + Sync>),
 }
 
+impl StoreError {
+    /// What the retry policy ([`crate::retry`]) does about it. An outbox
+    /// failure rolled the batch back, and the broker may be back.
+    pub fn action(&self) -> crate::retry::Action {
+        match self {
+            StoreError::Connect { source, .. } | StoreError::Query(source) => {
+                crate::retry::sqlx_error(source)
+            }
+            StoreError::Migrate(_) => crate::retry::Action::Stop,
+            StoreError::Outbox(_) => crate::retry::Action::Retry,
+        }
+    }
+}
+
 /// Takes a batch's derived changes (profile changes, dead letters) inside the
 /// store transaction, before it commits: a crash or a failure there rolls the
 /// batch back, so it is delivered again, never lost.

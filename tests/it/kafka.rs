@@ -443,3 +443,93 @@ async fn capture_and_two_apply_instances_equal_a_single_process_run() {
     assert_eq!(capture.stop(), Some(0));
     assert_eq!(one.stop(), Some(0));
 }
+
+/// Every change reaches Kafka when the write path settles a pending batch:
+/// ahead of a transaction larger than a batch, and at a clean stop. In the
+/// `capture` role the store gets checkpoints only, never derived state.
+async fn every_change_reaches_kafka_across_a_clean_stop_and_a_large_transaction(role: &str) {
+    let broker = broker();
+    let pg = cluster();
+    let (crm, shop, sink) = two_sources(&pg).await;
+    let prefix = prefix(&format!("settle{role}"));
+    // Small batches that linger: small transactions wait in the pending batch.
+    let cfg = write_config(
+        &kafka_config(&crm, &shop, &sink, &format!("st{role}"), &broker, &prefix).replace(
+            "batch_max_wait_ms = 20",
+            "batch_max_wait_ms = 8000\nbatch_max_events = 50",
+        ),
+    );
+    let daemon = start_role(&cfg, role);
+    wait_snapshots(&sink, 2).await;
+    let insert = |ids: std::ops::RangeInclusive<u32>| {
+        format!(
+            "insert into contacts (id, email, first_name) select g, 'c' || g || '@x.com', 'C' || g from generate_series({}, {}) g",
+            ids.start(),
+            ids.end()
+        )
+    };
+    // Small transactions, then one larger than a batch: the pending small
+    // ones are written first, through the same path.
+    for id in 1..=5 {
+        exec(&crm, &insert(id..=id)).await;
+    }
+    exec(&crm, &insert(101..=300)).await;
+    // More small ones, pending when the daemon is told to stop.
+    let before_last: String = scalar(&crm, "select pg_current_wal_lsn()::text").await;
+    for id in 6..=8 {
+        exec(&crm, &insert(id..=id)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(daemon.stop(), Some(0));
+    let cp_past: bool = scalar(
+        &sink,
+        &format!(
+            "select lsn > '{before_last}'::pg_lsn from tributary.checkpoints where source = 'crm'"
+        ),
+    )
+    .await;
+    assert!(
+        cp_past,
+        "the clean stop wrote the pending batch and its checkpoint"
+    );
+
+    let want: BTreeSet<u64> = (1..=8).chain(101..=300).collect();
+    let topic = format!("{prefix}.crm.public.contacts");
+    let got = tokio::task::block_in_place(|| consume_all(&broker, &[topic], want.len()));
+    let ids: BTreeSet<u64> = got
+        .iter()
+        .map(|(_, _, key, _)| {
+            let key: Value = serde_json::from_str(key.as_deref().expect("keyed")).unwrap();
+            key["id"].as_u64().unwrap()
+        })
+        .collect();
+    let missing: Vec<_> = want.difference(&ids).collect();
+    assert!(missing.is_empty(), "not on Kafka: {missing:?}");
+
+    let derived: i64 = scalar(
+        &sink,
+        "select (select count(*) from tributary.contributions) + (select count(*) from tributary.profiles)
+              + (select count(*) from tributary.identities) + (select count(*) from tributary.events)",
+    )
+    .await;
+    if role == "capture" {
+        assert_eq!(derived, 0, "a capture process never writes derived state");
+    } else {
+        let logged: i64 = scalar(&sink, "select count(*) from tributary.events").await;
+        assert_eq!(
+            logged,
+            i64::try_from(want.len()).unwrap(),
+            "every change applied once"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_change_reaches_kafka_across_a_clean_stop_and_a_large_transaction_role_all() {
+    every_change_reaches_kafka_across_a_clean_stop_and_a_large_transaction("all").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_change_reaches_kafka_across_a_clean_stop_and_a_large_transaction_role_capture() {
+    every_change_reaches_kafka_across_a_clean_stop_and_a_large_transaction("capture").await;
+}

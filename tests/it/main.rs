@@ -24,3 +24,4 @@ mod secrets;
 mod snapshot;
 mod tls;
 mod wal;
+mod write_path;

@@ -1,0 +1,197 @@
+//! The one write path: everything a `run` process writes goes through [`Sink`].
+//!
+//! # The durability contract
+//!
+//! A write of changes read from a source (a live batch, a chunk of a large
+//! transaction, the pending batch at a clean stop, initial-snapshot rows and
+//! their withdrawals) happens in this order, and only here:
+//!
+//! 1. **publish**: with `[kafka]`, every change event is sent and acknowledged
+//!    by the broker (idempotent producer, `acks=all`);
+//! 2. **apply**: in one store transaction holding the apply lock, the events
+//!    are logged and merged into contributions, identities and profiles
+//!    (role `all` and `apply` only: a `capture` process never writes derived
+//!    state);
+//! 3. **outbox**: the profile changes and dead letters the apply produced are
+//!    delivered to Kafka, still inside the transaction;
+//! 4. **checkpoint**: the source's checkpoint moves to the write's end LSN,
+//!    in the same transaction (monotonic: it never moves backwards);
+//! 5. **commit**;
+//! 6. **acknowledge**: only after [`Sink::write`] returned may the caller
+//!    report the checkpoint to the source as flushed.
+//!
+//! A failure or crash before 5 rolls everything back and nothing was
+//! acknowledged, so the source sends the changes again: Kafka may see a
+//! change twice (at-least-once, documented), the store applies it once (its
+//! per-row upserts are monotonic and the event log ignores a change it has).
+//!
+//! Changes consumed from Kafka (`--role apply`) enter at step 2 through
+//! [`Sink::write_consumed`]: they are on Kafka already, and their position is
+//! the consumer group's offset, committed by the caller after the write.
+
+use std::sync::Arc;
+
+use crate::cli::Role;
+use crate::event::{ChangeEvent, Lsn};
+use crate::kafka::{PublishError, Publisher};
+use crate::mapping::Mapper;
+use crate::store::apply::ApplyStats;
+use crate::store::{Outbox, Store, StoreError};
+
+/// What failed in a write; nothing of it was committed.
+#[derive(Debug, thiserror::Error)]
+pub enum SinkError {
+    /// The store refused or lost the write.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// Kafka did not acknowledge the change events.
+    #[error(transparent)]
+    Publish(#[from] PublishError),
+}
+
+impl SinkError {
+    /// What the retry policy ([`crate::retry`]) does about it.
+    pub fn action(&self) -> crate::retry::Action {
+        match self {
+            SinkError::Store(e) => e.action(),
+            SinkError::Publish(e) => e.action(),
+        }
+    }
+}
+
+/// The one write path of a `run` process (see the module doc).
+#[derive(Clone)]
+pub struct Sink {
+    store: Store,
+    mapper: Arc<Mapper>,
+    publisher: Option<Arc<Publisher>>,
+    role: Role,
+}
+
+impl std::fmt::Debug for Sink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Sink")
+            .field("role", &self.role)
+            .field("kafka", &self.publisher.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Sink {
+    /// A sink for a process of `role`, publishing when `publisher` is given.
+    pub fn new(
+        store: Store,
+        mapper: Arc<Mapper>,
+        publisher: Option<Arc<Publisher>>,
+        role: Role,
+    ) -> Sink {
+        Sink {
+            store,
+            mapper,
+            publisher,
+            role,
+        }
+    }
+
+    /// The store it writes (for reads).
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// Does this process write derived state (contributions, profiles)?
+    pub fn derives(&self) -> bool {
+        self.role != Role::Capture
+    }
+
+    /// Writes changes of `source` read from the source itself, and moves its
+    /// checkpoint to `checkpoint` when given: publish → apply → outbox →
+    /// checkpoint → commit. Returns once committed; only then may the caller
+    /// acknowledge `checkpoint` to the source.
+    pub async fn write(
+        &self,
+        source: &str,
+        events: &[ChangeEvent],
+        checkpoint: Option<Lsn>,
+    ) -> Result<ApplyStats, SinkError> {
+        if let Some(p) = &self.publisher {
+            if !events.is_empty() {
+                p.publish(events).await?;
+                failpoint::after_publish();
+            }
+        }
+        let events = if self.derives() { events } else { &[] };
+        if events.is_empty() && checkpoint.is_none() {
+            return Ok(ApplyStats::default());
+        }
+        self.commit(source, events, checkpoint).await
+    }
+
+    /// Writes change events consumed from Kafka (`--role apply`): apply →
+    /// outbox → commit. The caller commits the consumer offsets afterwards.
+    pub async fn write_consumed(
+        &self,
+        source: &str,
+        events: &[ChangeEvent],
+    ) -> Result<ApplyStats, SinkError> {
+        self.commit(source, events, None).await
+    }
+
+    /// Records that the initial snapshot of `source` is complete: streaming
+    /// starts from `consistent_point`. Called after the snapshot's rows and
+    /// withdrawals were written.
+    pub async fn complete_snapshot(
+        &self,
+        source: &str,
+        slot: &str,
+        consistent_point: Lsn,
+    ) -> Result<(), SinkError> {
+        Ok(self
+            .store
+            .complete_snapshot(source, slot, consistent_point)
+            .await?)
+    }
+
+    async fn commit(
+        &self,
+        source: &str,
+        events: &[ChangeEvent],
+        checkpoint: Option<Lsn>,
+    ) -> Result<ApplyStats, SinkError> {
+        let outbox = self.publisher.as_deref().map(|p| p as &dyn Outbox);
+        Ok(self
+            .store
+            .apply_via(&self.mapper, source, events, checkpoint, outbox)
+            .await?)
+    }
+}
+
+/// Fault points for the crash tests, compiled into debug builds only (the
+/// test binary's); a release binary has none.
+mod failpoint {
+    /// With `TRIBUTARY_TEST_CRASH_AFTER_PUBLISH=N` the process aborts right
+    /// after the Nth batch of change events was acknowledged by Kafka, before
+    /// the store commits it (the window the at-least-once rule is about).
+    #[cfg(debug_assertions)]
+    pub(super) fn after_publish() {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        use std::sync::OnceLock;
+        static AT: OnceLock<Option<u64>> = OnceLock::new();
+        static N: AtomicU64 = AtomicU64::new(0);
+        let at = AT.get_or_init(|| {
+            std::env::var("TRIBUTARY_TEST_CRASH_AFTER_PUBLISH")
+                .ok()
+                .and_then(|v| v.parse().ok())
+        });
+        if let Some(at) = at {
+            if N.fetch_add(1, Ordering::SeqCst) + 1 == *at {
+                eprintln!(
+                    "TRIBUTARY_TEST_CRASH_AFTER_PUBLISH: aborting after publishing batch {at}"
+                );
+                std::process::abort();
+            }
+        }
+    }
+
+    #[cfg(not(debug_assertions))]
+    pub(super) fn after_publish() {}
+}

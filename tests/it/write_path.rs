@@ -1,0 +1,169 @@
+//! The one write path: what a batch must do when it holds more than one
+//! change of a row or table (a TRUNCATE after inserts of the same batch), and
+//! a row whose identifier goes away.
+
+use std::time::Duration;
+
+use serde_json::json;
+
+use crate::harness::*;
+
+/// A TRUNCATE removes the rows that the same batch inserted before it: in one
+/// source transaction, and in separate transactions that share a batch.
+#[tokio::test]
+async fn a_truncate_removes_rows_inserted_earlier_in_the_same_batch() {
+    let pg = cluster();
+    let (crm, shop, sink) = two_sources(&pg).await;
+    // A long linger so that separate transactions land in one batch.
+    let cfg = write_config(
+        &pipeline_config(&crm, &shop, &sink, "tr")
+            .replace("batch_max_wait_ms = 20", "batch_max_wait_ms = 1500"),
+    );
+    let daemon = Daemon::start(&cfg);
+    wait_snapshots(&sink, 2).await;
+    exec(
+        &shop,
+        "insert into accounts (id, email) values (7, 'seven@x.com'), (8, 'eight@x.com')",
+    )
+    .await;
+
+    // One transaction: inserts, then the truncate, then one insert after it.
+    exec(
+        &shop,
+        "begin;
+         insert into orders (id, account_id, status, total_cents) values (1, 7, 'paid', 100), (2, 7, 'paid', 200);
+         truncate orders;
+         insert into orders (id, account_id, status, total_cents) values (3, 7, 'paid', 40);
+         commit;",
+    )
+    .await;
+    wait_until(
+        "the first truncate applied",
+        Duration::from_secs(30),
+        || async {
+            traits_of(&sink, "shop_account", "7")
+                .await
+                .is_some_and(|t| t.get("order_count") == Some(&json!(1)))
+        },
+    )
+    .await;
+    let t = traits_of(&sink, "shop_account", "7").await.unwrap();
+    assert_eq!(t["lifetime_value_cents"], json!(40), "{t}");
+
+    // Separate transactions, committed within one linger: a batch.
+    exec(&shop, "insert into orders (id, account_id, status, total_cents) values (4, 8, 'paid', 1000), (5, 8, 'paid', 2000)").await;
+    exec(&shop, "truncate orders").await;
+    exec(
+        &shop,
+        "insert into orders (id, account_id, status, total_cents) values (6, 8, 'paid', 5)",
+    )
+    .await;
+    wait_until(
+        "the second truncate applied",
+        Duration::from_secs(30),
+        || async {
+            traits_of(&sink, "shop_account", "8")
+                .await
+                .is_some_and(|t| t.get("order_count") == Some(&json!(1)))
+        },
+    )
+    .await;
+    let t8 = traits_of(&sink, "shop_account", "8").await.unwrap();
+    assert_eq!(t8["lifetime_value_cents"], json!(5), "{t8}");
+    let t7 = traits_of(&sink, "shop_account", "7").await.unwrap();
+    assert!(
+        t7.get("order_count").is_none(),
+        "the truncate emptied account 7's orders too: {t7}"
+    );
+    let live: i64 = scalar(
+        &sink,
+        "select count(*) from tributary.contributions where table_name = 'public.orders' and not deleted",
+    )
+    .await;
+    assert_eq!(
+        live, 1,
+        "only the order inserted after the truncate is live"
+    );
+    assert_eq!(daemon.stop(), Some(0));
+}
+
+/// A row whose identifier becomes NULL (or unparsable) leaves the profile it
+/// belonged to: it no longer counts in its aggregates or fields, and the image
+/// goes to dead_letters. Given an identifier again, it comes back.
+#[tokio::test]
+async fn a_row_whose_identifier_becomes_null_withdraws_its_contribution() {
+    let pg = cluster();
+    let (crm, shop, sink) = two_sources(&pg).await;
+    let cfg = write_config(&pipeline_config(&crm, &shop, &sink, "nu"));
+    let daemon = Daemon::start(&cfg);
+    wait_snapshots(&sink, 2).await;
+    exec(
+        &shop,
+        "insert into accounts (id, email) values (7, 'seven@x.com')",
+    )
+    .await;
+    exec(&shop, "insert into orders (id, account_id, status, total_cents) values (1, 7, 'paid', 100), (2, 7, 'paid', 200)").await;
+    exec(&crm, "insert into contacts (id, email, first_name, row_version) values (1, 'seven@x.com', 'Sev', 1)").await;
+    wait_until(
+        "two orders and the contact",
+        Duration::from_secs(30),
+        || async {
+            traits_of(&sink, "shop_account", "7")
+                .await
+                .is_some_and(|t| {
+                    t.get("order_count") == Some(&json!(2))
+                        && t.get("first_name") == Some(&json!("Sev"))
+                })
+        },
+    )
+    .await;
+
+    exec(&shop, "update orders set account_id = null where id = 2").await;
+    wait_until(
+        "the order left the profile",
+        Duration::from_secs(30),
+        || async {
+            traits_of(&sink, "shop_account", "7")
+                .await
+                .is_some_and(|t| t.get("order_count") == Some(&json!(1)))
+        },
+    )
+    .await;
+    let t = traits_of(&sink, "shop_account", "7").await.unwrap();
+    assert_eq!(t["lifetime_value_cents"], json!(100), "{t}");
+    let dead: i64 = scalar(
+        &sink,
+        "select count(*) from tributary.dead_letters where table_name = 'public.orders' and error like '%no identifier%'",
+    )
+    .await;
+    assert_eq!(dead, 1, "the NULL-identifier image is a dead letter");
+
+    // An unparsable identifier: the contact's fields leave the profile.
+    exec(
+        &crm,
+        "update contacts set email = 'not-an-email', row_version = 2 where id = 1",
+    )
+    .await;
+    wait_until(
+        "the contact's fields left the profile",
+        Duration::from_secs(30),
+        || async {
+            traits_of(&sink, "shop_account", "7")
+                .await
+                .is_some_and(|t| t.get("first_name").is_none())
+        },
+    )
+    .await;
+
+    // Given an identifier again, the order counts again.
+    exec(&shop, "update orders set account_id = 7 where id = 2").await;
+    wait_until("the order is back", Duration::from_secs(30), || async {
+        traits_of(&sink, "shop_account", "7")
+            .await
+            .is_some_and(|t| t.get("order_count") == Some(&json!(2)))
+    })
+    .await;
+    let t = traits_of(&sink, "shop_account", "7").await.unwrap();
+    assert_eq!(t["lifetime_value_cents"], json!(300), "{t}");
+    assert_eq!(daemon.stop(), Some(0));
+}
