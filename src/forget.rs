@@ -118,10 +118,6 @@ pub async fn forget(
     .await?
     .rows_affected();
     if let Some(p) = profile {
-        sqlx::query("delete from profile_fields where profile_id = $1 or profile_id in (select profile_id from profiles where merged_into = $1)")
-            .bind(p)
-            .execute(&mut *tx)
-            .await?;
         sqlx::query("delete from identities where profile_id = $1")
             .bind(p)
             .execute(&mut *tx)

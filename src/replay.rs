@@ -21,8 +21,10 @@ use sqlx::{PgConnection, Row};
 
 use crate::event::{ChangeEvent, Lsn, Op};
 use crate::mapping::Mapper;
-use crate::resolve::{aggregate_from, resolve_fields, traits, AggState, ProfileId, Winner};
-use crate::store::apply::{apply_in, contributions_by_profile, lock, ProvenanceRow, StoredProfile};
+use crate::resolve::{aggregate_from, resolve_fields, traits, AggState, ProfileId};
+use crate::store::apply::{
+    apply_in, contributions_by_profile, lock, provenance_json, stored_provenance, StoredProfile,
+};
 use crate::store::{Store, StoreError};
 
 /// What a replay did (or, with `--dry-run`, would do).
@@ -167,7 +169,7 @@ impl Store {
     ) -> Result<RebuildReport, StoreError> {
         let mut tx = self.pool().begin().await?;
         lock(&mut tx).await?;
-        sqlx::raw_sql("truncate profiles, identities, profile_fields, contributions, dead_letters")
+        sqlx::raw_sql("truncate profiles, identities, contributions, dead_letters")
             .execute(&mut *tx)
             .await?;
         let mut after: i64 = 0;
@@ -228,6 +230,7 @@ pub(crate) async fn rederive(
             .into_iter()
             .map(|(p, merged_into, a, t)| (p, StoredProfile { merged_into, aggs: a.0, traits: t.0 }))
             .collect();
+    let mut provenance = stored_provenance(tx, &ids).await?;
     let mut changed = BTreeSet::new();
     for (p, contribs) in &by_profile {
         // Identities: every identifier of the profile's rows points at it.
@@ -257,66 +260,24 @@ pub(crate) async fn rederive(
         let t = traits(&winners, &aggs, mapper.aggregates());
         let same = stored
             .get(p)
-            .is_some_and(|o| o.merged_into.is_none() && o.aggs == aggs && o.traits == t);
+            .is_some_and(|o| o.merged_into.is_none() && o.aggs == aggs && o.traits == t)
+            && provenance.remove(p).as_ref() == Some(&winners);
         if !same {
             sqlx::query(
-                "insert into profiles (profile_id, traits, agg_state) values ($1, $2, $3)
+                "insert into profiles (profile_id, traits, agg_state, provenance) values ($1, $2, $3, $4::json)
                  on conflict (profile_id) do update set traits = excluded.traits, agg_state = excluded.agg_state,
-                   merged_into = null, updated_at = now()",
+                   provenance = excluded.provenance, merged_into = null, updated_at = now()",
             )
             .bind(p)
             .bind(Json(&t))
             .bind(Json(&aggs))
+            .bind(provenance_json(&winners))
             .execute(&mut *tx)
             .await?;
         }
-        let fields_changed = write_provenance(tx, *p, &winners).await?;
-        if repointed > 0 || !same || fields_changed {
+        if repointed > 0 || !same {
             changed.insert(*p);
         }
     }
     Ok(changed.into_iter().collect())
-}
-
-/// Makes `profile_fields` of `p` equal to `winners`; true if anything changed.
-async fn write_provenance(
-    tx: &mut PgConnection,
-    p: ProfileId,
-    winners: &BTreeMap<String, Winner>,
-) -> Result<bool, StoreError> {
-    let old: BTreeMap<String, Winner> =
-        sqlx::query_as::<_, ProvenanceRow>(sqlx::AssertSqlSafe(format!(
-            "select {} from profile_fields where profile_id = $1",
-            ProvenanceRow::COLUMNS
-        )))
-        .bind(p)
-        .fetch_all(&mut *tx)
-        .await?
-        .into_iter()
-        .map(|r| (r.field.clone(), r.winner()))
-        .collect();
-    if &old == winners {
-        return Ok(false);
-    }
-    sqlx::query("delete from profile_fields where profile_id = $1")
-        .bind(p)
-        .execute(&mut *tx)
-        .await?;
-    for (field, w) in winners {
-        sqlx::query(
-            "insert into profile_fields (profile_id, field, value, source, table_name, row_key, freshness, lsn)
-             values ($1, $2, $3, $4, $5, $6, $7, $8::pg_lsn)",
-        )
-        .bind(p)
-        .bind(field)
-        .bind(Json(&w.value))
-        .bind(&w.row.source)
-        .bind(&w.row.table)
-        .bind(&w.row.row_key)
-        .bind(w.freshness)
-        .bind(w.lsn.to_string())
-        .execute(&mut *tx)
-        .await?;
-    }
-    Ok(true)
 }

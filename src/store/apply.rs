@@ -508,8 +508,7 @@ pub(crate) async fn apply_in(
         sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
             "update identities set profile_id = {survivor} where profile_id = {loser};
              update contributions set profile_id = {survivor} where profile_id = {loser};
-             update profiles set merged_into = {survivor} where merged_into = {loser};
-             delete from profile_fields where profile_id = {loser};"
+             update profiles set merged_into = {survivor} where merged_into = {loser};"
         )))
         .execute(&mut *tx)
         .await?;
@@ -672,22 +671,9 @@ pub(crate) struct StoredProfile {
     pub(crate) traits: Map<String, Value>,
 }
 
-/// `profile_fields` rows, column by column, for one `unnest` insert.
-#[derive(Default)]
-struct FieldRows {
-    profile: Vec<i64>,
-    field: Vec<String>,
-    value: Vec<String>,
-    source: Vec<String>,
-    table: Vec<String>,
-    row_key: Vec<String>,
-    freshness: Vec<chrono::DateTime<chrono::Utc>>,
-    lsn: Vec<String>,
-}
-
 /// Recomputes the traits of the batch's dirty profiles and writes what changed:
 /// profiles whose field values may have changed are resolved again from their
-/// stored rows (and their provenance diffed against `profile_fields`); the
+/// stored rows (and their provenance diffed against `profiles.provenance`); the
 /// others changed only aggregates, which are patched into their stored traits.
 async fn refresh_profiles(
     tx: &mut PgConnection,
@@ -747,22 +733,10 @@ async fn refresh_profiles(
     }
 
     // Current provenance of the field-dirty profiles, to diff against.
-    let stored_fields: Vec<ProvenanceRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-        "select {} from profile_fields where profile_id = any($1)",
-        ProvenanceRow::COLUMNS
-    )))
-    .bind(&fields_dirty)
-    .fetch_all(&mut *tx)
-    .await?;
-    let mut old_winners: HashMap<(ProfileId, String), Winner> = HashMap::new();
-    for f in stored_fields {
-        let key = (f.profile_id, f.field.clone());
-        old_winners.insert(key, f.winner());
-    }
+    let mut old_winners: HashMap<ProfileId, BTreeMap<String, Winner>> =
+        stored_provenance(tx, &fields_dirty).await?;
 
     let mut upd = ProfileRows::default();
-    let mut pf = FieldRows::default();
-    let mut removed: (Vec<i64>, Vec<String>) = Default::default();
     let full: BTreeSet<ProfileId> = fields_dirty.iter().copied().collect();
     for p in &log.dirty {
         let Some(st) = state.profiles.get(p) else {
@@ -775,18 +749,15 @@ async fn refresh_profiles(
             .filter(|(_, a)| a.n != 0)
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
-        let (t, aggs) = if st.merged_into.is_some() {
-            (Map::new(), BTreeMap::new())
+        // The new provenance, or None where this batch did not resolve fields.
+        let (t, aggs, winners) = if st.merged_into.is_some() {
+            (Map::new(), BTreeMap::new(), Some(BTreeMap::new()))
         } else if full.contains(p) {
             let winners = resolve_fields(by_profile.get(p).map_or(&[][..], Vec::as_slice), |f| {
                 mapper.strategy(f)
             });
-            for (field, w) in &winners {
-                if old_winners.remove(&(*p, field.clone())).as_ref() != Some(w) {
-                    pf.push(*p, field, w);
-                }
-            }
-            (traits(&winners, &live_aggs, mapper.aggregates()), live_aggs)
+            let t = traits(&winners, &live_aggs, mapper.aggregates());
+            (t, live_aggs, Some(winners))
         } else {
             // Only aggregates changed: keep the stored field values.
             let mut t = old.map(|o| o.traits.clone()).unwrap_or_default();
@@ -798,10 +769,19 @@ async fn refresh_profiles(
                     t.insert(name.clone(), v);
                 }
             }
-            (t, live_aggs)
+            (t, live_aggs, None)
         };
-        let unchanged =
-            old.is_some_and(|o| o.traits == t && o.aggs == aggs && o.merged_into == st.merged_into);
+        let old_prov = old_winners.remove(p);
+        let same_provenance = match &winners {
+            None => true,
+            Some(w) => old_prov
+                .as_ref()
+                .map_or(st.merged_into.is_some(), |o| o == w),
+        };
+        let unchanged = same_provenance
+            && old.is_some_and(|o| {
+                o.traits == t && o.aggs == aggs && o.merged_into == st.merged_into
+            });
         if !unchanged {
             let no_traits = Map::new();
             let old_traits = old.map_or(&no_traits, |o| &o.traits);
@@ -826,59 +806,109 @@ async fn refresh_profiles(
             upd.traits.push(Value::Object(t).to_string());
             upd.aggs
                 .push(serde_json::to_string(&aggs).unwrap_or_else(|_| "{}".into()));
+            upd.provenance.push(match (&winners, old) {
+                (Some(w), _) => provenance_json(w),
+                // A profile new in the store has no provenance to keep.
+                (None, None) => "{}".to_owned(),
+                (None, Some(_)) => KEEP_PROVENANCE.to_owned(),
+            });
         }
-    }
-    // Fields that no longer have a winner.
-    for (p, field) in old_winners.into_keys() {
-        removed.0.push(p);
-        removed.1.push(field);
     }
 
     if !upd.id.is_empty() {
         sqlx::query(
-            "insert into profiles (profile_id, merged_into, traits, agg_state)
-             select * from unnest($1::bigint[], $2::bigint[], $3::text[]::jsonb[], $4::text[]::jsonb[])
+            "insert into profiles (profile_id, merged_into, traits, agg_state, provenance)
+             select * from unnest($1::bigint[], $2::bigint[], $3::text[]::jsonb[], $4::text[]::jsonb[], $5::text[]::json[])
              on conflict (profile_id) do update set merged_into = excluded.merged_into, traits = excluded.traits,
-               agg_state = excluded.agg_state, updated_at = now()",
+               agg_state = excluded.agg_state, updated_at = now(),
+               provenance = case when excluded.provenance::text = 'null' then profiles.provenance
+                                 else excluded.provenance end",
         )
         .bind(&upd.id)
         .bind(&upd.merged_into)
         .bind(&upd.traits)
         .bind(&upd.aggs)
-        .execute(&mut *tx)
-        .await?;
-    }
-    if !removed.0.is_empty() {
-        sqlx::query(
-            "delete from profile_fields pf using unnest($1::bigint[], $2::text[]) as u(p, f)
-              where pf.profile_id = u.p and pf.field = u.f",
-        )
-        .bind(&removed.0)
-        .bind(&removed.1)
-        .execute(&mut *tx)
-        .await?;
-    }
-    if !pf.profile.is_empty() {
-        sqlx::query(
-            "insert into profile_fields (profile_id, field, value, source, table_name, row_key, freshness, lsn)
-             select p, f, v::jsonb, s, t, k, fr, l::pg_lsn
-               from unnest($1::bigint[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::timestamptz[], $8::text[])
-                 as u(p, f, v, s, t, k, fr, l)
-             on conflict (profile_id, field) do update set value = excluded.value, source = excluded.source,
-               table_name = excluded.table_name, row_key = excluded.row_key, freshness = excluded.freshness, lsn = excluded.lsn",
-        )
-        .bind(&pf.profile)
-        .bind(&pf.field)
-        .bind(&pf.value)
-        .bind(&pf.source)
-        .bind(&pf.table)
-        .bind(&pf.row_key)
-        .bind(&pf.freshness)
-        .bind(&pf.lsn)
+        .bind(&upd.provenance)
         .execute(&mut *tx)
         .await?;
     }
     Ok(changes)
+}
+
+/// Written as a profile's provenance, JSON `null` means "keep the stored one"
+/// (the batch changed only aggregates); it never reaches a stored row, since
+/// a profile new to the store gets `{}`.
+const KEEP_PROVENANCE: &str = "null";
+
+/// One winning field in `profiles.provenance` (read through the
+/// `profile_fields` view).
+#[derive(serde::Serialize, serde::Deserialize)]
+struct ProvenanceEntry<V, S> {
+    v: V,
+    s: S,
+    t: S,
+    k: S,
+    f: chrono::DateTime<chrono::Utc>,
+    l: Lsn,
+}
+
+/// The `profiles.provenance` document of a profile's winners.
+pub(crate) fn provenance_json(winners: &BTreeMap<String, Winner>) -> String {
+    let doc: BTreeMap<&str, ProvenanceEntry<&Value, &str>> = winners
+        .iter()
+        .map(|(field, w)| {
+            (
+                field.as_str(),
+                ProvenanceEntry {
+                    v: &w.value,
+                    s: w.row.source.as_str(),
+                    t: w.row.table.as_str(),
+                    k: w.row.row_key.as_str(),
+                    f: w.freshness,
+                    l: w.lsn,
+                },
+            )
+        })
+        .collect();
+    serde_json::to_string(&doc).unwrap_or_else(|_| "{}".into())
+}
+
+/// The stored provenance of `profiles`, as winners by field.
+pub(crate) async fn stored_provenance(
+    tx: &mut PgConnection,
+    profiles: &[ProfileId],
+) -> Result<HashMap<ProfileId, BTreeMap<String, Winner>>, StoreError> {
+    type Doc = BTreeMap<String, ProvenanceEntry<Value, String>>;
+    let rows: Vec<(i64, Json<Doc>)> =
+        sqlx::query_as("select profile_id, provenance from profiles where profile_id = any($1)")
+            .bind(profiles)
+            .fetch_all(&mut *tx)
+            .await?;
+    Ok(rows
+        .into_iter()
+        .map(|(p, doc)| {
+            let winners = doc
+                .0
+                .into_iter()
+                .map(|(field, e)| {
+                    (
+                        field,
+                        Winner {
+                            value: e.v,
+                            row: RowRef {
+                                source: e.s,
+                                table: e.t,
+                                row_key: e.k,
+                            },
+                            freshness: e.f,
+                            lsn: e.l,
+                        },
+                    )
+                })
+                .collect();
+            (p, winners)
+        })
+        .collect())
 }
 
 /// `profiles` rows to upsert, column by column.
@@ -888,17 +918,6 @@ struct ProfileRows {
     merged_into: Vec<Option<i64>>,
     traits: Vec<String>,
     aggs: Vec<String>,
-}
-
-impl FieldRows {
-    fn push(&mut self, p: ProfileId, field: &str, w: &Winner) {
-        self.profile.push(p);
-        self.field.push(field.to_owned());
-        self.value.push(w.value.to_string());
-        self.source.push(w.row.source.clone());
-        self.table.push(w.row.table.clone());
-        self.row_key.push(w.row.row_key.clone());
-        self.freshness.push(w.freshness);
-        self.lsn.push(w.lsn.to_string());
-    }
+    /// `profiles.provenance` documents, or [`KEEP_PROVENANCE`].
+    provenance: Vec<String>,
 }

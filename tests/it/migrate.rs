@@ -96,3 +96,64 @@ url = "{sink}"
     .await;
     assert_eq!(old, 0);
 }
+
+/// A store built before `profile_fields` became a view over
+/// `profiles.provenance` keeps its provenance, row for row, through `migrate`.
+#[tokio::test]
+async fn migrating_an_existing_store_keeps_its_field_provenance() {
+    use sqlx::postgres::PgPoolOptions;
+    let pg = cluster();
+    let sink = create_db(&pg, "profiles").await;
+    exec(&sink, "create schema tributary").await;
+    // The store as the previous release left it: every migration but the view.
+    let mut old = sqlx::migrate::Migrator::DEFAULT;
+    old.migrations = tributary::store::MIGRATOR
+        .migrations
+        .iter()
+        .filter(|m| m.version < 20261201000001)
+        .cloned()
+        .collect::<Vec<_>>()
+        .into();
+    let pool = PgPoolOptions::new()
+        .max_connections(1)
+        .connect(&format!("{sink}&options=-csearch_path%3Dtributary"))
+        .await
+        .unwrap();
+    old.run(&pool).await.unwrap();
+    pool.close().await;
+    exec(
+        &sink,
+        "insert into tributary.profiles (profile_id, traits) values
+           (1, '{\"email\": \"a@x.com\", \"first_name\": \"Ann\"}'), (2, '{}');
+         insert into tributary.profile_fields (profile_id, field, value, source, table_name, row_key, freshness, lsn) values
+           (1, 'email', '\"a@x.com\"', 'crm', 'public.contacts', '{\"id\":1}', '2026-11-30 10:00:00.123456+00', '0/16B3748'),
+           (1, 'first_name', '\"Ann\"', 'shop', 'public.accounts', '{\"id\":7}', '2026-11-30 11:00:00+00', '1/0');",
+    )
+    .await;
+    let dump = "select string_agg(format('%s %s %s %s %s %s %s %s', profile_id, field, value::text, source, table_name,
+                  row_key, freshness, lsn), ' | ' order by profile_id, field) from tributary.profile_fields";
+    let before: String = scalar(&sink, dump).await;
+    let cfg = write_config(&format!(
+        r#"
+[sink]
+url = "{sink}"
+
+[[source]]
+name = "crm"
+url = "{sink}"
+  [[source.table]]
+  name = "public.contacts"
+  identity = {{ email = "email" }}
+"#
+    ));
+    let out = run_cmd(&cfg, &["migrate"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let kind: String = scalar(
+        &sink,
+        "select table_type::text from information_schema.tables where table_schema = 'tributary' and table_name = 'profile_fields'",
+    )
+    .await;
+    assert_eq!(kind, "VIEW");
+    let after: String = scalar(&sink, dump).await;
+    assert_eq!(after, before);
+}
