@@ -70,6 +70,8 @@ pub struct TableMapping {
     pub table: TableConfig,
     /// Identity kind → normalisation.
     pub normalize: BTreeMap<String, Normalize>,
+    /// Every column the mapping reads (the digest's columns).
+    pub mapped: Vec<String>,
 }
 
 /// All mappings and the field strategies, built once from the config.
@@ -107,6 +109,7 @@ impl Mapper {
                         priority: s.priority,
                         table: t.clone(),
                         normalize,
+                        mapped: t.mapped_columns().into_iter().map(str::to_owned).collect(),
                     }),
                 );
             }
@@ -247,16 +250,13 @@ impl TableMapping {
             .and_then(parse_freshness)
             .unwrap_or(ev.commit_time);
 
-        // The digest image: every mapped column, unless one was not sent.
-        let image = if t.mapped_columns().iter().any(|c| unchanged(c)) {
+        // The digest of every mapped column, unless one was not sent.
+        let digest = if self.mapped.iter().any(|c| unchanged(c)) {
             None
         } else {
-            let img: Map<String, Value> = t
-                .mapped_columns()
-                .into_iter()
-                .map(|c| (c.to_owned(), ev.row.get(c).cloned().unwrap_or(Value::Null)))
-                .collect();
-            Some(Value::Object(img).to_string())
+            Some(crate::store::digest::digest(
+                self.mapped.iter().map(|c| (c.as_str(), ev.row.get(c))),
+            ))
         };
 
         Ok(Contribution {
@@ -275,7 +275,7 @@ impl TableMapping {
             seq: ev.seq,
             freshness,
             priority: self.priority,
-            image,
+            digest,
         })
     }
 }

@@ -75,11 +75,11 @@ pub struct Contribution {
     pub freshness: DateTime<Utc>,
     /// Source priority.
     pub priority: i32,
-    /// The mapped columns of the row image as JSON text, from which the store
-    /// computes the digest that reconciliation compares with the source's
-    /// (None when unknown: an unchanged TOAST value, or loaded from the store).
+    /// The digest of the image's mapped columns ([`crate::store::digest`]),
+    /// which reconciliation compares with the source's (None when unknown: an
+    /// unchanged TOAST value, or loaded from the store).
     #[serde(skip)]
-    pub image: Option<String>,
+    pub digest: Option<i64>,
 }
 
 /// Is `new` a later word of the row than `old`?
@@ -612,7 +612,7 @@ impl State {
             seq: ev.seq,
             freshness: ev.commit_time,
             priority,
-            image: None,
+            digest: None,
         };
         if let Some(prev) = prev {
             if !is_newer(&tomb, prev) {

@@ -9,6 +9,7 @@
 //! lock serialises batches from all sources (and all processes), so identity
 //! merges and profile-id allocation never race.
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 use serde_json::{Map, Value};
@@ -136,7 +137,7 @@ pub(crate) fn row_of(r: &sqlx::postgres::PgRow) -> Result<Contribution, sqlx::Er
         seq: u64::try_from(r.try_get::<i64, _>("seq")?).unwrap_or(0),
         freshness: r.try_get("freshness")?,
         priority: r.try_get("priority")?,
-        image: None,
+        digest: None,
     })
 }
 
@@ -205,13 +206,21 @@ impl Store {
         outbox: Option<&dyn super::Outbox>,
     ) -> Result<ApplyStats, StoreError> {
         self.ensure_partitions(events).await?;
+        // The event-log connection comes from its own pool and is taken before
+        // the lock: only the lock holder logs, so it never waits on another.
+        let mut log = if events.is_empty() {
+            None
+        } else {
+            Some(self.log_pool.acquire().await?)
+        };
         let mut tx = self.pool.begin().await?;
         // A checkpoint alone (a capture process, an empty transaction) takes no lock.
-        let stats = if events.is_empty() {
-            ApplyStats::default()
-        } else {
-            lock(&mut tx).await?;
-            apply_in(&mut tx, mapper, source, events, true).await?
+        let stats = match log.as_deref_mut() {
+            None => ApplyStats::default(),
+            Some(log) => {
+                lock(&mut tx).await?;
+                apply_in(&mut tx, mapper, source, events, true, Some(log)).await?
+            }
         };
         if let Some(o) =
             outbox.filter(|_| !stats.profile_changes.is_empty() || !stats.dead.is_empty())
@@ -299,16 +308,19 @@ impl Store {
 
 /// Applies `events` inside `tx` (which holds the lock). With `record_dead_letters`
 /// false (replay), rows that cannot be mapped are counted but not recorded again.
+/// With `log_conn`, the events are logged on that connection (in autocommit,
+/// while `tx` holds the lock) concurrently with the derived writes.
 pub(crate) async fn apply_in(
     tx: &mut PgConnection,
     mapper: &Mapper,
     source: &str,
     events: &[ChangeEvent],
     record_dead_letters: bool,
+    log_conn: Option<&mut PgConnection>,
 ) -> Result<ApplyStats, StoreError> {
     // 2. Expand truncates into deletes of the table's live rows: those the
     // store holds and those this batch wrote before the truncate.
-    let mut expanded: Vec<ChangeEvent> = Vec::with_capacity(events.len());
+    let mut expanded: Vec<Cow<'_, ChangeEvent>> = Vec::with_capacity(events.len());
     let mut written: HashMap<&str, BTreeSet<String>> = HashMap::new();
     for e in events {
         if e.op == Op::Truncate {
@@ -323,7 +335,7 @@ pub(crate) async fn apply_in(
             let keys = keys
                 .iter()
                 .filter_map(|k| serde_json::from_str::<Map<String, Value>>(k).ok());
-            expanded.extend(truncate_as_deletes(e, keys));
+            expanded.extend(truncate_as_deletes(e, keys).into_iter().map(Cow::Owned));
         } else {
             if matches!(e.op, Op::Insert | Op::Update | Op::Snapshot) {
                 written
@@ -331,7 +343,7 @@ pub(crate) async fn apply_in(
                     .or_default()
                     .insert(e.row_key());
             }
-            expanded.push(e.clone());
+            expanded.push(Cow::Borrowed(e));
         }
     }
 
@@ -417,16 +429,55 @@ pub(crate) async fn apply_in(
         expanded.retain(|e| !skipped.contains(&(e.commit_lsn, e.seq)));
     }
     // The event log, as received (idempotent on (source, commit_lsn, seq)).
-    if skipped.is_empty() {
-        insert_events(tx, events).await?;
-    } else {
-        let kept: Vec<ChangeEvent> = events
-            .iter()
-            .filter(|e| !skipped.contains(&(e.commit_lsn, e.seq)))
-            .cloned()
-            .collect();
-        insert_events(tx, &kept).await?;
+    let kept: Vec<&ChangeEvent> = events
+        .iter()
+        .filter(|e| !skipped.contains(&(e.commit_lsn, e.seq)))
+        .collect();
+    match log_conn {
+        // On its own connection, at the same time as the derived writes: the
+        // two backends work in parallel. It commits on its own, before the
+        // batch does; if the batch then fails, the retry's insert finds the
+        // events there and skips them.
+        Some(conn) => {
+            let (logged, derived) = tokio::join!(
+                insert_events(conn, &kept),
+                derive(
+                    tx,
+                    mapper,
+                    state,
+                    expanded,
+                    skipped.len(),
+                    record_dead_letters
+                )
+            );
+            logged?;
+            derived
+        }
+        None => {
+            insert_events(tx, &kept).await?;
+            derive(
+                tx,
+                mapper,
+                state,
+                expanded,
+                skipped.len(),
+                record_dead_letters,
+            )
+            .await
+        }
     }
+}
+
+/// Runs the pure core over the batch's (expanded, unsuppressed) events and
+/// writes what it changed: contributions, identities, profiles, dead letters.
+async fn derive(
+    tx: &mut PgConnection,
+    mapper: &Mapper,
+    mut state: State,
+    expanded: Vec<Cow<'_, ChangeEvent>>,
+    suppressed: usize,
+    record_dead_letters: bool,
+) -> Result<ApplyStats, StoreError> {
     let mut want: BTreeSet<ProfileId> = state
         .owners
         .values()
@@ -487,7 +538,7 @@ pub(crate) async fn apply_in(
     // 4. The pure core, event by event.
     let mut stats = ApplyStats {
         events: expanded.len(),
-        suppressed: skipped.len(),
+        suppressed,
         ..Default::default()
     };
     let mut dead: Vec<(&ChangeEvent, String)> = Vec::new();
@@ -585,7 +636,7 @@ pub(crate) async fn apply_in(
     Ok(stats)
 }
 
-async fn insert_events(tx: &mut PgConnection, events: &[ChangeEvent]) -> Result<(), StoreError> {
+async fn insert_events(tx: &mut PgConnection, events: &[&ChangeEvent]) -> Result<(), StoreError> {
     if events.is_empty() {
         return Ok(());
     }
@@ -621,13 +672,12 @@ async fn write_contributions<'a>(
     if rows.is_empty() {
         return Ok(());
     }
-    let digest = crate::source::read::STORE_DIGEST.replace("$img", "g");
-    sqlx::query(sqlx::AssertSqlSafe(format!(
+    sqlx::query(
         "insert into contributions (source, table_name, row_key, profile_id, deleted, identities, fields, aggs, version, lsn, seq, freshness, priority, updated_at, digest)
          select s, t, k, p, d, i::jsonb, f::jsonb, a::jsonb, v, l::pg_lsn, q, fr, pr, now(),
-                case when d or g is null then null else {STORE_DIGEST} end
+                case when d then null else g end
            from unnest($1::text[], $2::text[], $3::text[], $4::bigint[], $5::bool[], $6::text[], $7::text[], $8::text[],
-                       $9::bigint[], $10::text[], $11::bigint[], $12::timestamptz[], $13::int[], $14::text[]) as u(s, t, k, p, d, i, f, a, v, l, q, fr, pr, g)
+                       $9::bigint[], $10::text[], $11::bigint[], $12::timestamptz[], $13::int[], $14::bigint[]) as u(s, t, k, p, d, i, f, a, v, l, q, fr, pr, g)
          on conflict (source, table_name, row_key) do update set
            profile_id = excluded.profile_id, deleted = excluded.deleted, identities = excluded.identities,
            fields = excluded.fields, aggs = excluded.aggs, version = excluded.version, lsn = excluded.lsn,
@@ -635,8 +685,7 @@ async fn write_contributions<'a>(
            -- the same image re-written (a merge re-pointing it) keeps its digest
            digest = case when (excluded.lsn, excluded.seq) = (contributions.lsn, contributions.seq)
                          then coalesce(excluded.digest, contributions.digest) else excluded.digest end",
-        STORE_DIGEST = digest
-    )))
+    )
     .bind(rows.iter().map(|c| c.row.source.as_str()).collect::<Vec<_>>())
     .bind(rows.iter().map(|c| c.row.table.as_str()).collect::<Vec<_>>())
     .bind(rows.iter().map(|c| c.row.row_key.as_str()).collect::<Vec<_>>())
@@ -650,7 +699,7 @@ async fn write_contributions<'a>(
     .bind(rows.iter().map(|c| i64_of(c.seq)).collect::<Vec<_>>())
     .bind(rows.iter().map(|c| c.freshness).collect::<Vec<_>>())
     .bind(rows.iter().map(|c| c.priority).collect::<Vec<_>>())
-    .bind(rows.iter().map(|c| c.image.as_deref()).collect::<Vec<_>>())
+    .bind(rows.iter().map(|c| c.digest).collect::<Vec<_>>())
     .execute(&mut *tx)
     .await?;
     Ok(())

@@ -6,6 +6,7 @@
 //! to it so that SQL here and in the migrations is written unqualified.
 
 pub mod apply;
+pub mod digest;
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
@@ -73,6 +74,9 @@ pub trait Outbox: Send + Sync {
 #[derive(Clone, Debug)]
 pub struct Store {
     pool: PgPool,
+    /// Connections for the event log, written beside a batch's transaction
+    /// by the holder of the apply lock (see `apply::apply_in`).
+    log_pool: PgPool,
     schema: String,
     /// Monthly `events` partitions known to exist (year, month).
     partitions: Arc<Mutex<HashSet<(i32, u32)>>>,
@@ -85,6 +89,10 @@ impl Store {
             .conn
             .pg_options()
             .options([("search_path", cfg.schema.as_str())]);
+        let log_pool = PgPoolOptions::new()
+            .max_connections(2)
+            .acquire_timeout(Duration::from_secs(cfg.conn.connect_timeout_s.max(1) * 3))
+            .connect_lazy_with(opts.clone());
         let pool = PgPoolOptions::new()
             .max_connections(cfg.pool_size)
             .acquire_timeout(Duration::from_secs(cfg.conn.connect_timeout_s.max(1) * 3))
@@ -96,6 +104,7 @@ impl Store {
             })?;
         Ok(Store {
             pool,
+            log_pool,
             schema: cfg.schema.clone(),
             partitions: Arc::default(),
         })

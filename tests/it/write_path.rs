@@ -167,3 +167,51 @@ async fn a_row_whose_identifier_becomes_null_withdraws_its_contribution() {
     assert_eq!(t["lifetime_value_cents"], json!(300), "{t}");
     assert_eq!(daemon.stop(), Some(0));
 }
+
+/// The digest the daemon computes for a contribution equals the SQL form the
+/// store used to compute (and the source-side digest is built to match):
+/// `hashtextextended` itself for strings of every tail length, and whole
+/// images with every kind of JSON value.
+#[tokio::test]
+async fn digests_computed_in_the_daemon_equal_the_sql_form() {
+    use sqlx::Connection;
+    use tributary::store::digest::{digest_of_object, hash_bytes_extended};
+    let pg = cluster();
+    let db = create_db(&pg, "digests").await;
+    let mut conn = sqlx::PgConnection::connect(&db).await.unwrap();
+    let mut texts: Vec<String> = (0..40)
+        .map(|n| "abcdefghijklmnopqrstuvwxyz0123456789ABCDEF"[..n].to_owned())
+        .collect();
+    texts.extend(["é", "name=Ünïcödé 🎉", "x\u{1}y", "email=a@x.com"].map(String::from));
+    for t in &texts {
+        let sql: i64 = sqlx::query_scalar("select hashtextextended($1, 0)")
+            .bind(t)
+            .fetch_one(&mut conn)
+            .await
+            .unwrap();
+        #[allow(clippy::cast_possible_wrap)]
+        let ours = hash_bytes_extended(t.as_bytes(), 0) as i64;
+        assert_eq!(ours, sql, "hashtextextended({t:?})");
+    }
+    let images = [
+        r#"{"email": "a@x.com", "id": 1, "first_name": null}"#,
+        r#"{"n": 1.50, "m": -0.0, "big": 12345678901234567890, "neg": -42, "f": 0.1}"#,
+        r#"{"e1": 1e3, "e2": 1.5e-7, "e3": 2E+2}"#,
+        r#"{"b": true, "c": false, "s": "quote \" back \\ tab \t nl \n ctl \u0001 ü"}"#,
+        r#"{"j": {"zz": [1, "x", null, {"b": 2, "a": 1}], "a": {}}, "arr": [], "t": "2026-11-30T10:00:00.123456Z"}"#,
+        r#"{}"#,
+        r#"{"only": null}"#,
+    ];
+    for text in images {
+        let image: serde_json::Map<String, serde_json::Value> = serde_json::from_str(text).unwrap();
+        let sql: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+            "select coalesce({}, 0)",
+            tributary::source::read::STORE_DIGEST.replace("$img", "$1")
+        )))
+        .bind(serde_json::Value::Object(image.clone()).to_string())
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+        assert_eq!(digest_of_object(&image), sql, "digest of {text}");
+    }
+}
