@@ -508,7 +508,7 @@ fn validate(raw: RawConfig, path: &Path) -> Result<Config, ConfigError> {
         conn: sink_conn,
         schema,
         batch_max_events: raw.sink.batch_max_events.unwrap_or(5000).max(1),
-        batch_max_wait_ms: raw.sink.batch_max_wait_ms.unwrap_or(100),
+        batch_max_wait_ms: raw.sink.batch_max_wait_ms.unwrap_or(5),
         pool_size: raw.sink.pool_size.unwrap_or(4).max(2),
         max_txn_memory_bytes: raw.sink.max_txn_memory_mb.unwrap_or(64).max(1) * 1024 * 1024,
         spill_dir: raw.sink.spill_dir.unwrap_or_else(std::env::temp_dir),

@@ -306,12 +306,11 @@ fn json_text(v: &Value) -> Option<String> {
 /// A freshness column value (timestamptz, timestamp taken as UTC, or date) → time.
 pub fn parse_freshness(v: &Value) -> Option<DateTime<Utc>> {
     let s = v.as_str()?;
-    parse_timestamptz(s)
-        .or_else(|| {
-            DateTime::parse_from_rfc3339(s)
-                .ok()
-                .map(|t| t.with_timezone(&Utc))
-        })
+    // Timestamps in images are normalised RFC 3339 UTC: try that first.
+    DateTime::parse_from_rfc3339(s)
+        .ok()
+        .map(|t| t.with_timezone(&Utc))
+        .or_else(|| parse_timestamptz(s))
         .or_else(|| {
             NaiveDateTime::parse_from_str(s, "%Y-%m-%dT%H:%M:%S%.f")
                 .ok()

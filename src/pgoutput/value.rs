@@ -100,7 +100,14 @@ pub fn parse_timestamptz(text: &str) -> Option<DateTime<Utc>> {
 
 /// The canonical text of a UTC instant.
 pub fn format_utc(t: &DateTime<Utc>) -> String {
-    t.format("%Y-%m-%dT%H:%M:%S%.6fZ").to_string()
+    use chrono::Datelike;
+    // The same text as the format string below, without interpreting it per
+    // value (this runs for every timestamp of every change).
+    if (0..=9999).contains(&t.year()) {
+        t.to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
+    } else {
+        t.format("%Y-%m-%dT%H:%M:%S%.6fZ").to_string()
+    }
 }
 
 fn numeric(text: &str) -> Value {
@@ -266,5 +273,27 @@ mod tests {
         assert_eq!(text_to_json(1007, "{{1,2},{3,4}}"), json!([[1, 2], [3, 4]]));
         assert_eq!(text_to_json(1009, "{}"), json!([]));
         assert_eq!(text_to_json(1007, "{1,2"), json!("{1,2"));
+    }
+}
+
+#[cfg(test)]
+mod format_tests {
+    use super::*;
+
+    #[test]
+    fn format_utc_equals_the_format_string_it_replaces() {
+        for text in [
+            "2026-12-01 06:04:34+00",
+            "2026-12-01 06:04:34.1+05:30",
+            "1999-01-01 00:00:00.123456789+00",
+            "0001-02-03 04:05:06.000001+00",
+        ] {
+            let t = parse_timestamptz(text).unwrap();
+            assert_eq!(
+                format_utc(&t),
+                t.format("%Y-%m-%dT%H:%M:%S%.6fZ").to_string(),
+                "{text}"
+            );
+        }
     }
 }

@@ -746,8 +746,27 @@ async fn refresh_profiles(
                 .is_some_and(|s| s.merged_into.is_none())
         })
         .collect();
-    // Rows with field values of those profiles (aggregate-only rows are not needed).
-    let by_profile = contributions_by_profile(tx, &fields_dirty, true).await?;
+    // Rows with field values of those profiles (aggregate-only rows are not
+    // needed). A profile this batch created has all its rows in `state` (a new
+    // id is larger than every stored one, so it never absorbs a stored
+    // profile): read only the others back.
+    let (fresh, stored): (BTreeSet<ProfileId>, Vec<ProfileId>) = {
+        let (f, s): (Vec<ProfileId>, Vec<ProfileId>) =
+            fields_dirty.iter().partition(|p| log.created.contains(*p));
+        (f.into_iter().collect(), s)
+    };
+    let mut by_profile = contributions_by_profile(tx, &stored, true).await?;
+    if !fresh.is_empty() {
+        for c in state
+            .contributions
+            .values()
+            .filter(|c| !c.deleted && !c.fields.is_empty())
+        {
+            if let Some(p) = c.profile_id.filter(|p| fresh.contains(p)) {
+                by_profile.entry(p).or_default().push(c.clone());
+            }
+        }
+    }
     // Max/min whose extreme was withdrawn: rescan that aggregate's inputs.
     let stale: Vec<(ProfileId, String)> = log
         .dirty
@@ -783,7 +802,7 @@ async fn refresh_profiles(
 
     // Current provenance of the field-dirty profiles, to diff against.
     let mut old_winners: HashMap<ProfileId, BTreeMap<String, Winner>> =
-        stored_provenance(tx, &fields_dirty).await?;
+        stored_provenance(tx, &stored).await?;
 
     let mut upd = ProfileRows::default();
     let full: BTreeSet<ProfileId> = fields_dirty.iter().copied().collect();
@@ -913,7 +932,9 @@ pub(crate) fn provenance_json(winners: &BTreeMap<String, Winner>) -> String {
                     s: w.row.source.as_str(),
                     t: w.row.table.as_str(),
                     k: w.row.row_key.as_str(),
-                    f: w.freshness,
+                    // Microseconds, truncated as sqlx encodes a timestamptz
+                    // (PostgreSQL would round nanoseconds given as text).
+                    f: chrono::SubsecRound::trunc_subsecs(w.freshness, 6),
                     l: w.lsn,
                 },
             )
