@@ -6,15 +6,14 @@
 #   benches/backlog.sh            # N=1000000
 #   N=100000 benches/backlog.sh   # quicker
 #
-# Uses ../shared/bench/native-backlog.sh (two throwaway clusters; native
-# publication/subscription timed first, then `tributary run` on the same backlog).
-# Prints rows/s for both and the ratio; writes the figures to target/bench/backlog.json.
+# Uses benches/native-backlog.sh (two throwaway clusters; native
+# publication/subscription timed first, then `tributary run` on the same backlog,
+# both until their slot confirms the source's WAL end). Prints rows/s for both,
+# the server's decode rate and the ratio; writes the figures to
+# target/bench/backlog.json.
 set -Eeuo pipefail
 cd "$(dirname "$0")/.."
 root=$(pwd)
-shared=${SHARED:-$root/../shared}
-[ -x "$shared/bench/native-backlog.sh" ] || [ -f "$shared/bench/native-backlog.sh" ] || {
-  echo "need ../shared/bench/native-backlog.sh (set SHARED=/path/to/shared)" >&2; exit 2; }
 cargo build --release --quiet
 mkdir -p target/bench
 export N=${N:-1000000}
@@ -24,4 +23,4 @@ export RUST_LOG=${RUST_LOG:-info}
 # pg_ctl refuses root; the script runs the servers as `postgres` and needs a
 # directory that user can read for the config and log it writes.
 cd /tmp
-bash "$shared/bench/native-backlog.sh"
+bash "$root/benches/native-backlog.sh"

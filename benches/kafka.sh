@@ -8,12 +8,12 @@
 #   benches/kafka.sh              # N=1000000
 #   N=100000 benches/kafka.sh     # quicker
 #
-# Needs the PostgreSQL server binaries and ../shared/tools/kafka-test-broker.sh
+# Needs the PostgreSQL server binaries; the broker comes from tools/kafka-test-broker.sh
 # (tansu on 127.0.0.1:$KAFKA_PORT, installed into ~/.cache on first use).
 set -Eeuo pipefail
 cd "$(dirname "$0")/.."
 root=$(pwd)
-shared=${SHARED:-$root/../shared}
+
 N=${N:-1000000}
 BATCH=100
 SRC_PORT=${SRC_PORT:-56542}
@@ -22,7 +22,7 @@ export KAFKA_PORT=${KAFKA_PORT:-19092} TANSU_SOURCE=${TANSU_SOURCE:-pypi}
 cargo build --release --quiet
 BIN=$root/target/release/tributary
 mkdir -p target/bench
-(exec 3<>"/dev/tcp/127.0.0.1/$KAFKA_PORT") 2>/dev/null || bash "$shared/tools/kafka-test-broker.sh" start >/dev/null
+(exec 3<>"/dev/tcp/127.0.0.1/$KAFKA_PORT") 2>/dev/null || bash "$root/tools/kafka-test-broker.sh" start >/dev/null
 PGBIN=${PGBIN:-$(dirname "$(readlink -f "$(command -v pg_ctl || ls /usr/lib/postgresql/*/bin/pg_ctl | tail -1)")")}
 TMP=$(mktemp -d /tmp/kafka-bench.XXXXXX)
 RUNAS=()

@@ -1,5 +1,5 @@
 //! Publishing to a real Kafka-protocol broker (tansu, started by
-//! `../shared/tools/kafka-test-broker.sh`): every source change reaches its
+//! `tools/kafka-test-broker.sh`): every source change reaches its
 //! topic once per delivery attempt, in commit order per key, in the documented
 //! envelope; a crash between publishing and the checkpoint loses nothing.
 
@@ -21,10 +21,7 @@ pub fn broker() -> String {
     if std::net::TcpStream::connect(&addr).is_ok() {
         return addr;
     }
-    let script = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../shared/tools/kafka-test-broker.sh"
-    );
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tools/kafka-test-broker.sh");
     let out = std::process::Command::new("bash")
         .arg(script)
         .arg("start")

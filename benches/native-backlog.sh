@@ -1,0 +1,190 @@
+#!/usr/bin/env bash
+# native-backlog.sh: "drain a backlog of N row changes into a sink", by
+# PostgreSQL's own logical replication (publication + subscription) and, with
+# TRIBUTARY set, by Tributary into a profile store, on the same backlog in the
+# same run. benches/backlog.sh calls it; it needs only the PostgreSQL server
+# binaries and psql.
+#
+# Two throwaway clusters (source, sink). The subscription exists but is disabled while the
+# workload writes N row changes (CRM contacts and shop orders, 100 rows per transaction:
+# inserts, then updates); then it is enabled and the catch-up is timed until the slot's
+# confirmed_flush_lsn reaches the source's WAL end. Also times the server-side pgoutput
+# decode of the same backlog (pg_logical_slot_peek_binary_changes), the ceiling of any client.
+#
+# Tributary is timed by the same rule as native replication: until its slot's
+# confirmed_flush_lsn reaches the source's WAL end (it confirms a position only
+# after the store committed it). The profile store is then checked once (every
+# shipped order counted). Polling the store itself while it drains (a scan of
+# every profile five times a second) took a third of a core from the store in
+# a 1M run, so it is done once, at the end.
+#
+# Usage: N=1000000 ./native-backlog.sh        prints rows/s lines and writes $OUT_JSON
+#        TRIBUTARY=target/release/tributary N=1000000 ./native-backlog.sh
+set -Eeuo pipefail
+N=${N:-1000000}
+BATCH=${BATCH:-100}
+SRC_PORT=${SRC_PORT:-56532}
+SINK_PORT=${SINK_PORT:-56533}
+OUT_JSON=${OUT_JSON:-./native-backlog.json}
+PGBIN=${PGBIN:-$(dirname "$(readlink -f "$(command -v pg_ctl || echo /usr/lib/postgresql/15/bin/pg_ctl)")")}
+TMP=$(mktemp -d /tmp/native-backlog.XXXXXX)
+RUNAS=()
+if [ "$(id -u)" = 0 ]; then RUNAS=(runuser -u postgres --); chown postgres "$TMP"; fi
+
+cleanup() {
+  for c in src sink; do
+    [ -d "$TMP/$c" ] && "${RUNAS[@]}" "$PGBIN/pg_ctl" -D "$TMP/$c" -m immediate stop >/dev/null 2>&1 || true
+  done
+  rm -rf "$TMP"
+}
+trap cleanup EXIT
+
+start() { # name port
+  "${RUNAS[@]}" "$PGBIN/initdb" -D "$TMP/$1" -A trust -U postgres >/dev/null
+  cat >>"$TMP/$1/postgresql.conf" <<EOF
+port = $2
+listen_addresses = '127.0.0.1'
+unix_socket_directories = '$TMP'
+wal_level = logical
+max_replication_slots = 10
+max_wal_senders = 10
+shared_buffers = 512MB
+max_wal_size = 8GB
+EOF
+  "${RUNAS[@]}" "$PGBIN/pg_ctl" -D "$TMP/$1" -l "$TMP/$1.log" -w start >/dev/null
+}
+q() { local port=$1; shift; psql -X -q -v ON_ERROR_STOP=1 -h 127.0.0.1 -p "$port" -U postgres -d postgres -At "$@"; }
+now() { date +%s.%N; }
+
+start src "$SRC_PORT"
+start sink "$SINK_PORT"
+SCHEMA="
+create table contacts(id bigint primary key, email text, first_name text, last_name text, phone text,
+  opted_in boolean, updated_at timestamptz not null default now(), version bigint not null default 1);
+create table orders(id bigint primary key, contact_id bigint not null, status text not null,
+  total_cents bigint not null, created_at timestamptz not null default now(), updated_at timestamptz not null default now());"
+q "$SRC_PORT" -c "$SCHEMA" -c "create publication bench for table contacts, orders"
+q "$SINK_PORT" -c "$SCHEMA"
+q "$SINK_PORT" -c "create subscription bench connection 'host=127.0.0.1 port=$SRC_PORT user=postgres dbname=postgres' publication bench with (copy_data = false)" 2>/dev/null
+q "$SINK_PORT" -c "alter subscription bench disable"
+q "$SRC_PORT" -c "select pg_create_logical_replication_slot('peek', 'pgoutput')" >/dev/null
+
+if [ -n "${TRIBUTARY:-}" ]; then
+  q "$SINK_PORT" -c "create database profiles"
+  cat >"$TMP/tributary.toml" <<EOF
+[sink]
+url = "postgres://postgres@127.0.0.1:$SINK_PORT/profiles"
+
+[[source]]
+name = "crm"
+url = "postgres://postgres@127.0.0.1:$SRC_PORT/postgres"
+
+  [[source.table]]
+  name = "public.contacts"
+  identity = { email = "email", contact = "id" }
+  version = "version"
+  updated_at = "updated_at"
+  fields = { email = "email", first_name = "first_name", last_name = "last_name", phone = "phone", opted_in = "opted_in" }
+
+  [[source.table]]
+  name = "public.orders"
+  identity = { contact = "contact_id" }
+  updated_at = "updated_at"
+  [source.table.aggregates]
+  order_count = { fn = "count" }
+  shipped_orders = { fn = "count", only_when = { status = ["shipped"] } }
+  lifetime_value_cents = { fn = "sum", column = "total_cents" }
+EOF
+  # first run: migrate, create slot and publication, snapshot the empty tables; then stop
+  "$TRIBUTARY" run --config "$TMP/tributary.toml" >"$TMP/tributary.log" 2>&1 &
+  tpid=$!
+  for _ in $(seq 1 300); do
+    [ "$(q "$SRC_PORT" -c "select count(*) from pg_replication_slots where slot_name <> 'peek' and slot_name <> 'bench'")" -ge 1 ] && break
+    sleep 0.1
+  done
+  sleep 2; kill -TERM "$tpid"; wait "$tpid" || true
+fi
+
+# Workload: N row changes. A quarter contact inserts, a quarter order inserts, then updates.
+quarter=$((N / 4)); txns=$((quarter / BATCH))
+t0=$(now)
+q "$SRC_PORT" -c "
+do \$\$ declare t int; begin
+  for t in 0..$((txns - 1)) loop
+    insert into contacts select g, 'user'||g||'@example.com', 'F'||g, 'L'||g, '+1'||g, g % 2 = 0
+      from generate_series(t*$BATCH + 1, (t+1)*$BATCH) g;
+    commit;
+  end loop;
+  for t in 0..$((txns - 1)) loop
+    insert into orders select g, 1 + (g % $quarter), 'paid', g % 10000
+      from generate_series(t*$BATCH + 1, (t+1)*$BATCH) g;
+    commit;
+  end loop;
+  for t in 0..$((txns - 1)) loop
+    update contacts set phone = phone||'x', version = version + 1, updated_at = now()
+      where id between t*$BATCH + 1 and (t+1)*$BATCH;
+    commit;
+  end loop;
+  for t in 0..$((txns - 1)) loop
+    update orders set status = 'shipped', updated_at = now() where id between t*$BATCH + 1 and (t+1)*$BATCH;
+    commit;
+  end loop;
+end \$\$"
+t1=$(now)
+end_lsn=$(q "$SRC_PORT" -c "select pg_current_wal_lsn()")
+rows=$((txns * BATCH * 4))
+write_s=$(awk "BEGIN{print $t1 - $t0}")
+
+# Server-side decode ceiling.
+t0=$(now)
+msgs=$(q "$SRC_PORT" -c "select count(*) from pg_logical_slot_peek_binary_changes('peek', null, null, 'proto_version', '1', 'publication_names', 'bench')")
+t1=$(now)
+decode_s=$(awk "BEGIN{print $t1 - $t0}")
+q "$SRC_PORT" -c "select pg_drop_replication_slot('peek')" >/dev/null
+
+# Native apply of the backlog.
+# (timed from the moment the apply worker is up, so the launcher's start-up delay is not counted)
+q "$SINK_PORT" -c "alter subscription bench enable"
+until [ -n "$(q "$SINK_PORT" -c "select pid from pg_stat_subscription where subname = 'bench' and pid is not null")" ]; do sleep 0.02; done
+t0=$(now)
+while :; do
+  done_=$(q "$SRC_PORT" -c "select coalesce(confirmed_flush_lsn >= '$end_lsn', false) from pg_replication_slots where slot_name = 'bench'")
+  [ "$done_" = t ] && break
+  sleep 0.05
+done
+t1=$(now)
+apply_s=$(awk "BEGIN{print $t1 - $t0}")
+check=$(q "$SINK_PORT" -c "select count(*) from orders where status = 'shipped'")
+[ "$check" = "$((txns * BATCH))" ] || { echo "native apply incomplete: $check shipped orders" >&2; exit 1; }
+
+if [ -n "${TRIBUTARY:-}" ]; then
+  t0=$(now)
+  "$TRIBUTARY" run --config "$TMP/tributary.toml" >>"$TMP/tributary.log" 2>&1 &
+  tpid=$!
+  want=$((txns * BATCH))
+  while :; do
+    done_=$(q "$SRC_PORT" -c "select coalesce(confirmed_flush_lsn >= '$end_lsn', false) from pg_replication_slots where slot_name = 'tributary_crm'")
+    [ "$done_" = t ] && break
+    kill -0 "$tpid" 2>/dev/null || { echo "tributary exited; log tail:" >&2; tail -5 "$TMP/tributary.log" >&2; exit 1; }
+    sleep 0.05
+  done
+  t1=$(now)
+  trib_s=$(awk "BEGIN{print $t1 - $t0}")
+  got=$(psql -X -At -h 127.0.0.1 -p "$SINK_PORT" -U postgres -d profiles -c "select coalesce(sum((traits->>'shipped_orders')::bigint), 0) from tributary.profiles")
+  [ "$got" = "$want" ] || { echo "tributary store incomplete: $got of $want shipped orders" >&2; exit 1; }
+  rss=$(awk '/VmHWM/ {print $2}' /proc/$tpid/status 2>/dev/null || echo 0)
+  kill -TERM "$tpid"; wait "$tpid" || true
+fi
+
+rate() { awk "BEGIN{printf \"%d\", $1 / $2}"; }
+printf 'workload  %9d rows %8.2f s %9d rows/s  (source writes, %d rows/txn)\n' "$rows" "$write_s" "$(rate "$rows" "$write_s")" "$BATCH"
+printf 'decode    %9d rows %8.2f s %9d rows/s  (server pgoutput decode, %d messages)\n' "$rows" "$decode_s" "$(rate "$rows" "$decode_s")" "$msgs"
+printf 'native    %9d rows %8.2f s %9d rows/s  (logical replication drains the backlog into the sink)\n' "$rows" "$apply_s" "$(rate "$rows" "$apply_s")"
+if [ -n "${TRIBUTARY:-}" ]; then
+  printf 'tributary %9d rows %8.2f s %9d rows/s  (drains the same backlog into the profile store; peak RSS %d MiB)\n' "$rows" "$trib_s" "$(rate "$rows" "$trib_s")" "$((rss / 1024))"
+  printf 'ratio     %s  (tributary rows/s / native rows/s)\n' "$(awk "BEGIN{printf \"%.2f\", $apply_s / $trib_s}")"
+fi
+cat >"$OUT_JSON" <<EOF
+{"rows": $rows, "batch": $BATCH, "write_s": $write_s, "decode_s": $decode_s, "native_apply_s": $apply_s,
+ "decode_rows_per_s": $(rate "$rows" "$decode_s"), "native_apply_rows_per_s": $(rate "$rows" "$apply_s")}
+EOF
