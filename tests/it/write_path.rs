@@ -8,6 +8,16 @@ use serde_json::json;
 
 use crate::harness::*;
 
+/// Waits until the profile of shop account `account` counts `orders` orders.
+async fn wait_for_orders(sink: &str, account: &str, orders: i64, what: &str) {
+    wait_until(what, Duration::from_secs(30), || async {
+        traits_of(sink, "shop_account", account)
+            .await
+            .is_some_and(|t| t.get("order_count") == Some(&json!(orders)))
+    })
+    .await;
+}
+
 /// A TRUNCATE removes the rows that the same batch inserted before it: in one
 /// source transaction, and in separate transactions that share a batch.
 #[tokio::test]
@@ -37,16 +47,7 @@ async fn a_truncate_removes_rows_inserted_earlier_in_the_same_batch() {
          commit;",
     )
     .await;
-    wait_until(
-        "the first truncate applied",
-        Duration::from_secs(30),
-        || async {
-            traits_of(&sink, "shop_account", "7")
-                .await
-                .is_some_and(|t| t.get("order_count") == Some(&json!(1)))
-        },
-    )
-    .await;
+    wait_for_orders(&sink, "7", 1, "the first truncate applied").await;
     let t = traits_of(&sink, "shop_account", "7").await.unwrap();
     assert_eq!(t["lifetime_value_cents"], json!(40), "{t}");
 
@@ -58,16 +59,7 @@ async fn a_truncate_removes_rows_inserted_earlier_in_the_same_batch() {
         "insert into orders (id, account_id, status, total_cents) values (6, 8, 'paid', 5)",
     )
     .await;
-    wait_until(
-        "the second truncate applied",
-        Duration::from_secs(30),
-        || async {
-            traits_of(&sink, "shop_account", "8")
-                .await
-                .is_some_and(|t| t.get("order_count") == Some(&json!(1)))
-        },
-    )
-    .await;
+    wait_for_orders(&sink, "8", 1, "the second truncate applied").await;
     let t8 = traits_of(&sink, "shop_account", "8").await.unwrap();
     assert_eq!(t8["lifetime_value_cents"], json!(5), "{t8}");
     let t7 = traits_of(&sink, "shop_account", "7").await.unwrap();
@@ -119,16 +111,7 @@ async fn a_row_whose_identifier_becomes_null_withdraws_its_contribution() {
     .await;
 
     exec(&shop, "update orders set account_id = null where id = 2").await;
-    wait_until(
-        "the order left the profile",
-        Duration::from_secs(30),
-        || async {
-            traits_of(&sink, "shop_account", "7")
-                .await
-                .is_some_and(|t| t.get("order_count") == Some(&json!(1)))
-        },
-    )
-    .await;
+    wait_for_orders(&sink, "7", 1, "the order left the profile").await;
     let t = traits_of(&sink, "shop_account", "7").await.unwrap();
     assert_eq!(t["lifetime_value_cents"], json!(100), "{t}");
     let dead: i64 = scalar(
@@ -157,12 +140,7 @@ async fn a_row_whose_identifier_becomes_null_withdraws_its_contribution() {
 
     // Given an identifier again, the order counts again.
     exec(&shop, "update orders set account_id = 7 where id = 2").await;
-    wait_until("the order is back", Duration::from_secs(30), || async {
-        traits_of(&sink, "shop_account", "7")
-            .await
-            .is_some_and(|t| t.get("order_count") == Some(&json!(2)))
-    })
-    .await;
+    wait_for_orders(&sink, "7", 2, "the order is back").await;
     let t = traits_of(&sink, "shop_account", "7").await.unwrap();
     assert_eq!(t["lifetime_value_cents"], json!(300), "{t}");
     assert_eq!(daemon.stop(), Some(0));
