@@ -71,14 +71,9 @@ pub fn classify(e: &(dyn std::error::Error + 'static)) -> Action {
     Action::Stop
 }
 
-/// [`classify`] for an `anyhow` chain.
+/// [`classify`] for an `anyhow` chain (its contexts are the chain's outer links).
 pub fn classify_anyhow(e: &anyhow::Error) -> Action {
-    for err in e.chain() {
-        if let Some(a) = layer_action(err) {
-            return a;
-        }
-    }
-    Action::Stop
+    classify(e.as_ref())
 }
 
 fn layer_action(err: &(dyn std::error::Error + 'static)) -> Option<Action> {
