@@ -433,39 +433,31 @@ pub(crate) async fn apply_in(
         .iter()
         .filter(|e| !skipped.contains(&(e.commit_lsn, e.seq)))
         .collect();
-    match log_conn {
-        // On its own connection, at the same time as the derived writes: the
-        // two backends work in parallel. It commits on its own, before the
-        // batch does; if the batch then fails, the retry's insert finds the
-        // events there and skips them.
-        Some(conn) => {
-            let (logged, derived) = tokio::join!(
-                insert_events(conn, &kept),
-                derive(
-                    tx,
-                    mapper,
-                    state,
-                    expanded,
-                    skipped.len(),
-                    record_dead_letters
-                )
-            );
-            logged?;
-            derived
-        }
-        None => {
-            insert_events(tx, &kept).await?;
-            derive(
-                tx,
-                mapper,
-                state,
-                expanded,
-                skipped.len(),
-                record_dead_letters,
-            )
-            .await
-        }
+    // In the transaction, ahead of the derived writes; or on its own
+    // connection, at the same time as them, so that two backends work in
+    // parallel. That insert commits on its own, before the batch does; if the
+    // batch then fails, the retry's insert finds the events there and skips them.
+    if log_conn.is_none() {
+        insert_events(tx, &kept).await?;
     }
+    let (logged, derived) = tokio::join!(
+        async {
+            match log_conn {
+                Some(conn) => insert_events(conn, &kept).await,
+                None => Ok(()),
+            }
+        },
+        derive(
+            tx,
+            mapper,
+            state,
+            expanded,
+            skipped.len(),
+            record_dead_letters
+        )
+    );
+    logged?;
+    derived
 }
 
 /// Runs the pure core over the batch's (expanded, unsuppressed) events and

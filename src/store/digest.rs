@@ -133,27 +133,15 @@ fn numeric_text(text: &str, out: &mut String) {
     let frac_len = i64::try_from(frac_part.len()).unwrap_or(0);
     let scale = (frac_len - exp).max(0);
     let point = i64::try_from(digits.len()).unwrap_or(0) - frac_len + exp; // digits before the point
-    let mut int_digits = String::new();
-    let mut frac_digits = String::new();
-    for i in 0..point.max(0) {
-        int_digits.push(
-            usize::try_from(i)
-                .ok()
-                .and_then(|i| digits.as_bytes().get(i))
-                .map_or('0', |b| char::from(*b)),
-        );
-    }
-    for i in point..point + scale {
-        let c = if i < 0 {
-            '0'
-        } else {
-            usize::try_from(i)
-                .ok()
-                .and_then(|i| digits.as_bytes().get(i))
-                .map_or('0', |b| char::from(*b))
-        };
-        frac_digits.push(c);
-    }
+                                                                           // The digit at position `i` of the expanded number (zeros beyond `digits`).
+    let digit = |i: i64| {
+        usize::try_from(i)
+            .ok()
+            .and_then(|i| digits.as_bytes().get(i))
+            .map_or('0', |b| char::from(*b))
+    };
+    let int_digits: String = (0..point.max(0)).map(digit).collect();
+    let frac_digits: String = (point..point + scale).map(digit).collect();
     let int_digits = int_digits.trim_start_matches('0');
     let int_digits = if int_digits.is_empty() {
         "0"
