@@ -23,35 +23,18 @@ cargo build --release --quiet
 BIN=$root/target/release/tributary
 mkdir -p target/bench
 (exec 3<>"/dev/tcp/127.0.0.1/$KAFKA_PORT") 2>/dev/null || bash "$root/tools/kafka-test-broker.sh" start >/dev/null
-PGBIN=${PGBIN:-$(dirname "$(readlink -f "$(command -v pg_ctl || ls /usr/lib/postgresql/*/bin/pg_ctl | tail -1)")")}
-TMP=$(mktemp -d /tmp/kafka-bench.XXXXXX)
-RUNAS=()
-if [ "$(id -u)" = 0 ]; then RUNAS=(runuser -u postgres --); chown postgres "$TMP"; fi
+. "$root/benches/clusters.sh"
+clusters_init kafka-bench
 pids=()
 cleanup() {
   for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
   wait 2>/dev/null || true
   mkdir -p "$root/target/bench/kafka-logs" && cp "$TMP"/*.log "$root/target/bench/kafka-logs/" 2>/dev/null || true
-  for c in src sink; do
-    [ -d "$TMP/$c" ] && "${RUNAS[@]}" "$PGBIN/pg_ctl" -D "$TMP/$c" -m immediate stop >/dev/null 2>&1 || true
-  done
-  rm -rf "$TMP"
+  clusters_stop
 }
 trap cleanup EXIT
 start() { # name port
-  "${RUNAS[@]}" "$PGBIN/initdb" -D "$TMP/$1" -A trust -U postgres >/dev/null
-  cat >>"$TMP/$1/postgresql.conf" <<CONF
-port = $2
-listen_addresses = '127.0.0.1'
-unix_socket_directories = '$TMP'
-wal_level = logical
-max_replication_slots = 10
-max_wal_senders = 10
-shared_buffers = 512MB
-max_wal_size = 8GB
-synchronous_commit = off
-CONF
-  "${RUNAS[@]}" "$PGBIN/pg_ctl" -D "$TMP/$1" -l "$TMP/$1.log" -w start >/dev/null
+  cluster_start "$1" "$2" "shared_buffers = 512MB" "max_wal_size = 8GB" "synchronous_commit = off"
 }
 q() { local port=$1 db=$2; shift 2; psql -X -q -v ON_ERROR_STOP=1 -h 127.0.0.1 -p "$port" -U postgres -d "$db" -At "$@"; }
 now() { date +%s.%N; }

@@ -22,34 +22,19 @@ SCALE=${SCALE:-1}
 SRC_PORT=${SRC_PORT:-56542}
 SINK_PORT=${SINK_PORT:-56543}
 METRICS_PORT=${METRICS_PORT:-56544}
-PGBIN=${PGBIN:-$(dirname "$(readlink -f "$(command -v pg_ctl || ls /usr/lib/postgresql/*/bin/pg_ctl | tail -1)")")}
 cargo build --release --quiet
 mkdir -p target/bench
 BIN=$root/target/release/tributary
-TMP=$(mktemp -d /tmp/tributary-latency.XXXXXX)
-RUNAS=()
-if [ "$(id -u)" = 0 ]; then RUNAS=(runuser -u postgres --); chown postgres "$TMP"; fi
+. "$root/benches/clusters.sh"
+clusters_init tributary-latency
 tpid=
 cleanup() {
   [ -n "$tpid" ] && kill -TERM "$tpid" 2>/dev/null && wait "$tpid" 2>/dev/null || true
-  for c in src sink; do
-    [ -d "$TMP/$c" ] && "${RUNAS[@]}" "$PGBIN/pg_ctl" -D "$TMP/$c" -m immediate stop >/dev/null 2>&1 || true
-  done
-  rm -rf "$TMP"
+  clusters_stop
 }
 trap cleanup EXIT
 start() { # name port
-  "${RUNAS[@]}" "$PGBIN/initdb" -D "$TMP/$1" -A trust -U postgres >/dev/null
-  cat >>"$TMP/$1/postgresql.conf" <<CONF
-port = $2
-listen_addresses = '127.0.0.1'
-unix_socket_directories = '$TMP'
-wal_level = logical
-max_replication_slots = 10
-max_wal_senders = 10
-shared_buffers = 256MB
-CONF
-  "${RUNAS[@]}" "$PGBIN/pg_ctl" -D "$TMP/$1" -l "$TMP/$1.log" -w start >/dev/null
+  cluster_start "$1" "$2" "shared_buffers = 256MB"
 }
 q() { local port=$1; shift; psql -X -q -v ON_ERROR_STOP=1 -h 127.0.0.1 -p "$port" -U postgres -d postgres -At "$@"; }
 scrape() { # prints the end-to-end histogram's bucket lines

@@ -26,32 +26,11 @@ BATCH=${BATCH:-100}
 SRC_PORT=${SRC_PORT:-56532}
 SINK_PORT=${SINK_PORT:-56533}
 OUT_JSON=${OUT_JSON:-./native-backlog.json}
-PGBIN=${PGBIN:-$(dirname "$(readlink -f "$(command -v pg_ctl || echo /usr/lib/postgresql/15/bin/pg_ctl)")")}
-TMP=$(mktemp -d /tmp/native-backlog.XXXXXX)
-RUNAS=()
-if [ "$(id -u)" = 0 ]; then RUNAS=(runuser -u postgres --); chown postgres "$TMP"; fi
-
-cleanup() {
-  for c in src sink; do
-    [ -d "$TMP/$c" ] && "${RUNAS[@]}" "$PGBIN/pg_ctl" -D "$TMP/$c" -m immediate stop >/dev/null 2>&1 || true
-  done
-  rm -rf "$TMP"
-}
-trap cleanup EXIT
-
+. "$(dirname "$(readlink -f "$0")")/clusters.sh"
+clusters_init native-backlog
+trap clusters_stop EXIT
 start() { # name port
-  "${RUNAS[@]}" "$PGBIN/initdb" -D "$TMP/$1" -A trust -U postgres >/dev/null
-  cat >>"$TMP/$1/postgresql.conf" <<EOF
-port = $2
-listen_addresses = '127.0.0.1'
-unix_socket_directories = '$TMP'
-wal_level = logical
-max_replication_slots = 10
-max_wal_senders = 10
-shared_buffers = 512MB
-max_wal_size = 8GB
-EOF
-  "${RUNAS[@]}" "$PGBIN/pg_ctl" -D "$TMP/$1" -l "$TMP/$1.log" -w start >/dev/null
+  cluster_start "$1" "$2" "shared_buffers = 512MB" "max_wal_size = 8GB"
 }
 q() { local port=$1; shift; psql -X -q -v ON_ERROR_STOP=1 -h 127.0.0.1 -p "$port" -U postgres -d postgres -At "$@"; }
 now() { date +%s.%N; }
