@@ -141,6 +141,7 @@ struct RawSink {
     batch_max_wait_ms: Option<u64>,
     pool_size: Option<u32>,
     max_txn_memory_mb: Option<usize>,
+    memory_budget_mb: Option<usize>,
     spill_dir: Option<PathBuf>,
     events_retention_months: Option<u32>,
 }
@@ -274,6 +275,8 @@ pub struct SinkConfig {
     pub pool_size: u32,
     /// Memory one source transaction may hold before it is spilled to disk (default 64 MiB).
     pub max_txn_memory_bytes: usize,
+    /// Bound on the in-memory merge state (`src/state/`), in bytes.
+    pub memory_budget_bytes: usize,
     /// Where large transactions are spilled (default the system temp dir).
     pub spill_dir: PathBuf,
     /// Months of event log to keep (None: keep everything).
@@ -511,6 +514,7 @@ fn validate(raw: RawConfig, path: &Path) -> Result<Config, ConfigError> {
         batch_max_wait_ms: raw.sink.batch_max_wait_ms.unwrap_or(5),
         pool_size: raw.sink.pool_size.unwrap_or(4).max(2),
         max_txn_memory_bytes: raw.sink.max_txn_memory_mb.unwrap_or(64).max(1) * 1024 * 1024,
+        memory_budget_bytes: raw.sink.memory_budget_mb.unwrap_or(16) * 1024 * 1024,
         spill_dir: raw.sink.spill_dir.unwrap_or_else(std::env::temp_dir),
         events_retention_months: raw.sink.events_retention_months.filter(|m| *m > 0),
     };

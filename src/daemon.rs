@@ -664,8 +664,11 @@ impl Pending {
 }
 
 /// A batch being applied by a background task. Dropped unfinished (the loop
-/// failed), the task is aborted: its transaction rolls back, nothing was
-/// acknowledged, and the batch is streamed again after the reconnect.
+/// failed), the task is left to finish on its own: it commits or rolls back
+/// as a whole, nothing was acknowledged, and the batch is streamed again after
+/// the reconnect, where what committed is recognised as already applied.
+/// (Aborting it could cut a `COPY` in half, and sqlx then hands the
+/// connection back to the pool out of step with the server.)
 struct InFlight {
     end: Lsn,
     started: std::time::Instant,
@@ -679,11 +682,5 @@ impl InFlight {
             .await
             .map_err(|e| LoopError::Other(anyhow::anyhow!("apply task failed: {e}")))??;
         Ok(self.end)
-    }
-}
-
-impl Drop for InFlight {
-    fn drop(&mut self) {
-        self.task.abort();
     }
 }

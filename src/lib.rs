@@ -43,5 +43,6 @@ pub mod resolve;
 pub mod retry;
 pub mod sink;
 pub mod source;
+pub mod state;
 pub mod status;
 pub mod store;

@@ -16,6 +16,7 @@ use serde_json::{Map, Value};
 use sqlx::types::Json;
 use sqlx::{PgConnection, Row};
 
+use super::copy::CopyRows;
 use super::{Store, StoreError};
 use crate::event::{ChangeEvent, Lsn, Op};
 use crate::identity::Ident;
@@ -24,6 +25,7 @@ use crate::resolve::{
     extreme, resolve_fields, traits, truncate_as_deletes, AggState, ChangeLog, Contribution,
     Outcome, ProfileId, ProfileState, RowRef, State, Winner,
 };
+use crate::state::{CachedProfile, MergeCache};
 
 /// Key of the advisory lock that serialises profile writes.
 const APPLY_LOCK: i64 = 0x7472_6962_7574; // "tribut"
@@ -108,12 +110,17 @@ pub(crate) async fn contributions_by_profile(
 }
 
 /// Takes the lock that serialises profile writes, for the rest of the transaction.
-pub(crate) async fn lock(tx: &mut PgConnection) -> Result<(), StoreError> {
-    sqlx::query("select pg_advisory_xact_lock($1)")
-        .bind(APPLY_LOCK)
-        .execute(&mut *tx)
-        .await?;
-    Ok(())
+/// Returns the store's write generation, which every holder moves forward
+/// (see [`crate::state`]: a cache is trusted only if nobody else wrote).
+pub(crate) async fn lock(tx: &mut PgConnection) -> Result<i64, StoreError> {
+    let rows = sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "select pg_advisory_xact_lock({APPLY_LOCK});
+         update write_generation set generation = generation + 1 returning generation"
+    )))
+    .fetch_all(&mut *tx)
+    .await?;
+    let generation = rows.last().ok_or(sqlx::Error::RowNotFound)?;
+    Ok(generation.try_get::<i64, _>(0)?)
 }
 
 pub(crate) fn row_of(r: &sqlx::postgres::PgRow) -> Result<Contribution, sqlx::Error> {
@@ -213,13 +220,40 @@ impl Store {
         } else {
             Some(self.log_pool.acquire().await?)
         };
+        // The cache is taken before the transaction and the lock (the same
+        // order for every source loop of the process).
+        let mut cache = match (&self.cache, &log) {
+            (Some(c), Some(_)) => Some(c.lock().await),
+            _ => None,
+        };
         let mut tx = self.pool.begin().await?;
         // A checkpoint alone (a capture process, an empty transaction) takes no lock.
+        let mut generation = None;
         let stats = match log.as_deref_mut() {
             None => ApplyStats::default(),
             Some(log) => {
-                lock(&mut tx).await?;
-                apply_in(&mut tx, mapper, source, events, true, Some(log)).await?
+                let g = lock(&mut tx).await?;
+                generation = Some(g);
+                if let Some(c) = cache.as_deref_mut() {
+                    if !c.begin(g) {
+                        let empty: bool = sqlx::query_scalar(
+                            "select not exists (select 1 from contributions) and not exists (select 1 from identities)",
+                        )
+                        .fetch_one(&mut *tx)
+                        .await?;
+                        c.rebuilt(empty);
+                    }
+                }
+                apply_in(
+                    &mut tx,
+                    mapper,
+                    source,
+                    events,
+                    true,
+                    Some(log),
+                    cache.as_deref_mut(),
+                )
+                .await?
             }
         };
         if let Some(o) =
@@ -241,6 +275,9 @@ impl Store {
             .await?;
         }
         tx.commit().await?;
+        if let (Some(c), Some(g)) = (cache.as_deref_mut(), generation) {
+            c.committed(g, stats.merges > 0);
+        }
         Ok(stats)
     }
 
@@ -317,6 +354,7 @@ pub(crate) async fn apply_in(
     events: &[ChangeEvent],
     record_dead_letters: bool,
     log_conn: Option<&mut PgConnection>,
+    mut cache: Option<&mut MergeCache>,
 ) -> Result<ApplyStats, StoreError> {
     // 2. Expand truncates into deletes of the table's live rows: those the
     // store holds and those this batch wrote before the truncate.
@@ -347,9 +385,11 @@ pub(crate) async fn apply_in(
         }
     }
 
-    // 3. Load the slice of state the batch touches.
+    // 3. Load the slice of state the batch touches: from the cache where it
+    // holds it, from the store for the rest (nothing for keys known to be new).
     let mut state = State::new(mapper);
-    let rows: Vec<RowRef> = expanded
+    let mut existing = Existing::default();
+    let rows: BTreeSet<RowRef> = expanded
         .iter()
         .filter(|e| mapper.table(&e.source, &e.table).is_some())
         .map(|e| RowRef {
@@ -357,24 +397,48 @@ pub(crate) async fn apply_in(
             table: e.table.clone(),
             row_key: e.row_key(),
         })
-        .collect::<BTreeSet<_>>()
-        .into_iter()
         .collect();
-    let tables: Vec<&str> = rows.iter().map(|r| r.table.as_str()).collect();
-    let keys: Vec<&str> = rows.iter().map(|r| r.row_key.as_str()).collect();
-    let loaded = sqlx::query(sqlx::AssertSqlSafe(format!(
-        "select {CONTRIBUTION_COLUMNS} from contributions c
-           join unnest($2::text[], $3::text[]) as u(t, k) on c.table_name = u.t and c.row_key = u.k
-          where c.source = $1"
-    )))
-    .bind(source)
-    .bind(&tables)
-    .bind(&keys)
-    .fetch_all(&mut *tx)
-    .await?;
-    for r in &loaded {
-        let c = row_of(r)?;
-        state.contributions.insert(c.row.clone(), c);
+    let mut misses: Vec<&RowRef> = Vec::new();
+    for r in &rows {
+        match cache.as_deref_mut() {
+            Some(c) => {
+                if let Some(hit) = c.take_contribution(r) {
+                    existing.rows.insert(r.clone());
+                    state.contributions.insert(r.clone(), hit);
+                } else if c.may_hold_row(r) {
+                    misses.push(r);
+                }
+            }
+            None => misses.push(r),
+        }
+    }
+    if cache.is_some() {
+        let hits = existing.rows.len();
+        metrics::counter!("tributary_merge_cache_rows_total", "result" => "hit")
+            .increment(hits as u64);
+        metrics::counter!("tributary_merge_cache_rows_total", "result" => "read")
+            .increment(misses.len() as u64);
+        metrics::counter!("tributary_merge_cache_rows_total", "result" => "new")
+            .increment((rows.len() - hits - misses.len()) as u64);
+    }
+    if !misses.is_empty() {
+        let tables: Vec<&str> = misses.iter().map(|r| r.table.as_str()).collect();
+        let keys: Vec<&str> = misses.iter().map(|r| r.row_key.as_str()).collect();
+        let loaded = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "select {CONTRIBUTION_COLUMNS} from contributions c
+               join unnest($2::text[], $3::text[]) as u(t, k) on c.table_name = u.t and c.row_key = u.k
+              where c.source = $1"
+        )))
+        .bind(source)
+        .bind(&tables)
+        .bind(&keys)
+        .fetch_all(&mut *tx)
+        .await?;
+        for r in &loaded {
+            let c = row_of(r)?;
+            existing.rows.insert(c.row.clone());
+            state.contributions.insert(c.row.clone(), c);
+        }
     }
     // Identifiers of the new images (unchanged TOAST ones come from the loaded rows).
     let mut idents: BTreeSet<Ident> = BTreeSet::new();
@@ -396,29 +460,38 @@ pub(crate) async fn apply_in(
             }
         }
     }
-    let kinds: Vec<&str> = idents.iter().map(|(k, _)| k.as_str()).collect();
-    let values: Vec<&str> = idents.iter().map(|(_, v)| v.as_str()).collect();
-    let owners: Vec<(String, String, i64)> = sqlx::query_as(
-        "select i.kind, i.value, i.profile_id from identities i join unnest($1::text[], $2::text[]) as u(k, v) on i.kind = u.k and i.value = u.v",
-    )
-    .bind(&kinds)
-    .bind(&values)
-    .fetch_all(&mut *tx)
-    .await?;
-    for (k, v, p) in owners {
-        state.owners.insert((k, v), p);
+    let mut ident_misses: Vec<&Ident> = Vec::new();
+    for i in &idents {
+        match cache.as_deref() {
+            Some(c) => {
+                if let Some(p) = c.owner(i) {
+                    existing.idents.insert(i.clone());
+                    state.owners.insert(i.clone(), p);
+                } else if c.may_hold_ident(i) {
+                    ident_misses.push(i);
+                }
+            }
+            None => ident_misses.push(i),
+        }
+    }
+    if !ident_misses.is_empty() {
+        let kinds: Vec<&str> = ident_misses.iter().map(|(k, _)| k.as_str()).collect();
+        let values: Vec<&str> = ident_misses.iter().map(|(_, v)| v.as_str()).collect();
+        let owners: Vec<(String, String, i64)> = sqlx::query_as(
+            "select i.kind, i.value, i.profile_id from identities i join unnest($1::text[], $2::text[]) as u(k, v) on i.kind = u.k and i.value = u.v",
+        )
+        .bind(&kinds)
+        .bind(&values)
+        .fetch_all(&mut *tx)
+        .await?;
+        for (k, v, p) in owners {
+            existing.idents.insert((k.clone(), v.clone()));
+            state.owners.insert((k, v), p);
+        }
     }
     // Forgotten people: a change that carries a suppressed identifier is neither
     // logged nor applied, whether it is live, replayed or read by a snapshot.
-    let suppressed: BTreeSet<Ident> = sqlx::query_as::<_, (String, String)>(
-        "select s.kind, s.value from suppressions s join unnest($1::text[], $2::text[]) as u(k, v) on s.kind = u.k and s.value = u.v",
-    )
-    .bind(&kinds)
-    .bind(&values)
-    .fetch_all(&mut *tx)
-    .await?
-    .into_iter()
-    .collect();
+    let suppressed = suppressed_among(tx, &idents, cache.as_deref_mut()).await?;
     let mut skipped: HashSet<(Lsn, u64)> = HashSet::new();
     if !suppressed.is_empty() {
         for (e, ids) in expanded.iter().zip(&event_idents) {
@@ -450,7 +523,11 @@ pub(crate) async fn apply_in(
         derive(
             tx,
             mapper,
-            state,
+            Loaded {
+                state,
+                existing,
+                cache,
+            },
             expanded,
             skipped.len(),
             record_dead_letters
@@ -460,16 +537,68 @@ pub(crate) async fn apply_in(
     derived
 }
 
+/// Which rows of the batch's slice the store already holds (the rest are
+/// new, and written with `COPY`).
+#[derive(Default)]
+struct Existing {
+    rows: HashSet<RowRef>,
+    idents: HashSet<Ident>,
+}
+
+/// The batch's slice of the merge state, with where it came from.
+struct Loaded<'c> {
+    state: State,
+    existing: Existing,
+    cache: Option<&'c mut MergeCache>,
+}
+
+/// The suppressed identifiers among `idents`: from the cache's copy of
+/// `suppressions` (loaded whole once per cache generation), or by a lookup.
+async fn suppressed_among(
+    tx: &mut PgConnection,
+    idents: &BTreeSet<Ident>,
+    cache: Option<&mut MergeCache>,
+) -> Result<BTreeSet<Ident>, StoreError> {
+    if let Some(c) = cache {
+        if c.suppressions().is_none() {
+            let all: Vec<(String, String)> = sqlx::query_as("select kind, value from suppressions")
+                .fetch_all(&mut *tx)
+                .await?;
+            c.set_suppressions(all.into_iter().collect());
+        }
+        return Ok(c.suppressions().map_or_else(BTreeSet::new, |s| {
+            idents.iter().filter(|i| s.contains(*i)).cloned().collect()
+        }));
+    }
+    let kinds: Vec<&str> = idents.iter().map(|(k, _)| k.as_str()).collect();
+    let values: Vec<&str> = idents.iter().map(|(_, v)| v.as_str()).collect();
+    Ok(sqlx::query_as::<_, (String, String)>(
+        "select s.kind, s.value from suppressions s join unnest($1::text[], $2::text[]) as u(k, v) on s.kind = u.k and s.value = u.v",
+    )
+    .bind(&kinds)
+    .bind(&values)
+    .fetch_all(&mut *tx)
+    .await?
+    .into_iter()
+    .collect())
+}
+
 /// Runs the pure core over the batch's (expanded, unsuppressed) events and
 /// writes what it changed: contributions, identities, profiles, dead letters.
+/// With a cache, the slice goes back into it as the batch leaves it.
 async fn derive(
     tx: &mut PgConnection,
     mapper: &Mapper,
-    mut state: State,
+    loaded: Loaded<'_>,
     expanded: Vec<Cow<'_, ChangeEvent>>,
     suppressed: usize,
     record_dead_letters: bool,
 ) -> Result<ApplyStats, StoreError> {
+    let Loaded {
+        mut state,
+        existing,
+        mut cache,
+    } = loaded;
     let mut want: BTreeSet<ProfileId> = state
         .owners
         .values()
@@ -478,8 +607,40 @@ async fn derive(
         .collect();
     // What the store holds for each loaded profile, to write only what changes.
     let mut before: HashMap<ProfileId, StoredProfile> = HashMap::new();
+    // What the cache also knew of them (provenance, rows with fields).
+    let mut known: HashMap<ProfileId, CachedProfile> = HashMap::new();
     while !want.is_empty() {
-        let ids: Vec<i64> = std::mem::take(&mut want).into_iter().collect();
+        let mut ids: Vec<i64> = Vec::new();
+        for p in std::mem::take(&mut want) {
+            match cache.as_deref_mut().and_then(|c| c.take_profile(p)) {
+                Some(mut cp) => {
+                    if let Some(m) = cp.merged_into.filter(|m| !state.profiles.contains_key(m)) {
+                        want.insert(m);
+                    }
+                    state.profiles.insert(
+                        p,
+                        ProfileState {
+                            merged_into: cp.merged_into,
+                            aggs: cp.aggs.clone(),
+                            identities: 0,
+                        },
+                    );
+                    before.insert(
+                        p,
+                        StoredProfile {
+                            merged_into: cp.merged_into,
+                            aggs: std::mem::take(&mut cp.aggs),
+                            traits: std::mem::take(&mut cp.traits),
+                        },
+                    );
+                    known.insert(p, cp);
+                }
+                None => ids.push(p),
+            }
+        }
+        if ids.is_empty() {
+            continue;
+        }
         let profs: Vec<ProfileRow> = sqlx::query_as(
             "select profile_id, merged_into, agg_state, traits from profiles where profile_id = any($1)",
         )
@@ -522,10 +683,14 @@ async fn derive(
             }
         }
     }
-    state.next_profile_id =
-        sqlx::query_scalar::<_, i64>("select coalesce(max(profile_id), 0) + 1 from profiles")
-            .fetch_one(&mut *tx)
-            .await?;
+    state.next_profile_id = match cache.as_deref().and_then(MergeCache::next_profile_id) {
+        Some(n) => n,
+        None => {
+            sqlx::query_scalar::<_, i64>("select coalesce(max(profile_id), 0) + 1 from profiles")
+                .fetch_one(&mut *tx)
+                .await?
+        }
+    };
 
     // 4. The pure core, event by event.
     let mut stats = ApplyStats {
@@ -561,37 +726,31 @@ async fn derive(
         log.contributions
             .iter()
             .filter_map(|r| state.contributions.get(r)),
+        &existing.rows,
     )
     .await?;
-    let id_rows: Vec<(&Ident, ProfileId)> = log
-        .identities
-        .iter()
-        .filter_map(|i| state.owners.get(i).map(|p| (i, *p)))
-        .collect();
-    sqlx::query(
-        "insert into identities (kind, value, profile_id)
-         select * from unnest($1::text[], $2::text[], $3::bigint[])
-         on conflict (kind, value) do update set profile_id = excluded.profile_id",
-    )
-    .bind(
-        id_rows
+    write_identities(
+        tx,
+        log.identities
             .iter()
-            .map(|(i, _)| i.0.as_str())
-            .collect::<Vec<_>>(),
+            .filter_map(|i| state.owners.get(i).map(|p| (i, *p))),
+        &existing.idents,
     )
-    .bind(
-        id_rows
-            .iter()
-            .map(|(i, _)| i.1.as_str())
-            .collect::<Vec<_>>(),
-    )
-    .bind(id_rows.iter().map(|(_, p)| *p).collect::<Vec<_>>())
-    .execute(&mut *tx)
     .await?;
 
-    // 6. Recompute traits of every touched profile from its stored rows.
+    // 6. Recompute traits of every touched profile.
     stats.profiles_touched = log.dirty.len();
-    stats.profile_changes = refresh_profiles(tx, mapper, &mut state, &log, &before).await?;
+    let (changes, mut after) = refresh_profiles(
+        tx,
+        mapper,
+        &mut state,
+        &log,
+        &before,
+        &mut known,
+        cache.as_deref(),
+    )
+    .await?;
+    stats.profile_changes = changes;
 
     // 7. Dead letters: the stream goes on.
     if record_dead_letters && !dead.is_empty() {
@@ -625,6 +784,35 @@ async fn derive(
         .execute(&mut *tx)
         .await?;
     }
+
+    // 8. The slice, as the batch leaves it, goes back into the cache (it
+    // counts once the batch commits; see `MergeCache::committed`).
+    if let Some(c) = cache {
+        c.set_next_profile_id(state.next_profile_id);
+        for (_, contribution) in state.contributions.drain() {
+            c.put_contribution(contribution);
+        }
+        for (i, p) in state.owners.drain() {
+            c.put_owner(i, p);
+        }
+        for (p, st) in state.profiles.drain() {
+            let entry = match after.remove(&p) {
+                Some(e) => e,
+                None => {
+                    let Some(b) = before.remove(&p) else { continue };
+                    let extra = known.remove(&p).unwrap_or_default();
+                    CachedProfile {
+                        merged_into: st.merged_into,
+                        aggs: b.aggs,
+                        traits: b.traits,
+                        winners: extra.winners,
+                        field_rows: extra.field_rows,
+                    }
+                }
+            };
+            c.put_profile(p, entry);
+        }
+    }
     Ok(stats)
 }
 
@@ -656,42 +844,100 @@ async fn insert_events(tx: &mut PgConnection, events: &[&ChangeEvent]) -> Result
     Ok(())
 }
 
+/// Writes contributions: rows the store does not hold yet with `COPY`, the
+/// others with one set-based `UPDATE`.
 async fn write_contributions<'a>(
     tx: &mut PgConnection,
     rows: impl Iterator<Item = &'a Contribution>,
+    existing: &HashSet<RowRef>,
 ) -> Result<(), StoreError> {
-    let rows: Vec<&Contribution> = rows.collect();
-    if rows.is_empty() {
+    let (old, new): (Vec<&Contribution>, Vec<&Contribution>) =
+        rows.partition(|c| existing.contains(&c.row));
+    let mut copy = CopyRows::new();
+    for c in &new {
+        copy.text(&c.row.source)
+            .text(&c.row.table)
+            .text(&c.row.row_key)
+            .opt(c.profile_id)
+            .bool(c.deleted)
+            .text(&serde_json::to_string(&c.identities).unwrap_or_default())
+            .text(&serde_json::to_string(&c.fields).unwrap_or_default())
+            .text(&serde_json::to_string(&c.aggs).unwrap_or_default())
+            .opt(c.version)
+            .plain(c.lsn)
+            .plain(i64_of(c.seq))
+            .time(c.freshness)
+            .plain(c.priority)
+            .opt(c.digest.filter(|_| !c.deleted));
+        copy.end_row();
+    }
+    copy.send(
+        tx,
+        "copy contributions (source, table_name, row_key, profile_id, deleted, identities, fields, aggs, version, lsn, seq, freshness, priority, digest) from stdin",
+    )
+    .await?;
+    if old.is_empty() {
         return Ok(());
     }
     sqlx::query(
-        "insert into contributions (source, table_name, row_key, profile_id, deleted, identities, fields, aggs, version, lsn, seq, freshness, priority, updated_at, digest)
-         select s, t, k, p, d, i::jsonb, f::jsonb, a::jsonb, v, l::pg_lsn, q, fr, pr, now(),
-                case when d then null else g end
-           from unnest($1::text[], $2::text[], $3::text[], $4::bigint[], $5::bool[], $6::text[], $7::text[], $8::text[],
-                       $9::bigint[], $10::text[], $11::bigint[], $12::timestamptz[], $13::int[], $14::bigint[]) as u(s, t, k, p, d, i, f, a, v, l, q, fr, pr, g)
-         on conflict (source, table_name, row_key) do update set
-           profile_id = excluded.profile_id, deleted = excluded.deleted, identities = excluded.identities,
-           fields = excluded.fields, aggs = excluded.aggs, version = excluded.version, lsn = excluded.lsn,
-           seq = excluded.seq, freshness = excluded.freshness, priority = excluded.priority, updated_at = now(),
+        "update contributions c set
+           profile_id = u.p, deleted = u.d, identities = u.i::jsonb, fields = u.f::jsonb, aggs = u.a::jsonb,
+           version = u.v, lsn = u.l::pg_lsn, seq = u.q, freshness = u.fr, priority = u.pr, updated_at = now(),
            -- the same image re-written (a merge re-pointing it) keeps its digest
-           digest = case when (excluded.lsn, excluded.seq) = (contributions.lsn, contributions.seq)
-                         then coalesce(excluded.digest, contributions.digest) else excluded.digest end",
+           digest = case when (u.l::pg_lsn, u.q) = (c.lsn, c.seq)
+                         then coalesce(case when u.d then null else u.g end, c.digest)
+                         else case when u.d then null else u.g end end
+          from unnest($1::text[], $2::text[], $3::text[], $4::bigint[], $5::bool[], $6::text[], $7::text[], $8::text[],
+                      $9::bigint[], $10::text[], $11::bigint[], $12::timestamptz[], $13::int[], $14::bigint[]) as u(s, t, k, p, d, i, f, a, v, l, q, fr, pr, g)
+         where c.source = u.s and c.table_name = u.t and c.row_key = u.k",
     )
-    .bind(rows.iter().map(|c| c.row.source.as_str()).collect::<Vec<_>>())
-    .bind(rows.iter().map(|c| c.row.table.as_str()).collect::<Vec<_>>())
-    .bind(rows.iter().map(|c| c.row.row_key.as_str()).collect::<Vec<_>>())
-    .bind(rows.iter().map(|c| c.profile_id).collect::<Vec<_>>())
-    .bind(rows.iter().map(|c| c.deleted).collect::<Vec<_>>())
-    .bind(rows.iter().map(|c| serde_json::to_string(&c.identities).unwrap_or_default()).collect::<Vec<_>>())
-    .bind(rows.iter().map(|c| serde_json::to_string(&c.fields).unwrap_or_default()).collect::<Vec<_>>())
-    .bind(rows.iter().map(|c| serde_json::to_string(&c.aggs).unwrap_or_default()).collect::<Vec<_>>())
-    .bind(rows.iter().map(|c| c.version).collect::<Vec<_>>())
-    .bind(rows.iter().map(|c| c.lsn.to_string()).collect::<Vec<_>>())
-    .bind(rows.iter().map(|c| i64_of(c.seq)).collect::<Vec<_>>())
-    .bind(rows.iter().map(|c| c.freshness).collect::<Vec<_>>())
-    .bind(rows.iter().map(|c| c.priority).collect::<Vec<_>>())
-    .bind(rows.iter().map(|c| c.digest).collect::<Vec<_>>())
+    .bind(old.iter().map(|c| c.row.source.as_str()).collect::<Vec<_>>())
+    .bind(old.iter().map(|c| c.row.table.as_str()).collect::<Vec<_>>())
+    .bind(old.iter().map(|c| c.row.row_key.as_str()).collect::<Vec<_>>())
+    .bind(old.iter().map(|c| c.profile_id).collect::<Vec<_>>())
+    .bind(old.iter().map(|c| c.deleted).collect::<Vec<_>>())
+    .bind(old.iter().map(|c| serde_json::to_string(&c.identities).unwrap_or_default()).collect::<Vec<_>>())
+    .bind(old.iter().map(|c| serde_json::to_string(&c.fields).unwrap_or_default()).collect::<Vec<_>>())
+    .bind(old.iter().map(|c| serde_json::to_string(&c.aggs).unwrap_or_default()).collect::<Vec<_>>())
+    .bind(old.iter().map(|c| c.version).collect::<Vec<_>>())
+    .bind(old.iter().map(|c| c.lsn.to_string()).collect::<Vec<_>>())
+    .bind(old.iter().map(|c| i64_of(c.seq)).collect::<Vec<_>>())
+    .bind(old.iter().map(|c| c.freshness).collect::<Vec<_>>())
+    .bind(old.iter().map(|c| c.priority).collect::<Vec<_>>())
+    .bind(old.iter().map(|c| c.digest).collect::<Vec<_>>())
+    .execute(&mut *tx)
+    .await?;
+    Ok(())
+}
+
+/// Writes identifier owners: new identifiers with `COPY`, re-pointed ones
+/// with one `UPDATE`.
+async fn write_identities<'a>(
+    tx: &mut PgConnection,
+    rows: impl Iterator<Item = (&'a Ident, ProfileId)>,
+    existing: &HashSet<Ident>,
+) -> Result<(), StoreError> {
+    type Owner<'i> = (&'i Ident, ProfileId);
+    let (old, new): (Vec<Owner<'a>>, Vec<Owner<'a>>) =
+        rows.partition(|(i, _)| existing.contains(*i));
+    let mut copy = CopyRows::new();
+    for ((kind, value), p) in &new {
+        copy.text(kind).text(value).plain(p);
+        copy.end_row();
+    }
+    copy.send(tx, "copy identities (kind, value, profile_id) from stdin")
+        .await?;
+    if old.is_empty() {
+        return Ok(());
+    }
+    sqlx::query(
+        "update identities i set profile_id = u.p
+           from unnest($1::text[], $2::text[], $3::bigint[]) as u(k, v, p)
+          where i.kind = u.k and i.value = u.v",
+    )
+    .bind(old.iter().map(|(i, _)| i.0.as_str()).collect::<Vec<_>>())
+    .bind(old.iter().map(|(i, _)| i.1.as_str()).collect::<Vec<_>>())
+    .bind(old.iter().map(|(_, p)| *p).collect::<Vec<_>>())
     .execute(&mut *tx)
     .await?;
     Ok(())
@@ -722,10 +968,13 @@ async fn refresh_profiles(
     state: &mut State,
     log: &ChangeLog,
     before: &HashMap<ProfileId, StoredProfile>,
-) -> Result<Vec<ProfileChange>, StoreError> {
+    known: &mut HashMap<ProfileId, CachedProfile>,
+    cache: Option<&MergeCache>,
+) -> Result<(Vec<ProfileChange>, HashMap<ProfileId, CachedProfile>), StoreError> {
     let mut changes = Vec::new();
+    let mut after: HashMap<ProfileId, CachedProfile> = HashMap::new();
     if log.dirty.is_empty() {
-        return Ok(changes);
+        return Ok((changes, after));
     }
     let fields_dirty: Vec<ProfileId> = log
         .fields_dirty
@@ -741,24 +990,60 @@ async fn refresh_profiles(
     // Rows with field values of those profiles (aggregate-only rows are not
     // needed). A profile this batch created has all its rows in `state` (a new
     // id is larger than every stored one, so it never absorbs a stored
-    // profile): read only the others back.
+    // profile); so has one whose field rows the cache knows, unless a merge
+    // in this batch re-pointed rows it did not see. Read only the others back.
     let (fresh, stored): (BTreeSet<ProfileId>, Vec<ProfileId>) = {
         let (f, s): (Vec<ProfileId>, Vec<ProfileId>) =
             fields_dirty.iter().partition(|p| log.created.contains(*p));
         (f.into_iter().collect(), s)
     };
-    let mut by_profile = contributions_by_profile(tx, &stored, true).await?;
-    if !fresh.is_empty() {
-        for c in state
-            .contributions
-            .values()
-            .filter(|c| !c.deleted && !c.fields.is_empty())
-        {
-            if let Some(p) = c.profile_id.filter(|p| fresh.contains(p)) {
-                by_profile.entry(p).or_default().push(c.clone());
-            }
+    let mut in_batch: HashMap<ProfileId, Vec<&Contribution>> = HashMap::new();
+    for c in state
+        .contributions
+        .values()
+        .filter(|c| !c.deleted && !c.fields.is_empty())
+    {
+        if let Some(p) = c.profile_id {
+            in_batch.entry(p).or_default().push(c);
         }
     }
+    let mut by_profile: BTreeMap<ProfileId, Vec<Contribution>> = BTreeMap::new();
+    let mut to_read: Vec<ProfileId> = Vec::new();
+    for p in &stored {
+        let from_cache = cache.filter(|_| log.merges.is_empty()).and_then(|c| {
+            let rows = known.get(p)?.field_rows.as_ref()?;
+            let mut live: BTreeMap<&RowRef, &Contribution> = BTreeMap::new();
+            for r in rows {
+                let c = state.contributions.get(r).or_else(|| c.contribution(r))?;
+                if !c.deleted && !c.fields.is_empty() && c.profile_id == Some(*p) {
+                    live.insert(&c.row, c);
+                }
+            }
+            for c in in_batch.get(p).into_iter().flatten() {
+                live.insert(&c.row, c);
+            }
+            Some(live.into_values().cloned().collect::<Vec<_>>())
+        });
+        match from_cache {
+            Some(rows) => {
+                by_profile.insert(*p, rows);
+            }
+            None => to_read.push(*p),
+        }
+    }
+    by_profile.extend(contributions_by_profile(tx, &to_read, true).await?);
+    for p in &fresh {
+        by_profile.insert(
+            *p,
+            in_batch
+                .get(p)
+                .into_iter()
+                .flatten()
+                .map(|c| (*c).clone())
+                .collect(),
+        );
+    }
+    drop(in_batch);
     // Max/min whose extreme was withdrawn: rescan that aggregate's inputs.
     let stale: Vec<(ProfileId, String)> = log
         .dirty
@@ -792,10 +1077,21 @@ async fn refresh_profiles(
         }
     }
 
-    // Current provenance of the field-dirty profiles, to diff against.
-    let mut old_winners: HashMap<ProfileId, BTreeMap<String, Winner>> =
-        stored_provenance(tx, &stored).await?;
+    // Current provenance of the field-dirty profiles, to diff against: from
+    // the cache where it knows it.
+    let mut old_winners: HashMap<ProfileId, BTreeMap<String, Winner>> = HashMap::new();
+    let mut unknown: Vec<ProfileId> = Vec::new();
+    for p in &stored {
+        match known.get_mut(p).and_then(|k| k.winners.take()) {
+            Some(w) => {
+                old_winners.insert(*p, w);
+            }
+            None => unknown.push(*p),
+        }
+    }
+    old_winners.extend(stored_provenance(tx, &unknown).await?);
 
+    let mut ins = ProfileRows::default();
     let mut upd = ProfileRows::default();
     let full: BTreeSet<ProfileId> = fields_dirty.iter().copied().collect();
     for p in &log.dirty {
@@ -861,28 +1157,72 @@ async fn refresh_profiles(
                     traits: t.clone(),
                 });
             }
-            upd.id.push(*p);
-            upd.merged_into.push(st.merged_into);
-            upd.traits.push(Value::Object(t).to_string());
-            upd.aggs
+            let rows = if old.is_some() { &mut upd } else { &mut ins };
+            rows.id.push(*p);
+            rows.merged_into.push(st.merged_into);
+            rows.traits.push(Value::Object(t.clone()).to_string());
+            rows.aggs
                 .push(serde_json::to_string(&aggs).unwrap_or_else(|_| "{}".into()));
-            upd.provenance.push(match (&winners, old) {
+            rows.provenance.push(match (&winners, old) {
                 (Some(w), _) => provenance_json(w),
                 // A profile new in the store has no provenance to keep.
                 (None, None) => "{}".to_owned(),
                 (None, Some(_)) => KEEP_PROVENANCE.to_owned(),
             });
         }
+        if cache.is_some() {
+            let extra = known.remove(p).unwrap_or_default();
+            let new_profile = old.is_none();
+            after.insert(
+                *p,
+                CachedProfile {
+                    merged_into: st.merged_into,
+                    field_rows: if full.contains(p) {
+                        Some(
+                            by_profile
+                                .get(p)
+                                .into_iter()
+                                .flatten()
+                                .map(|c| c.row.clone())
+                                .collect(),
+                        )
+                    } else if new_profile {
+                        Some(BTreeSet::new())
+                    } else {
+                        extra.field_rows
+                    },
+                    winners: match winners {
+                        Some(w) => Some(w),
+                        None if new_profile => Some(BTreeMap::new()),
+                        None => old_prov.or(extra.winners),
+                    },
+                    aggs,
+                    traits: t,
+                },
+            );
+        }
     }
 
+    let mut copy = CopyRows::new();
+    for i in 0..ins.id.len() {
+        copy.plain(ins.id[i])
+            .opt(ins.merged_into[i])
+            .text(&ins.traits[i])
+            .text(&ins.aggs[i])
+            .text(&ins.provenance[i]);
+        copy.end_row();
+    }
+    copy.send(
+        tx,
+        "copy profiles (profile_id, merged_into, traits, agg_state, provenance) from stdin",
+    )
+    .await?;
     if !upd.id.is_empty() {
         sqlx::query(
-            "insert into profiles (profile_id, merged_into, traits, agg_state, provenance)
-             select * from unnest($1::bigint[], $2::bigint[], $3::text[]::jsonb[], $4::text[]::jsonb[], $5::text[]::json[])
-             on conflict (profile_id) do update set merged_into = excluded.merged_into, traits = excluded.traits,
-               agg_state = excluded.agg_state, updated_at = now(),
-               provenance = case when excluded.provenance::text = 'null' then profiles.provenance
-                                 else excluded.provenance end",
+            "update profiles p set merged_into = u.m, traits = u.t::jsonb, agg_state = u.a::jsonb, updated_at = now(),
+               provenance = case when u.pv = 'null' then p.provenance else u.pv::json end
+               from unnest($1::bigint[], $2::bigint[], $3::text[], $4::text[], $5::text[]) as u(id, m, t, a, pv)
+              where p.profile_id = u.id",
         )
         .bind(&upd.id)
         .bind(&upd.merged_into)
@@ -892,7 +1232,7 @@ async fn refresh_profiles(
         .execute(&mut *tx)
         .await?;
     }
-    Ok(changes)
+    Ok((changes, after))
 }
 
 /// Written as a profile's provenance, JSON `null` means "keep the stored one"

@@ -6,6 +6,7 @@
 //! to it so that SQL here and in the migrations is written unqualified.
 
 pub mod apply;
+mod copy;
 pub mod digest;
 
 use std::collections::HashSet;
@@ -80,6 +81,9 @@ pub struct Store {
     schema: String,
     /// Monthly `events` partitions known to exist (year, month).
     partitions: Arc<Mutex<HashSet<(i32, u32)>>>,
+    /// The merge state in memory, shared by the process's source loops
+    /// (None: `memory_budget_mb = 0`). Taken before the apply lock.
+    cache: Option<Arc<tokio::sync::Mutex<crate::state::MergeCache>>>,
 }
 
 impl Store {
@@ -107,6 +111,11 @@ impl Store {
             log_pool,
             schema: cfg.schema.clone(),
             partitions: Arc::default(),
+            cache: (cfg.memory_budget_bytes > 0).then(|| {
+                Arc::new(tokio::sync::Mutex::new(crate::state::MergeCache::new(
+                    cfg.memory_budget_bytes,
+                )))
+            }),
         })
     }
 

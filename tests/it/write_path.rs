@@ -193,3 +193,148 @@ async fn digests_computed_in_the_daemon_equal_the_sql_form() {
         assert_eq!(digest_of_object(&image), sql, "digest of {text}");
     }
 }
+
+/// The merge state the daemon keeps in memory (`src/state/`) is a cache of the
+/// store bounded by `sink.memory_budget_mb`. A workload whose state is several
+/// times a 1 MiB budget (merges, identifier changes, deletes and re-inserts,
+/// out-of-order versions) ends with the same store, profile for profile and
+/// provenance for provenance, as a daemon that keeps nothing in memory
+/// (`memory_budget_mb = 0`) and one whose state fits (256 MiB); the small
+/// budget was really exceeded (its entries were dropped) and is respected
+/// after every commit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_small_memory_budget_is_honoured_and_the_store_stays_exact() {
+    use crate::faults::{caught_up, Workload};
+    let pg = cluster();
+    let (crm, shop, fits) = two_sources(&pg).await;
+    let none = create_db(&pg, "profiles_none").await;
+    let small = create_db(&pg, "profiles_small").await;
+    // Rows for the initial snapshot, outside the workload's ids: the state
+    // is then several MiB before the workload starts.
+    exec(&crm, "insert into contacts (id, email, first_name) select g, 'pre' || g || '@x.com', 'Pre' || g from generate_series(10001, 14000) g").await;
+    exec(&shop, "insert into accounts (id, email) select g, 'pre' || g || '@x.com' from generate_series(10001, 14000) g").await;
+    let (addr, fits_addr) = (free_addr(), free_addr());
+    let budget = |sink: &str, tag: &str, mb: Option<u32>, metrics: Option<&str>| {
+        let mut cfg = pipeline_config(&crm, &shop, sink, tag);
+        if let Some(mb) = mb {
+            cfg = cfg.replace(
+                "batch_max_wait_ms = 20",
+                &format!("batch_max_wait_ms = 20\nmemory_budget_mb = {mb}"),
+            );
+        }
+        if let Some(addr) = metrics {
+            cfg.push_str(&format!("\n[metrics]\nlisten = \"{addr}\"\n"));
+        }
+        write_config(&cfg)
+    };
+    let cfgs = [
+        budget(&fits, "fits", Some(256), Some(&fits_addr)),
+        budget(&none, "none", Some(0), None),
+        budget(&small, "small", Some(1), Some(&addr)),
+    ];
+    let daemons: Vec<Daemon> = cfgs.iter().map(|c| Daemon::start(c)).collect();
+    for sink in [&fits, &none, &small] {
+        wait_snapshots(sink, 2).await;
+    }
+    // Changes without merges, where the cache serves what a batch touches:
+    // new contacts, then field updates of their profiles, accounts that join
+    // them (by e-mail), and orders on those accounts.
+    let mut w = Workload::default();
+    let mut logged = 0;
+    for chunk in 0..4 {
+        let (lo, hi) = (20001 + chunk * 250, 20250 + chunk * 250);
+        let steps = [
+            (&crm, format!("insert into contacts (id, email, first_name) select g, 'late' || g || '@x.com', 'Late' from generate_series({lo}, {hi}) g")),
+            (&crm, format!("update contacts set first_name = 'Up' || id, row_version = row_version + 1, modified_at = now() where id between {lo} and {hi}")),
+            (&shop, format!("insert into accounts (id, email, phone) select g, 'late' || g || '@x.com', '555' from generate_series({lo}, {hi}) g")),
+            (&shop, format!("insert into orders (id, account_id, status, total_cents) select 500000 + g, g, 'paid', 5 from generate_series({lo}, {hi}) g")),
+        ];
+        // Each step in batches of its own: applied everywhere before the next.
+        for (db, sql) in steps {
+            exec(db, &sql).await;
+            logged += 250;
+            for sink in [&fits, &none, &small] {
+                wait_until("the step was applied", Duration::from_secs(60), || async {
+                    scalar::<i64>(
+                        sink,
+                        "select count(*) from tributary.events where op <> 'snapshot'",
+                    )
+                    .await
+                        == logged
+                })
+                .await;
+            }
+        }
+        *w.changes.entry("crm").or_default() += 500;
+        *w.changes.entry("shop").or_default() += 500;
+    }
+    // A merge whose losing profile has a row the merge does not touch (contact
+    // 20002, the only one with a last name), then a change of the surviving
+    // profile's fields: its traits must still count that row.
+    for (db, sql) in [
+        (&crm, "update contacts set last_name = 'Only', row_version = row_version + 1, modified_at = now() where id = 20002"),
+        (&shop, "update accounts set email = 'late20001@x.com' where id = 20002"),
+        (&crm, "update contacts set first_name = 'After', row_version = row_version + 1, modified_at = now() where id = 20001"),
+    ] {
+        exec(db, sql).await;
+        logged += 1;
+        for sink in [&fits, &none, &small] {
+            wait_until("the step was applied", Duration::from_secs(60), || async {
+                scalar::<i64>(sink, "select count(*) from tributary.events where op <> 'snapshot'").await == logged
+            })
+            .await;
+        }
+    }
+    *w.changes.entry("crm").or_default() += 2;
+    *w.changes.entry("shop").or_default() += 1;
+    let merged = traits_of(&fits, "crm_contact", "20001")
+        .await
+        .unwrap_or_default();
+    assert_eq!(merged.get("last_name"), Some(&json!("Only")), "{merged}");
+    // Then a random workload with merges, identifier changes and deletes.
+    w.run(&crm, &shop, 3000, 21, |_| {}).await;
+    for sink in [&fits, &none, &small] {
+        wait_until("the store caught up", Duration::from_secs(120), || async {
+            caught_up(&shop, sink, &w).await
+        })
+        .await;
+    }
+    let fits_metrics = scrape(&fits_addr).await;
+    assert!(
+        fits_metrics.contains("tributary_merge_cache_rows_total{result=\"hit\"}")
+            && !fits_metrics.contains("tributary_merge_cache_rows_total{result=\"hit\"} 0\n"),
+        "the default budget served rows from memory:\n{fits_metrics}"
+    );
+    let metrics = scrape(&addr).await;
+    let sample = |name: &str| -> f64 {
+        metrics
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.rsplit_once(' '))
+            .and_then(|(_, v)| v.parse().ok())
+            .unwrap_or(0.0)
+    };
+    assert!(
+        sample("tributary_merge_cache_evictions_total") > 0.0,
+        "the workload never exceeded the 1 MiB budget:\n{metrics}"
+    );
+    assert!(
+        sample("tributary_merge_cache_bytes") <= 1024.0 * 1024.0,
+        "the cache holds more than its budget after a commit:\n{metrics}"
+    );
+    let expected = (profiles(&none).await, provenance(&none).await);
+    assert!(expected.0.len() > 4000, "the workload made profiles");
+    assert_eq!(
+        (profiles(&fits).await, provenance(&fits).await),
+        expected,
+        "a cache that holds the whole state"
+    );
+    assert_eq!(
+        (profiles(&small).await, provenance(&small).await),
+        expected,
+        "a cache bounded by 1 MiB"
+    );
+    for d in daemons {
+        assert_eq!(d.stop(), Some(0));
+    }
+}
