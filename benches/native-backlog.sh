@@ -53,6 +53,7 @@ if [ -n "${TRIBUTARY:-}" ]; then
   cat >"$TMP/tributary.toml" <<EOF
 [sink]
 url = "postgres://postgres@127.0.0.1:$SINK_PORT/profiles"
+${SINK_EXTRA:-}
 
 [[source]]
 name = "crm"
