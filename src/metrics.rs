@@ -59,6 +59,18 @@ pub const PROFILES: &str = "tributary_profiles";
 /// Identifiers in the store.
 pub const IDENTITIES: &str = "tributary_identities";
 
+/// Estimated bytes of the in-memory merge state after the last commit.
+pub const CACHE_BYTES: &str = "tributary_merge_cache_bytes";
+/// Commits that left the merge state above its budget (entries dropped).
+pub const CACHE_EVICTIONS: &str = "tributary_merge_cache_evictions_total";
+/// Rows a batch touched, by where they came from (`hit`, `read`, `new`).
+pub const CACHE_ROWS: &str = "tributary_merge_cache_rows_total";
+
+/// The merge-state metrics: exported once the cache is used (not with
+/// `memory_budget_mb = 0`; evictions only once the budget is exceeded), so
+/// they are not in [`ALL`].
+pub const CACHE: &[&str] = &[CACHE_BYTES, CACHE_EVICTIONS, CACHE_ROWS];
+
 /// Every metric the daemon exports (the dashboard test checks against a scrape).
 pub const ALL: &[&str] = &[
     EVENTS,
@@ -213,6 +225,19 @@ fn describe() {
     );
     metrics::describe_counter!(DEAD_LETTERS, "Rows sent to dead_letters");
     metrics::describe_counter!(MERGES, "Identity merges");
+    metrics::describe_gauge!(
+        CACHE_BYTES,
+        metrics::Unit::Bytes,
+        "Estimated size of the in-memory merge state after the last commit"
+    );
+    metrics::describe_counter!(
+        CACHE_EVICTIONS,
+        "Commits that left the merge state above its budget"
+    );
+    metrics::describe_counter!(
+        CACHE_ROWS,
+        "Rows a batch touched: hit (memory), read (store), new (no lookup)"
+    );
     metrics::describe_counter!(
         BYTES_RECEIVED,
         metrics::Unit::Bytes,

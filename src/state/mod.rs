@@ -122,11 +122,11 @@ impl MergeCache {
         self.generation = Some(generation);
         if merged || self.bytes > self.budget {
             if !merged {
-                metrics::counter!("tributary_merge_cache_evictions_total").increment(1);
+                metrics::counter!(crate::metrics::CACHE_EVICTIONS).increment(1);
             }
             self.drop_entries();
         }
-        metrics::gauge!("tributary_merge_cache_bytes").set(self.bytes as f64);
+        metrics::gauge!(crate::metrics::CACHE_BYTES).set(self.bytes as f64);
     }
 
     fn drop_entries(&mut self) {

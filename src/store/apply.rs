@@ -414,11 +414,10 @@ pub(crate) async fn apply_in(
     }
     if cache.is_some() {
         let hits = existing.rows.len();
-        metrics::counter!("tributary_merge_cache_rows_total", "result" => "hit")
-            .increment(hits as u64);
-        metrics::counter!("tributary_merge_cache_rows_total", "result" => "read")
+        metrics::counter!(crate::metrics::CACHE_ROWS, "result" => "hit").increment(hits as u64);
+        metrics::counter!(crate::metrics::CACHE_ROWS, "result" => "read")
             .increment(misses.len() as u64);
-        metrics::counter!("tributary_merge_cache_rows_total", "result" => "new")
+        metrics::counter!(crate::metrics::CACHE_ROWS, "result" => "new")
             .increment((rows.len() - hits - misses.len()) as u64);
     }
     if !misses.is_empty() {
