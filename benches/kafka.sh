@@ -24,6 +24,7 @@ BIN=$root/target/release/tributary
 mkdir -p target/bench
 (exec 3<>"/dev/tcp/127.0.0.1/$KAFKA_PORT") 2>/dev/null || bash "$root/tools/kafka-test-broker.sh" start >/dev/null
 . "$root/benches/clusters.sh"
+. "$root/benches/crm-orders.sh"
 clusters_init kafka-bench
 pids=()
 cleanup() {
@@ -40,11 +41,7 @@ q() { local port=$1 db=$2; shift 2; psql -X -q -v ON_ERROR_STOP=1 -h 127.0.0.1 -
 now() { date +%s.%N; }
 start src "$SRC_PORT"
 start sink "$SINK_PORT"
-q "$SRC_PORT" postgres -c "
-create table contacts(id bigint primary key, email text, first_name text, last_name text, phone text,
-  opted_in boolean, updated_at timestamptz not null default now(), version bigint not null default 1);
-create table orders(id bigint primary key, contact_id bigint not null, status text not null,
-  total_cents bigint not null, created_at timestamptz not null default now(), updated_at timestamptz not null default now());"
+q "$SRC_PORT" postgres -c "$BENCH_SCHEMA"
 q "$SINK_PORT" postgres -c "create database split" -c "create database single"
 prefix="bench$(date +%s)"
 config() { # db tag [kafka]
@@ -56,20 +53,7 @@ name = "crm"
 url = "postgres://postgres@127.0.0.1:$SRC_PORT/postgres"
 slot = "crm_$2"
 publication = "crm_$2"
-  [[source.table]]
-  name = "public.contacts"
-  identity = { email = "email", contact = "id" }
-  version = "version"
-  updated_at = "updated_at"
-  fields = { email = "email", first_name = "first_name", last_name = "last_name", phone = "phone", opted_in = "opted_in" }
-  [[source.table]]
-  name = "public.orders"
-  identity = { contact = "contact_id" }
-  updated_at = "updated_at"
-  [source.table.aggregates]
-  order_count = { fn = "count" }
-  shipped_orders = { fn = "count", only_when = { status = ["shipped"] } }
-  lifetime_value_cents = { fn = "sum", column = "total_cents" }
+$(bench_tables)
 CFG
   if [ -n "${3:-}" ]; then
     printf '[kafka]\nbrokers = "127.0.0.1:%s"\ntopic_prefix = "%s"\npartitions = 6\n' "$KAFKA_PORT" "$prefix"

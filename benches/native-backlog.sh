@@ -27,6 +27,7 @@ SRC_PORT=${SRC_PORT:-56532}
 SINK_PORT=${SINK_PORT:-56533}
 OUT_JSON=${OUT_JSON:-./native-backlog.json}
 . "$(dirname "$(readlink -f "$0")")/clusters.sh"
+. "$(dirname "$(readlink -f "$0")")/crm-orders.sh"
 clusters_init native-backlog
 trap clusters_stop EXIT
 start() { # name port
@@ -37,13 +38,9 @@ now() { date +%s.%N; }
 
 start src "$SRC_PORT"
 start sink "$SINK_PORT"
-SCHEMA="
-create table contacts(id bigint primary key, email text, first_name text, last_name text, phone text,
-  opted_in boolean, updated_at timestamptz not null default now(), version bigint not null default 1);
-create table orders(id bigint primary key, contact_id bigint not null, status text not null,
-  total_cents bigint not null, created_at timestamptz not null default now(), updated_at timestamptz not null default now());"
-q "$SRC_PORT" -c "$SCHEMA" -c "create publication bench for table contacts, orders"
-q "$SINK_PORT" -c "$SCHEMA"
+
+q "$SRC_PORT" -c "$BENCH_SCHEMA" -c "create publication bench for table contacts, orders"
+q "$SINK_PORT" -c "$BENCH_SCHEMA"
 q "$SINK_PORT" -c "create subscription bench connection 'host=127.0.0.1 port=$SRC_PORT user=postgres dbname=postgres' publication bench with (copy_data = false)" 2>/dev/null
 q "$SINK_PORT" -c "alter subscription bench disable"
 q "$SRC_PORT" -c "select pg_create_logical_replication_slot('peek', 'pgoutput')" >/dev/null
@@ -59,21 +56,7 @@ ${SINK_EXTRA:-}
 name = "crm"
 url = "postgres://postgres@127.0.0.1:$SRC_PORT/postgres"
 
-  [[source.table]]
-  name = "public.contacts"
-  identity = { email = "email", contact = "id" }
-  version = "version"
-  updated_at = "updated_at"
-  fields = { email = "email", first_name = "first_name", last_name = "last_name", phone = "phone", opted_in = "opted_in" }
-
-  [[source.table]]
-  name = "public.orders"
-  identity = { contact = "contact_id" }
-  updated_at = "updated_at"
-  [source.table.aggregates]
-  order_count = { fn = "count" }
-  shipped_orders = { fn = "count", only_when = { status = ["shipped"] } }
-  lifetime_value_cents = { fn = "sum", column = "total_cents" }
+$(bench_tables)
 EOF
   # first run: migrate, create slot and publication, snapshot the empty tables; then stop
   "$TRIBUTARY" run --config "$TMP/tributary.toml" >"$TMP/tributary.log" 2>&1 &
