@@ -28,6 +28,7 @@ pub mod daemon;
 pub mod demo;
 pub mod endpoint;
 pub mod event;
+pub mod failpoint;
 pub mod forget;
 pub mod identity;
 pub mod kafka;

@@ -116,7 +116,7 @@ impl Sink {
         if let Some(p) = &self.publisher {
             if !events.is_empty() {
                 p.publish(events).await?;
-                failpoint::after_publish();
+                crate::failpoint::hit(crate::failpoint::Stage::AfterPublish);
             }
         }
         let events = if self.derives() { events } else { &[] };
@@ -163,35 +163,4 @@ impl Sink {
             .apply_via(&self.mapper, source, events, checkpoint, outbox)
             .await?)
     }
-}
-
-/// Fault points for the crash tests, compiled into debug builds only (the
-/// test binary's); a release binary has none.
-mod failpoint {
-    /// With `TRIBUTARY_TEST_CRASH_AFTER_PUBLISH=N` the process aborts right
-    /// after the Nth batch of change events was acknowledged by Kafka, before
-    /// the store commits it (the window the at-least-once rule is about).
-    #[cfg(debug_assertions)]
-    pub(super) fn after_publish() {
-        use std::sync::atomic::{AtomicU64, Ordering};
-        use std::sync::OnceLock;
-        static AT: OnceLock<Option<u64>> = OnceLock::new();
-        static N: AtomicU64 = AtomicU64::new(0);
-        let at = AT.get_or_init(|| {
-            std::env::var("TRIBUTARY_TEST_CRASH_AFTER_PUBLISH")
-                .ok()
-                .and_then(|v| v.parse().ok())
-        });
-        if let Some(at) = at {
-            if N.fetch_add(1, Ordering::SeqCst) + 1 == *at {
-                eprintln!(
-                    "TRIBUTARY_TEST_CRASH_AFTER_PUBLISH: aborting after publishing batch {at}"
-                );
-                std::process::abort();
-            }
-        }
-    }
-
-    #[cfg(not(debug_assertions))]
-    pub(super) fn after_publish() {}
 }

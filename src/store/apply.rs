@@ -19,6 +19,7 @@ use sqlx::{PgConnection, Row};
 use super::copy::CopyRows;
 use super::{Store, StoreError};
 use crate::event::{ChangeEvent, Lsn, Op};
+use crate::failpoint::{self, Stage};
 use crate::identity::Ident;
 use crate::mapping::Mapper;
 use crate::resolve::{
@@ -256,6 +257,7 @@ impl Store {
                 .await?
             }
         };
+        failpoint::hit(Stage::Derived);
         if let Some(o) =
             outbox.filter(|_| !stats.profile_changes.is_empty() || !stats.dead.is_empty())
         {
@@ -274,10 +276,12 @@ impl Store {
             .execute(&mut *tx)
             .await?;
         }
+        failpoint::hit(Stage::BeforeCommit);
         tx.commit().await?;
         if let (Some(c), Some(g)) = (cache.as_deref_mut(), generation) {
             c.committed(g, stats.merges > 0);
         }
+        failpoint::hit(Stage::AfterCommit);
         Ok(stats)
     }
 
@@ -815,10 +819,27 @@ async fn derive(
     Ok(stats)
 }
 
+/// Rows per statement of the event log: on its own connection (autocommit)
+/// each chunk commits as it is written, so the log fills while the derived
+/// writes run, and a crash can leave a write's log half written (which the
+/// retry completes: the insert is idempotent).
+const EVENT_CHUNK: usize = 2000;
+
 async fn insert_events(tx: &mut PgConnection, events: &[&ChangeEvent]) -> Result<(), StoreError> {
-    if events.is_empty() {
-        return Ok(());
+    let chunks = events.len().div_ceil(EVENT_CHUNK);
+    for (i, chunk) in events.chunks(EVENT_CHUNK).enumerate() {
+        insert_event_chunk(tx, chunk).await?;
+        if i + 1 < chunks {
+            failpoint::hit(Stage::EventLog);
+        }
     }
+    Ok(())
+}
+
+async fn insert_event_chunk(
+    tx: &mut PgConnection,
+    events: &[&ChangeEvent],
+) -> Result<(), StoreError> {
     sqlx::query(
         "insert into events (source, lsn, commit_lsn, seq, xid, commit_time, table_name, op, key, row, unchanged)
          select s, l::pg_lsn, cl::pg_lsn, q, x, ct, t, o, k::jsonb, r::jsonb,

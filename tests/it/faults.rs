@@ -363,3 +363,138 @@ async fn sigkill_mid_stream_loses_nothing_and_doubles_nothing() {
     assert_eq!(killed.stop(), Some(0));
     assert_eq!(clean.stop(), Some(0));
 }
+
+/// Every contribution row as text, without the columns a run assigns itself
+/// (profile ids, wall-clock timestamps).
+async fn contribution_rows(sink: &str) -> Vec<String> {
+    let mut k = PgConnection::connect(sink).await.unwrap();
+    sqlx::query_scalar(
+        "select concat_ws('|', source, table_name, row_key, deleted, identities, fields, aggs, version, lsn, seq, freshness, priority)
+           from tributary.contributions order by source, table_name, row_key",
+    )
+    .fetch_all(&mut k)
+    .await
+    .unwrap()
+}
+
+/// Every streamed change in the event log as text.
+async fn event_rows(sink: &str) -> Vec<String> {
+    let mut k = PgConnection::connect(sink).await.unwrap();
+    sqlx::query_scalar(
+        "select concat_ws('|', source, lsn, commit_lsn, seq, xid, commit_time, table_name, op, key, row, unchanged)
+           from tributary.events where op <> 'snapshot' order by source, commit_lsn, seq",
+    )
+    .fetch_all(&mut k)
+    .await
+    .unwrap()
+}
+
+/// A process that dies at each stage of a write (a chunk of the event log
+/// committed and the rest not, the derived rows written, the checkpoint
+/// written before `COMMIT`, committed before the acknowledgement), then
+/// restarts, ends with the store of an undisturbed run, row for row: events,
+/// contributions, profiles and provenance.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_at_every_stage_of_a_write_ends_with_the_undisturbed_store() {
+    // (stage, which hit of it aborts): the event log's first chunk of the
+    // first write (more chunks follow), the other stages at the second write.
+    const STAGES: [(&str, u32); 4] = [
+        ("event_log", 1),
+        ("derived", 2),
+        ("before_commit", 2),
+        ("after_commit", 2),
+    ];
+    let pg = cluster();
+    let crm = create_db(&pg, "crm").await;
+    let shop = create_db(&pg, "shop").await;
+    exec(&crm, CRM_SCHEMA).await;
+    exec(&shop, SHOP_SCHEMA).await;
+    let reference = create_db(&pg, "profiles_reference").await;
+    let reference_cfg = write_config(&pipeline_config(&crm, &shop, &reference, "reference"));
+    let clean = Daemon::start(&reference_cfg);
+    let mut crashed = Vec::new();
+    for (stage, _) in STAGES {
+        let sink = create_db(&pg, &format!("profiles_{stage}")).await;
+        let cfg = write_config(&pipeline_config(&crm, &shop, &sink, stage));
+        crashed.push((stage, sink, cfg));
+    }
+    // Slots and (empty) snapshots first; then the crashing processes are
+    // stopped so that the workload waits for them as a backlog.
+    let first: Vec<Daemon> = crashed.iter().map(|(_, _, c)| Daemon::start(c)).collect();
+    for (sink, d) in std::iter::once((&reference, &clean))
+        .chain(crashed.iter().zip(&first).map(|((_, s, _), d)| (s, d)))
+    {
+        let deadline = std::time::Instant::now() + Duration::from_secs(90);
+        while scalar::<i64>(sink, "select count(*) from pg_catalog.pg_tables where schemaname = 'tributary' and tablename = 'checkpoints'").await == 0
+            || scalar::<i64>(sink, "select count(*) from tributary.checkpoints where snapshot_completed_at is not null").await < 2
+        {
+            assert!(std::time::Instant::now() < deadline, "no snapshot into {sink}:\n{}", d.log_text());
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    for d in first {
+        assert_eq!(d.stop(), Some(0));
+    }
+    // One transaction larger than an event-log chunk (and in one write),
+    // then random changes
+    // with merges, identifier changes and deletes.
+    exec(&shop, "insert into accounts (id, email) select g, 'u' || g || '@x.com' from generate_series(1001, 1300) g;
+                 insert into orders (id, account_id, status, total_cents) select 100000 + g, 1001 + g % 300, 'paid', g from generate_series(1, 4500) g").await;
+    let mut w = Workload::default();
+    w.run(&crm, &shop, 1500, 99, |_| {}).await;
+    *w.changes.entry("shop").or_default() += 4800;
+
+    for (stage, at, cfg) in crashed
+        .iter()
+        .zip(STAGES)
+        .map(|((s, _, c), (_, n))| (s, n, c))
+    {
+        let mut d =
+            Daemon::start_with_env(cfg, &[("TRIBUTARY_TEST_CRASH", &format!("{stage}:{at}"))]);
+        let deadline = std::time::Instant::now() + Duration::from_secs(120);
+        while d.alive() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the process never reached {stage}:\n{}",
+                d.log_text()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(
+            d.log_text()
+                .contains(&format!("aborting at {stage}, hit {at}")),
+            "the process did not stop at {stage}:\n{}",
+            d.log_text()
+        );
+    }
+    let restarted: Vec<Daemon> = crashed.iter().map(|(_, _, c)| Daemon::start(c)).collect();
+    for sink in std::iter::once(&reference).chain(crashed.iter().map(|(_, s, _)| s)) {
+        wait_until("the store caught up", Duration::from_secs(120), || async {
+            caught_up(&shop, sink, &w).await
+        })
+        .await;
+    }
+    let expected = (
+        event_rows(&reference).await,
+        contribution_rows(&reference).await,
+        profiles(&reference).await,
+        provenance(&reference).await,
+    );
+    assert!(expected.0.len() > 6000 && expected.2.len() > 200);
+    for (stage, sink, _) in &crashed {
+        let got = (
+            event_rows(sink).await,
+            contribution_rows(sink).await,
+            profiles(sink).await,
+            provenance(sink).await,
+        );
+        assert!(got.0 == expected.0, "{stage}: the event log differs");
+        assert!(got.1 == expected.1, "{stage}: contributions differ");
+        assert!(got.2 == expected.2, "{stage}: profiles differ");
+        assert!(got.3 == expected.3, "{stage}: provenance differs");
+    }
+    for d in restarted {
+        assert_eq!(d.stop(), Some(0));
+    }
+    assert_eq!(clean.stop(), Some(0));
+}
