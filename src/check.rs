@@ -418,10 +418,7 @@ async fn check_sink(cfg: &Config, c: &mut Checks) {
             return;
         }
     };
-    let applied: Result<Vec<i64>, _> =
-        sqlx::query_scalar("select version from _sqlx_migrations where success")
-            .fetch_all(store.pool())
-            .await;
+    let applied = store.applied_migrations().await;
     let want = MIGRATOR.iter().count();
     match applied {
         Ok(v) if v.len() >= want => c.pass("migrated", format!("{} migrations applied", v.len())),

@@ -120,12 +120,7 @@ async fn render_metrics(State(s): State<AppState>) -> impl IntoResponse {
 
 async fn readyz(State(s): State<AppState>) -> impl IntoResponse {
     let sources = s.health.sources();
-    let store = match tokio::time::timeout(
-        STORE_TIMEOUT,
-        sqlx::query("select 1").execute(s.store.pool()),
-    )
-    .await
-    {
+    let store = match tokio::time::timeout(STORE_TIMEOUT, s.store.ping()).await {
         Ok(Ok(_)) => Ok(()),
         Ok(Err(e)) => Err(e.to_string()),
         Err(_) => Err(format!("no answer within {}s", STORE_TIMEOUT.as_secs())),

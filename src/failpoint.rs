@@ -9,9 +9,10 @@
 //! | stage | where |
 //! |---|---|
 //! | `after_publish` | Kafka acknowledged the events, nothing is in the store |
-//! | `event_log` | a write's event log is half done: a chunk committed on its own connection, more follow |
-//! | `derived` | event log committed; contributions, identities and profiles written, not committed |
-//! | `before_commit` | outbox delivered and checkpoint written, `COMMIT` not sent |
+//! | `event_log` | a write's event log is half done: a chunk written on its own connection, more follow |
+//! | `derived` | event log, contributions, identities and profiles written, nothing committed |
+//! | `before_commit` | outbox delivered and checkpoint written, neither transaction committed |
+//! | `log_committed` | the event log's transaction committed, the batch's not |
 //! | `after_commit` | committed, the source not yet acknowledged |
 //!
 //! `TRIBUTARY_TEST_CRASH_AFTER_PUBLISH=<n>` is the older spelling of
@@ -24,6 +25,7 @@ pub enum Stage {
     EventLog,
     Derived,
     BeforeCommit,
+    LogCommitted,
     AfterCommit,
 }
 
@@ -35,6 +37,7 @@ impl Stage {
             Stage::EventLog => "event_log",
             Stage::Derived => "derived",
             Stage::BeforeCommit => "before_commit",
+            Stage::LogCommitted => "log_committed",
             Stage::AfterCommit => "after_commit",
         }
     }
@@ -64,6 +67,10 @@ pub fn hit(stage: Stage) {
     });
     if let Some((name, at)) = plan {
         if name == stage.name() && HITS.fetch_add(1, Ordering::SeqCst) + 1 == *at {
+            if stage == Stage::AfterPublish {
+                // The wording the Kafka crash test looks for.
+                eprintln!("TRIBUTARY_TEST_CRASH: aborting after publishing batch {at}");
+            }
             eprintln!("TRIBUTARY_TEST_CRASH: aborting at {name}, hit {at}");
             std::process::abort();
         }

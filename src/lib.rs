@@ -38,7 +38,6 @@ pub mod pgoutput;
 pub mod pgwire;
 pub mod progress;
 pub mod reconcile;
-pub mod replay;
 pub mod resnapshot;
 pub mod resolve;
 pub mod retry;

@@ -160,12 +160,7 @@ pub async fn sample(cfg: Config, store: Store, every: Duration, shutdown: Cancel
                 Err(e) => tracing::debug!(source = %src.name, error = %e, "cannot sample the slot"),
             }
         }
-        let counts: Result<(i64, i64), sqlx::Error> = sqlx::query_as(
-            "select (select count(*) from profiles where merged_into is null),
-                    (select count(*) from identities)",
-        )
-        .fetch_one(store.pool())
-        .await;
+        let counts = store.counts().await.map(|c| (c.live, c.identities));
         match counts {
             Ok((profiles, identities)) => {
                 metrics::gauge!(PROFILES).set(profiles as f64);

@@ -13,23 +13,26 @@
 //! people) hold and later streamed changes win by position.
 
 use crate::progress::{Progress, Stage};
-use std::collections::{BTreeSet, HashSet};
+use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
-use serde_json::{Map, Value};
+use serde_json::Value;
 use sqlx::{Connection, PgConnection};
 
 use crate::config::{Config, SourceConfig, TableConfig};
-use crate::event::{ChangeEvent, Lsn, Op};
+use crate::event::{ChangeEvent, Lsn};
 use crate::mapping::Mapper;
+use crate::source::read::Watermarks;
 use crate::source::read::{
-    prepare_session, read_between_watermarks, Bind, TableReader, WatermarkedRead, Watermarks,
-    READ_SEQ_BASE,
+    prepare_session, read_between_watermarks, Bind, TableReader, WatermarkedRead,
 };
 use crate::source::{query_conn, query_err, quote_ident};
-use crate::store::apply::{apply_in, lock, ApplyStats};
-use crate::store::{Store, StoreError};
+use crate::store::apply::ApplyStats;
+pub use crate::store::watermarked::ReadApplied;
+use crate::store::Store;
+use crate::store::StoreError;
+use std::collections::HashSet;
 
 /// Rows per watermarked chunk.
 const CHUNK_ROWS: i64 = 20_000;
@@ -88,66 +91,7 @@ pub async fn wait_until_applied(
     }
 }
 
-/// Row keys of `table` that changes invisible to a watermarked read touched
-/// (or `None`: a truncate touched them all): changes committed between the
-/// watermarks, and changes of transactions the read's snapshot counts as in
-/// progress, wherever their commit landed: those in its list, and those at or
-/// above its `xmax`, which include transactions that had written their commit
-/// record before the low watermark but had not finished committing (the test
-/// `reconcile_during_a_live_workload_reports_no_drift` caught exactly that).
-/// Transaction ids are compared in 32 bits; the one-hour bound on commit time
-/// keeps the wrap-around case from reaching old events.
-pub(crate) async fn changed_during(
-    tx: &mut PgConnection,
-    source: &str,
-    table: &str,
-    marks: &Watermarks,
-) -> Result<Option<HashSet<String>>, StoreError> {
-    let rows: Vec<(String, String)> = sqlx::query_as(
-        "select key::text, op from events
-          where source = $1 and table_name = $2 and commit_lsn >= $3::pg_lsn and commit_lsn <= $4::pg_lsn
-         union
-         select key::text, op from events
-          where source = $1 and table_name = $2 and (xid = any($5) or xid >= $7) and commit_lsn <= $4::pg_lsn
-            and commit_time > $6::timestamptz - interval '1 hour'",
-    )
-    .bind(source)
-    .bind(table)
-    .bind(marks.low.to_string())
-    .bind(marks.high.to_string())
-    .bind(marks.xip32())
-    .bind(marks.taken_at)
-    .bind(marks.xmax32())
-    .fetch_all(&mut *tx)
-    .await?;
-    let mut keys = HashSet::with_capacity(rows.len());
-    for (key, op) in rows {
-        if op == "truncate" {
-            return Ok(None);
-        }
-        if let Ok(m) = serde_json::from_str::<Map<String, Value>>(&key) {
-            keys.insert(Value::Object(m).to_string());
-        }
-    }
-    Ok(Some(keys))
-}
-
-/// What applying a watermarked read did.
-#[derive(Debug, Default, Serialize, Clone, Copy)]
-pub struct ReadApplied {
-    /// Rows read.
-    pub rows: u64,
-    /// Rows applied (or stale: the store already had them).
-    pub applied: u64,
-    /// Rows left to the stream (a newer change touched them).
-    pub skipped: u64,
-    /// Rows the store held that the source no longer has, deleted.
-    pub deleted: u64,
-}
-
-/// Applies rows read between `marks` (snapshot events at the high watermark),
-/// and deletes `gone` keys (store rows the read did not find), except keys a
-/// change invisible to the read touched. Call after [`wait_until_applied`].
+/// Applies rows read between `marks` (see [`Store::apply_read`]).
 pub async fn apply_read(
     store: &Store,
     mapper: &Mapper,
@@ -157,64 +101,9 @@ pub async fn apply_read(
     rows: Vec<ChangeEvent>,
     gone: impl FnOnce(&HashSet<String>) -> Vec<String>,
 ) -> Result<(ReadApplied, ApplyStats), StoreError> {
-    let mut out = ReadApplied {
-        rows: rows.len() as u64,
-        ..Default::default()
-    };
-    // Partitions first, outside the transaction: their DDL would wait for the
-    // locks this transaction takes on the event log.
     store
-        .ensure_partitions_for(
-            rows.iter()
-                .map(|e| e.commit_time)
-                .chain(std::iter::once(marks.taken_at)),
-        )
-        .await?;
-    let mut tx = store.pool().begin().await?;
-    lock(&mut tx).await?;
-    let Some(changed) = changed_during(&mut tx, source, table, marks).await? else {
-        // A truncate during the read: the stream has the last word on every row.
-        out.skipped = out.rows;
-        return Ok((out, ApplyStats::default()));
-    };
-    let read_keys: HashSet<String> = rows.iter().map(ChangeEvent::row_key).collect();
-    let mut events: Vec<ChangeEvent> = rows
-        .into_iter()
-        .filter(|e| !changed.contains(&e.row_key()))
-        .collect();
-    out.skipped = out.rows - events.len() as u64;
-    out.applied = events.len() as u64;
-    let mut seq = events.iter().map(|e| e.seq).max().unwrap_or(READ_SEQ_BASE) + 1;
-    for key in gone(&read_keys) {
-        if changed.contains(&key) || read_keys.contains(&key) {
-            continue;
-        }
-        let Ok(k) = serde_json::from_str::<Map<String, Value>>(&key) else {
-            continue;
-        };
-        events.push(ChangeEvent {
-            source: source.to_owned(),
-            table: table.to_owned(),
-            op: Op::Delete,
-            key: k.clone(),
-            row: k,
-            unchanged: Vec::new(),
-            lsn: marks.high,
-            commit_lsn: marks.high,
-            seq,
-            xid: 0,
-            commit_time: marks.taken_at,
-        });
-        seq += 1;
-        out.deleted += 1;
-    }
-    let stats = if events.is_empty() {
-        ApplyStats::default()
-    } else {
-        apply_in(&mut tx, mapper, source, &events, true, None, None).await?
-    };
-    tx.commit().await?;
-    Ok((out, stats))
+        .apply_read(mapper, source, table, marks, rows, gone)
+        .await
 }
 
 /// What `tributary snapshot` did, per table.
@@ -348,25 +237,20 @@ async fn snapshot_table(
         // Rows the store holds but the table lost are deleted after the last chunk.
         let done = i64::try_from(n).unwrap_or(i64::MAX) < CHUNK_ROWS;
         let gone_keys = if done {
-            store_live_keys(store, &src.name, &t.qualified, first).await?
+            store
+                .live_keys_before(&src.name, &t.qualified, first)
+                .await?
         } else {
             Vec::new()
         };
-        let (applied, _) = apply_read(
-            store,
-            mapper,
-            &src.name,
-            &t.qualified,
-            &marks,
-            events,
-            |_| {
+        let (applied, _) = store
+            .apply_read(mapper, &src.name, &t.qualified, &marks, events, |_| {
                 gone_keys
                     .into_iter()
                     .filter(|k| !seen.contains(k))
                     .collect()
-            },
-        )
-        .await?;
+            })
+            .await?;
         chunks += 1;
         stage.inc(applied.rows);
         metrics::counter!(crate::metrics::SNAPSHOT_ROWS, "source" => src.name.clone())
@@ -418,21 +302,4 @@ fn type_of(reader: &TableReader, name: &str) -> String {
         .iter()
         .find(|c| c.name == name)
         .map_or_else(|| "text".to_owned(), |c| c.type_name.clone())
-}
-
-/// Live row keys of a table last written before `before`.
-async fn store_live_keys(
-    store: &Store,
-    source: &str,
-    table: &str,
-    before: Lsn,
-) -> Result<Vec<String>, StoreError> {
-    Ok(sqlx::query_scalar(
-        "select row_key from contributions where source = $1 and table_name = $2 and not deleted and lsn < $3::pg_lsn",
-    )
-    .bind(source)
-    .bind(table)
-    .bind(before.to_string())
-    .fetch_all(store.pool())
-    .await?)
 }

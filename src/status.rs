@@ -78,22 +78,7 @@ pub struct DaemonStatus {
     pub ready: bool,
 }
 
-/// The latest reconciliation run.
-#[derive(Debug, Serialize, sqlx::FromRow)]
-pub struct LastReconcile {
-    /// `reconcile_runs.run_id`.
-    pub run_id: i64,
-    /// `running`, `clean`, `drift`, `repaired` or `failed`.
-    pub status: String,
-    /// Start.
-    pub started_at: DateTime<Utc>,
-    /// End (None while running).
-    pub finished_at: Option<DateTime<Utc>>,
-    /// Drift found.
-    pub drift_count: i64,
-    /// Drift repaired.
-    pub repaired_count: i64,
-}
+pub use crate::store::stats::LastReconcile;
 
 /// The whole status document (`status --json`).
 #[derive(Debug, Serialize)]
@@ -117,44 +102,24 @@ pub struct Status {
 /// Gathers the status; a source that cannot be reached is reported, not fatal.
 pub async fn status(cfg: &Config) -> anyhow::Result<Status> {
     let store = Store::connect(&cfg.sink).await?;
-    let pool = store.pool();
-    let counts = sqlx::query(
-        "select (select count(*) from profiles where merged_into is null) as live,
-                (select count(*) from profiles where merged_into is not null) as merged,
-                (select count(*) from identities) as identities,
-                (select count(*) from dead_letters) as dead",
-    )
-    .fetch_one(pool)
-    .await?;
-    let last_reconcile: Option<LastReconcile> = sqlx::query_as(
-        "select run_id, status, started_at, finished_at, drift_count, repaired_count
-           from reconcile_runs order by run_id desc limit 1",
-    )
-    .fetch_optional(pool)
-    .await?;
+    let counts = store.counts().await?;
+    let last_reconcile = store.last_reconcile().await?;
     let scraped = match &cfg.metrics {
         Some(m) => Some((m.listen, daemon_endpoint(m.listen).await)),
         None => None,
     };
     let mut sources = Vec::new();
     for src in &cfg.sources {
-        let cp: Option<(String, bool)> = sqlx::query_as("select lsn::text, snapshot_completed_at is not null from checkpoints where source = $1")
-            .bind(&src.name)
-            .fetch_optional(pool)
-            .await?;
-        let last: Option<DateTime<Utc>> =
-            sqlx::query_scalar("select commit_time from events where source = $1 and op <> 'snapshot' order by commit_lsn desc, seq desc limit 1")
-                .bind(&src.name)
-                .fetch_optional(pool)
-                .await?;
+        let progress = store.source_progress(&src.name).await?;
+        let last = progress.last_event_commit_time;
         let mut s = SourceStatus {
             name: src.name.clone(),
             slot: src.slot.clone(),
             slot_exists: false,
             active: false,
             confirmed_flush_lsn: None,
-            checkpoint_lsn: cp.as_ref().map(|c| c.0.clone()),
-            snapshot_completed: cp.is_some_and(|c| c.1),
+            checkpoint_lsn: progress.checkpoint_lsn,
+            snapshot_completed: progress.snapshot_completed,
             wal_retained_bytes: None,
             lag_bytes: None,
             wal_status: None,
@@ -201,10 +166,10 @@ pub async fn status(cfg: &Config) -> anyhow::Result<Status> {
     }
     Ok(Status {
         sources,
-        profiles: counts.get("live"),
-        merged_profiles: counts.get("merged"),
-        identities: counts.get("identities"),
-        dead_letters: counts.get("dead"),
+        profiles: counts.live,
+        merged_profiles: counts.merged,
+        identities: counts.identities,
+        dead_letters: counts.dead,
         last_reconcile,
         daemon: scraped.map(|(listen, d)| DaemonStatus {
             endpoint: listen.to_string(),

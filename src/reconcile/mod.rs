@@ -31,11 +31,10 @@ use sqlx::Connection;
 use crate::config::{Config, SourceConfig, TableConfig};
 use crate::event::Lsn;
 use crate::mapping::Mapper;
-use crate::resnapshot::{apply_read, wait_until_applied};
+use crate::resnapshot::wait_until_applied;
 use crate::resolve::ProfileId;
 use crate::source::query_conn;
 use crate::source::read::{prepare_session, TableReader};
-use crate::store::apply::lock;
 use crate::store::Store;
 
 /// How a stored value differs from the expected one.
@@ -155,22 +154,12 @@ pub async fn reconcile(cfg: &Config, store: &Store, opts: &Options) -> anyhow::R
             "--source {s}: no such source in the config"
         );
     }
-    let run_id: i64 =
-        sqlx::query_scalar("insert into reconcile_runs (source) values ($1) returning run_id")
-            .bind(&opts.source)
-            .fetch_one(store.pool())
-            .await?;
+    let run_id = store.start_reconcile_run(opts.source.as_deref()).await?;
     let started = Instant::now();
     tracing::info!(run_id, repair = opts.repair, sample = ?opts.sample, "reconciliation started");
     let result = run(cfg, store, opts, run_id, started).await;
     if let Err(e) = &result {
-        sqlx::query(
-            "update reconcile_runs set status = 'failed', finished_at = now() where run_id = $1",
-        )
-        .bind(run_id)
-        .execute(store.pool())
-        .await
-        .ok();
+        store.fail_reconcile_run(run_id).await.ok();
         tracing::error!(run_id, error = %format!("{e:#}"), "reconciliation failed");
     }
     result
@@ -228,15 +217,9 @@ async fn run(
     }
     let (drifts, n) = if opts.sample.is_some() {
         let ids: Vec<ProfileId> = sampled.into_iter().collect();
-        profiles::check(
-            store.pool(),
-            &mapper,
-            profiles::Scope::Only(&ids),
-            &opts.progress,
-        )
-        .await?
+        profiles::check(store, &mapper, profiles::Scope::Only(&ids), &opts.progress).await?
     } else {
-        profiles::check(store.pool(), &mapper, profiles::Scope::All, &opts.progress).await?
+        profiles::check(store, &mapper, profiles::Scope::All, &opts.progress).await?
     };
     report.profiles_checked = n;
     report.drifts.extend(drifts);
@@ -280,39 +263,7 @@ async fn run(
 }
 
 async fn record(store: &Store, r: &RunReport) -> anyhow::Result<()> {
-    let mut tx = store.pool().begin().await?;
-    let text = |v: &Option<Value>| v.as_ref().map(Value::to_string);
-    sqlx::query(
-        "insert into reconcile_drift (run_id, profile_id, field, expected, actual, kind, repaired)
-         select $1, p, f, e::jsonb, a::jsonb, k, r
-           from unnest($2::bigint[], $3::text[], $4::text[], $5::text[], $6::text[], $7::bool[]) as u(p, f, e, a, k, r)",
-    )
-    .bind(r.run_id)
-    .bind(r.drifts.iter().map(|d| d.profile_id).collect::<Vec<_>>())
-    .bind(r.drifts.iter().map(|d| d.field.as_str()).collect::<Vec<_>>())
-    .bind(r.drifts.iter().map(|d| text(&d.expected)).collect::<Vec<_>>())
-    .bind(r.drifts.iter().map(|d| text(&d.actual)).collect::<Vec<_>>())
-    .bind(r.drifts.iter().map(|d| d.kind.as_str()).collect::<Vec<_>>())
-    .bind(r.drifts.iter().map(|d| d.repaired).collect::<Vec<_>>())
-    .execute(&mut *tx)
-    .await?;
-    sqlx::query(
-        "update reconcile_runs set finished_at = now(), rows_checked = $2, profiles_checked = $3,
-                drift_count = $4, repaired_count = $5, unverified = $6, status = $7, as_of = $8
-          where run_id = $1",
-    )
-    .bind(r.run_id)
-    .bind(i64::try_from(r.rows_checked).unwrap_or(i64::MAX))
-    .bind(i64::try_from(r.profiles_checked).unwrap_or(i64::MAX))
-    .bind(i64::try_from(r.drift_count).unwrap_or(i64::MAX))
-    .bind(i64::try_from(r.repaired_count).unwrap_or(i64::MAX))
-    .bind(i64::try_from(r.unverified).unwrap_or(i64::MAX))
-    .bind(&r.status)
-    .bind(sqlx::types::Json(&r.as_of))
-    .execute(&mut *tx)
-    .await?;
-    tx.commit().await?;
-    Ok(())
+    Ok(store.record_reconcile_run(r).await?)
 }
 
 /// Repairs `drifts`; returns the drift a fresh check of the same rows and
@@ -351,33 +302,23 @@ async fn repair(
         let read = rows::read_keys(&mut conn, src, &reader, keys).await?;
         wait_until_applied(store, src, read.marks.high, wait).await?;
         let wanted = keys.clone();
-        apply_read(
-            store,
-            mapper,
-            source,
-            table,
-            &read.marks,
-            read.rows,
-            move |found| wanted.into_iter().filter(|k| !found.contains(k)).collect(),
-        )
-        .await?;
+        store
+            .apply_read(
+                mapper,
+                source,
+                table,
+                &read.marks,
+                read.rows,
+                move |found| wanted.into_iter().filter(|k| !found.contains(k)).collect(),
+            )
+            .await?;
         // The profiles those rows belong to now.
-        let now: Vec<i64> = sqlx::query_scalar(
-            "select profile_id from contributions where source = $1 and table_name = $2 and row_key = any($3) and profile_id is not null",
-        )
-        .bind(source)
-        .bind(table)
-        .bind(keys)
-        .fetch_all(store.pool())
-        .await?;
+        let now = store.profiles_of_rows(source, table, keys).await?;
         profiles.extend(now);
         conn.close().await.ok();
     }
     // Then every profile concerned, from its contributions.
-    let mut tx = store.pool().begin().await?;
-    lock(&mut tx).await?;
-    crate::replay::rederive(&mut tx, mapper, &profiles).await?;
-    tx.commit().await?;
+    store.rederive_profiles(mapper, &profiles).await?;
 
     // Check again what was repaired.
     let mut left = Vec::new();
@@ -391,7 +332,7 @@ async fn repair(
     }
     let ids: Vec<ProfileId> = profiles.into_iter().collect();
     let (d, _) = profiles::check(
-        store.pool(),
+        store,
         mapper,
         profiles::Scope::Only(&ids),
         &crate::progress::Progress::hidden(),

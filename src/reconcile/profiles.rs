@@ -11,9 +11,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
-use serde_json::{json, Map, Value};
-use sqlx::types::Json;
-use sqlx::{Connection, PgConnection, PgPool};
+use serde_json::{json, Value};
 
 use super::{Drift, DriftKind, Fix};
 use crate::identity::Ident;
@@ -21,22 +19,13 @@ use crate::mapping::Mapper;
 use crate::resolve::{
     aggregate_from, resolve_fields, traits, AggState, Contribution, ProfileId, Winner,
 };
-use crate::store::apply::{row_of, ProvenanceRow, CONTRIBUTION_COLUMNS};
-use crate::store::StoreError;
+use crate::store::reconcile::{ProfileChunk, ProfileChunkState};
+use crate::store::{Store, StoreError};
 
 /// Profiles per store transaction.
 const CHUNK: i64 = 5_000;
 
-/// A profile row as stored.
-#[derive(Debug, Clone, Default)]
-pub struct StoredRow {
-    /// Merged into another profile.
-    pub merged_into: Option<ProfileId>,
-    /// `traits`.
-    pub traits: Map<String, Value>,
-    /// `agg_state`.
-    pub aggs: BTreeMap<String, AggState>,
-}
+pub use crate::store::reconcile::StoredRow;
 
 /// Everything the store holds about one profile.
 #[derive(Debug, Default)]
@@ -172,26 +161,20 @@ const PARALLEL: usize = 3;
 
 /// Checks the profiles in `scope`; returns the drifts and the number checked.
 pub async fn check(
-    pool: &PgPool,
+    store: &Store,
     mapper: &Mapper,
     scope: Scope<'_>,
     progress: &crate::progress::Progress,
 ) -> Result<(Vec<Drift>, u64), StoreError> {
     let total: u64;
-    let chunks: Vec<Chunk<'_>> = match scope {
+    let chunks: Vec<ProfileChunk<'_>> = match scope {
         Scope::All => {
-            let (lo, hi, n): (Option<i64>, Option<i64>, i64) = sqlx::query_as(
-                "select least((select min(profile_id) from profiles), (select min(profile_id) from contributions)),
-                        greatest((select max(profile_id) from profiles), (select max(profile_id) from contributions)),
-                        (select count(*) from profiles)",
-            )
-            .fetch_one(pool)
-            .await?;
+            let (lo, hi, n) = store.profile_id_range().await?;
             total = u64::try_from(n).unwrap_or(0);
             match (lo, hi) {
                 (Some(lo), Some(hi)) => (lo..=hi)
                     .step_by(usize::try_from(CHUNK).unwrap_or(5000))
-                    .map(|start| Chunk::Range(start, start.saturating_add(CHUNK)))
+                    .map(|start| ProfileChunk::Range(start, start.saturating_add(CHUNK)))
                     .collect(),
                 _ => Vec::new(),
             }
@@ -199,7 +182,7 @@ pub async fn check(
         Scope::Only(ids) => {
             total = ids.len() as u64;
             ids.chunks(usize::try_from(CHUNK).unwrap_or(5000))
-                .map(Chunk::Ids)
+                .map(ProfileChunk::Ids)
                 .collect()
         }
     };
@@ -210,10 +193,9 @@ pub async fn check(
     while chunks.peek().is_some() {
         let mut group: Vec<futures_util::future::BoxFuture<'_, ChunkResult>> = Vec::new();
         for chunk in chunks.by_ref().take(PARALLEL) {
-            group.push(Box::pin(async move {
-                let mut conn = pool.acquire().await?;
-                check_chunk(&mut conn, mapper, chunk).await
-            }));
+            group.push(Box::pin(
+                async move { check_chunk(store, mapper, chunk).await },
+            ));
         }
         for (d, n) in futures_util::future::try_join_all(group).await? {
             drifts.extend(d);
@@ -228,118 +210,17 @@ pub async fn check(
 
 type ChunkResult = Result<(Vec<Drift>, u64), StoreError>;
 
-enum Chunk<'a> {
-    Range(i64, i64),
-    Ids(&'a [i64]),
-}
-
-/// `(profile_id, merged_into, traits, agg_state)`.
-type ProfileRow = (
-    i64,
-    Option<i64>,
-    Json<Map<String, Value>>,
-    Json<BTreeMap<String, AggState>>,
-);
-
 async fn check_chunk(
-    conn: &mut PgConnection,
+    store: &Store,
     mapper: &Mapper,
-    chunk: Chunk<'_>,
+    chunk: ProfileChunk<'_>,
 ) -> Result<(Vec<Drift>, u64), StoreError> {
-    let (filter, lo, hi, ids): (&str, i64, i64, &[i64]) = match chunk {
-        Chunk::Range(lo, hi) => ("profile_id >= $1 and profile_id < $2", lo, hi, &[]),
-        Chunk::Ids(ids) => ("profile_id = any($3) and $1 <= $2", 0, 0, ids),
-    };
-    let mut tx = conn
-        .begin_with("begin isolation level repeatable read, read only")
-        .await?;
-    let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
-        "select {CONTRIBUTION_COLUMNS} from contributions c where c.{filter} and not c.deleted"
-    )))
-    .bind(lo)
-    .bind(hi)
-    .bind(ids)
-    .fetch_all(&mut *tx)
-    .await?;
-    let mut by_profile: BTreeMap<ProfileId, Vec<Contribution>> = BTreeMap::new();
-    for r in &rows {
-        let c = row_of(r)?;
-        if let Some(p) = c.profile_id {
-            by_profile.entry(p).or_default().push(c);
-        }
-    }
-    let profiles: HashMap<i64, StoredRow> = sqlx::query_as::<_, ProfileRow>(sqlx::AssertSqlSafe(
-        format!("select profile_id, merged_into, traits, agg_state from profiles where {filter}"),
-    ))
-    .bind(lo)
-    .bind(hi)
-    .bind(ids)
-    .fetch_all(&mut *tx)
-    .await?
-    .into_iter()
-    .map(|(p, merged_into, t, a)| {
-        (
-            p,
-            StoredRow {
-                merged_into,
-                traits: t.0,
-                aggs: a.0,
-            },
-        )
-    })
-    .collect();
-    let mut provenance: HashMap<i64, BTreeMap<String, Winner>> = HashMap::new();
-    for r in sqlx::query_as::<_, ProvenanceRow>(sqlx::AssertSqlSafe(format!(
-        "select {} from profile_fields where {filter}",
-        ProvenanceRow::COLUMNS
-    )))
-    .bind(lo)
-    .bind(hi)
-    .bind(ids)
-    .fetch_all(&mut *tx)
-    .await?
-    {
-        provenance
-            .entry(r.profile_id)
-            .or_default()
-            .insert(r.field.clone(), r.winner());
-    }
-    let claimed: BTreeSet<&Ident> = by_profile
-        .values()
-        .flatten()
-        .flat_map(|c| c.identities.iter())
-        .collect();
-    // Owners: the identities pointing into the chunk (by index), then the few
-    // claimed identifiers that point elsewhere or nowhere.
-    let mut owners: HashMap<Ident, ProfileId> =
-        sqlx::query_as::<_, (String, String, i64)>(sqlx::AssertSqlSafe(format!(
-            "select kind, value, profile_id from identities where {filter}"
-        )))
-        .bind(lo)
-        .bind(hi)
-        .bind(ids)
-        .fetch_all(&mut *tx)
-        .await?
-        .into_iter()
-        .map(|(k, v, p)| ((k, v), p))
-        .collect();
-    let elsewhere: Vec<&&Ident> = claimed
-        .iter()
-        .filter(|i| !owners.contains_key(**i))
-        .collect();
-    if !elsewhere.is_empty() {
-        let found = sqlx::query_as::<_, (String, String, i64)>(
-            "select i.kind, i.value, i.profile_id from identities i
-               join unnest($1::text[], $2::text[]) as u(k, v) on i.kind = u.k and i.value = u.v",
-        )
-        .bind(elsewhere.iter().map(|i| i.0.as_str()).collect::<Vec<_>>())
-        .bind(elsewhere.iter().map(|i| i.1.as_str()).collect::<Vec<_>>())
-        .fetch_all(&mut *tx)
-        .await?;
-        owners.extend(found.into_iter().map(|(k, v, p)| ((k, v), p)));
-    }
-    tx.commit().await?;
-
+    let ProfileChunkState {
+        contributions: by_profile,
+        profiles,
+        provenance,
+        owners,
+    } = store.profile_chunk(chunk).await?;
     let all: BTreeSet<i64> = by_profile
         .keys()
         .copied()

@@ -1,97 +1,21 @@
 //! `tributary report [RUN_ID|latest]`: the recorded runs, or one run's drift
 //! field by field, read back from `reconcile_runs` and `reconcile_drift`.
 
-use chrono::{DateTime, Utc};
-use serde::Serialize;
 use serde_json::Value;
-use sqlx::types::Json;
 
 use super::RunReport;
 use crate::store::Store;
 
-/// One row of `reconcile_runs`.
-#[derive(Debug, Serialize, sqlx::FromRow)]
-pub struct Run {
-    /// Run id.
-    pub run_id: i64,
-    /// Start.
-    pub started_at: DateTime<Utc>,
-    /// End (None while running).
-    pub finished_at: Option<DateTime<Utc>>,
-    /// `--source`, if given.
-    pub source: Option<String>,
-    /// Source rows covered.
-    pub rows_checked: i64,
-    /// Profiles compared.
-    pub profiles_checked: i64,
-    /// Drifted values.
-    pub drift_count: i64,
-    /// Repaired.
-    pub repaired_count: i64,
-    /// Rows that kept changing.
-    pub unverified: i64,
-    /// `running`, `clean`, `drift`, `repaired` or `failed`.
-    pub status: String,
-    /// Anchor per source.
-    pub as_of: Json<Value>,
-}
-
-/// One row of `reconcile_drift`.
-#[derive(Debug, Serialize, sqlx::FromRow)]
-pub struct DriftRow {
-    /// Profile.
-    pub profile_id: Option<i64>,
-    /// Field (see [`super::Drift::field`]).
-    pub field: String,
-    /// Expected value.
-    pub expected: Option<Json<Value>>,
-    /// Stored value.
-    pub actual: Option<Json<Value>>,
-    /// `missing`, `extra` or `mismatch`.
-    pub kind: String,
-    /// Fixed by `--repair`.
-    pub repaired: bool,
-}
-
-/// One run with its drift.
-#[derive(Debug, Serialize)]
-pub struct RunDetail {
-    /// The run.
-    #[serde(flatten)]
-    pub run: Run,
-    /// Its drift.
-    pub drift: Vec<DriftRow>,
-}
-
-const RUN_COLUMNS: &str = "run_id, started_at, finished_at, source, rows_checked, profiles_checked, drift_count, repaired_count, unverified, status, as_of";
+pub use crate::store::reconcile::{DriftRow, Run, RunDetail};
 
 /// The most recent runs, newest first.
 pub async fn runs(store: &Store, limit: i64) -> Result<Vec<Run>, sqlx::Error> {
-    sqlx::query_as(sqlx::AssertSqlSafe(format!(
-        "select {RUN_COLUMNS} from reconcile_runs order by run_id desc limit $1"
-    )))
-    .bind(limit)
-    .fetch_all(store.pool())
-    .await
+    store.reconcile_runs(limit).await
 }
 
 /// One run (`None`: the latest) with its drift.
 pub async fn run(store: &Store, run_id: Option<i64>) -> Result<Option<RunDetail>, sqlx::Error> {
-    let run: Option<Run> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-        "select {RUN_COLUMNS} from reconcile_runs where run_id = coalesce($1, (select max(run_id) from reconcile_runs))"
-    )))
-    .bind(run_id)
-    .fetch_optional(store.pool())
-    .await?;
-    let Some(run) = run else { return Ok(None) };
-    let drift = sqlx::query_as(
-        "select profile_id, field, expected, actual, kind, repaired from reconcile_drift where run_id = $1
-          order by profile_id nulls first, field",
-    )
-    .bind(run.run_id)
-    .fetch_all(store.pool())
-    .await?;
-    Ok(Some(RunDetail { run, drift }))
+    store.reconcile_run(run_id).await
 }
 
 /// Prints the runs as a table.

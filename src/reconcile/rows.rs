@@ -23,13 +23,13 @@ use super::{Drift, DriftKind, Fix};
 use crate::config::{SourceConfig, TableConfig};
 use crate::event::Lsn;
 use crate::mapping::Mapper;
-use crate::resnapshot::{changed_during, wait_until_applied};
+use crate::resnapshot::wait_until_applied;
 use crate::resolve::Contribution;
 use crate::source::query_err;
 use crate::source::read::{
     read_between_watermarks, wal_position, Bind, TableReader, WatermarkedRead,
 };
-use crate::store::apply::{row_of, CONTRIBUTION_COLUMNS};
+use crate::store::reconcile::RowScope;
 use crate::store::Store;
 
 /// Times a row that keeps changing is read again before it counts as unverified.
@@ -63,13 +63,7 @@ pub async fn check_table(
     wait: Duration,
 ) -> anyhow::Result<TableOutcome> {
     let reader = TableReader::load(conn, src, t).await?;
-    let live: i64 = sqlx::query_scalar(
-        "select count(*) from contributions where source = $1 and table_name = $2 and not deleted",
-    )
-    .bind(&src.name)
-    .bind(&t.qualified)
-    .fetch_one(store.pool())
-    .await?;
+    let live = store.live_rows(&src.name, &t.qualified).await?;
     let nbuckets = u64::try_from(live / 256)
         .unwrap_or(0)
         .max(1)
@@ -108,18 +102,9 @@ pub async fn check_table(
     wait_until_applied(store, src, high, wait).await?;
     let waited = timer.elapsed();
 
-    let store_key_hash = format!("(hashtextextended(row_key, 0) & {mask})");
-    let store_buckets: Vec<(i64, i64, String, i64)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-        "select {store_key_hash} as b, count(*), coalesce(sum(digest::numeric), 0)::text, count(digest)
-           from contributions where source = $1 and table_name = $2 and not deleted
-            and ($3::bigint[] is null or {store_key_hash} = any($3))
-          group by 1"
-    )))
-    .bind(&src.name)
-    .bind(&t.qualified)
-    .bind(chosen.clone())
-    .fetch_all(store.pool())
-    .await?;
+    let store_buckets = store
+        .row_buckets(&src.name, &t.qualified, mask, chosen.as_deref())
+        .await?;
 
     tracing::debug!(source = %src.name, table = %t.qualified, buckets = nbuckets,
         source_ms = hashed_source.as_millis(), wait_ms = (waited - hashed_source).as_millis(),
@@ -151,16 +136,9 @@ pub async fn check_table(
     }
     out.buckets_differing = suspects.len() as u64;
     if let Some(chosen) = &chosen {
-        out.sampled_profiles = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
-            "select distinct profile_id from contributions
-              where source = $1 and table_name = $2 and not deleted and profile_id is not null
-                and {store_key_hash} = any($3)"
-        )))
-        .bind(&src.name)
-        .bind(&t.qualified)
-        .bind(chosen)
-        .fetch_all(store.pool())
-        .await?;
+        out.sampled_profiles = store
+            .profiles_in_buckets(&src.name, &t.qualified, mask, chosen)
+            .await?;
     }
 
     // 2. Rows of the differing buckets, then the rows still changing, until they settle.
@@ -181,7 +159,7 @@ pub async fn check_table(
             Todo::Keys(k) => (read_keys(conn, src, &reader, k).await?, Scope::Keys(k)),
         };
         wait_until_applied(store, src, read.marks.high, wait).await?;
-        let cmp = compare(store, mapper, src, t, &store_key_hash, scope, &read).await?;
+        let cmp = compare(store, mapper, src, t, mask, scope, &read).await?;
         out.drifts.extend(cmp.drifts);
         if cmp.unsettled.is_empty() {
             break;
@@ -242,7 +220,7 @@ async fn compare(
     mapper: &Mapper,
     src: &SourceConfig,
     t: &TableConfig,
-    store_key_hash: &str,
+    mask: i64,
     scope: Scope<'_>,
     read: &WatermarkedRead,
 ) -> anyhow::Result<Compared> {
@@ -261,31 +239,13 @@ async fn compare(
         };
         expected.insert(e.row_key(), exp);
     }
-    let mut tx = store
-        .pool()
-        .begin_with("begin isolation level repeatable read, read only")
-        .await?;
-    let (filter, buckets, keys): (String, &[i64], &[String]) = match scope {
-        Scope::Buckets(b) => (format!("{store_key_hash} = any($3)"), b, &[]),
-        Scope::Keys(k) => ("row_key = any($4)".to_owned(), &[], k),
+    let stored_scope = match scope {
+        Scope::Buckets(b) => RowScope::Buckets(mask, b),
+        Scope::Keys(k) => RowScope::Keys(k),
     };
-    let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
-        "select {CONTRIBUTION_COLUMNS} from contributions c where c.source = $1 and c.table_name = $2 and {}",
-        filter.replace("row_key", "c.row_key")
-    )))
-    .bind(&src.name)
-    .bind(&t.qualified)
-    .bind(buckets)
-    .bind(keys)
-    .fetch_all(&mut *tx)
-    .await?;
-    let changed = changed_during(&mut tx, &src.name, &t.qualified, &read.marks).await?;
-    tx.commit().await?;
-    let mut stored: BTreeMap<String, Contribution> = BTreeMap::new();
-    for r in &rows {
-        let c = row_of(r)?;
-        stored.insert(c.row.row_key.clone(), c);
-    }
+    let (stored, changed) = store
+        .rows_in_scope(&src.name, &t.qualified, stored_scope, &read.marks)
+        .await?;
     let in_scope: BTreeSet<&String> = expected
         .keys()
         .chain(stored.iter().filter(|(_, c)| !c.deleted).map(|(k, _)| k))
@@ -377,6 +337,6 @@ pub(crate) async fn verify_keys(
     let reader = TableReader::load(conn, src, t).await?;
     let read = read_keys(conn, src, &reader, keys).await?;
     wait_until_applied(store, src, read.marks.high, wait).await?;
-    let cmp = compare(store, mapper, src, t, "", Scope::Keys(keys), &read).await?;
+    let cmp = compare(store, mapper, src, t, 0, Scope::Keys(keys), &read).await?;
     Ok((cmp.drifts, cmp.unsettled))
 }

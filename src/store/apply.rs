@@ -228,6 +228,12 @@ impl Store {
             _ => None,
         };
         let mut tx = self.pool.begin().await?;
+        // The event log is written in a transaction of its own, committed just
+        // before this one: never visible long ahead of the derived rows.
+        let mut log = match log.as_deref_mut() {
+            Some(c) => Some(sqlx::Connection::begin(c).await?),
+            None => None,
+        };
         // A checkpoint alone (a capture process, an empty transaction) takes no lock.
         let mut generation = None;
         let stats = match log.as_deref_mut() {
@@ -277,6 +283,10 @@ impl Store {
             .await?;
         }
         failpoint::hit(Stage::BeforeCommit);
+        if let Some(l) = log {
+            l.commit().await?;
+            failpoint::hit(Stage::LogCommitted);
+        }
         tx.commit().await?;
         if let (Some(c), Some(g)) = (cache.as_deref_mut(), generation) {
             c.committed(g, stats.merges > 0);
@@ -349,8 +359,9 @@ impl Store {
 
 /// Applies `events` inside `tx` (which holds the lock). With `record_dead_letters`
 /// false (replay), rows that cannot be mapped are counted but not recorded again.
-/// With `log_conn`, the events are logged on that connection (in autocommit,
-/// while `tx` holds the lock) concurrently with the derived writes.
+/// With `log_conn`, the events are logged on that connection (in a
+/// transaction the caller commits, while `tx` holds the lock) concurrently
+/// with the derived writes.
 pub(crate) async fn apply_in(
     tx: &mut PgConnection,
     mapper: &Mapper,
@@ -511,8 +522,9 @@ pub(crate) async fn apply_in(
         .collect();
     // In the transaction, ahead of the derived writes; or on its own
     // connection, at the same time as them, so that two backends work in
-    // parallel. That insert commits on its own, before the batch does; if the
-    // batch then fails, the retry's insert finds the events there and skips them.
+    // parallel. That connection's transaction commits just before the batch
+    // does; if the batch then fails, the retry's insert finds the events there
+    // and skips them.
     if log_conn.is_none() {
         insert_events(tx, &kept).await?;
     }
@@ -819,10 +831,10 @@ async fn derive(
     Ok(stats)
 }
 
-/// Rows per statement of the event log: on its own connection (autocommit)
-/// each chunk commits as it is written, so the log fills while the derived
-/// writes run, and a crash can leave a write's log half written (which the
-/// retry completes: the insert is idempotent).
+/// Rows per statement of the event log. On its own connection the chunks are
+/// written while the derived writes run, in a transaction committed just
+/// before the batch's; a crash in between leaves the log complete and the
+/// derived rows not, which the retry completes (the insert is idempotent).
 const EVENT_CHUNK: usize = 2000;
 
 async fn insert_events(tx: &mut PgConnection, events: &[&ChangeEvent]) -> Result<(), StoreError> {

@@ -1,6 +1,11 @@
 //! The profile store (PostgreSQL, via sqlx): migrations, the apply of a batch of
-//! source transactions together with its checkpoint in one sink transaction,
-//! and the reads that `status` and the tests need.
+//! source transactions together with its checkpoint in one sink transaction
+//! (`apply`), and every other statement that names a store table: replay and
+//! rebuild (`replay`), forget (`forget`), watermarked re-reads (`watermarked`),
+//! reconciliation's runs, digests and chunks (`reconcile`), and the reads of
+//! `status`, `check` and the metrics (`stats`). No module outside this one
+//! speaks the store's SQL (the test `docs::only_the_store_module_names_the_store_tables_in_sql`
+//! holds that).
 //!
 //! Every relation lives in the configured schema; the pool sets `search_path`
 //! to it so that SQL here and in the migrations is written unqualified.
@@ -8,6 +13,11 @@
 pub mod apply;
 mod copy;
 pub mod digest;
+pub mod forget;
+pub mod reconcile;
+pub mod replay;
+pub mod stats;
+pub mod watermarked;
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
@@ -143,8 +153,16 @@ impl Store {
         self.create_partitions_from(y, m, 5).await
     }
 
-    /// The underlying pool (for reads by commands and tests).
-    pub fn pool(&self) -> &PgPool {
+    /// Answers a trivial query (readiness).
+    pub async fn ping(&self) -> Result<(), sqlx::Error> {
+        sqlx::query("select 1")
+            .execute(&self.pool)
+            .await
+            .map(|_| ())
+    }
+
+    /// The underlying pool: only `src/store/` speaks the store's SQL.
+    pub(crate) fn pool(&self) -> &PgPool {
         &self.pool
     }
 

@@ -3,6 +3,7 @@
 //! key the parser accepts.
 
 use std::collections::BTreeMap;
+use std::path::Path;
 
 /// The keys of each `Raw*` struct in src/config.rs (serde renames applied).
 fn config_keys() -> BTreeMap<String, Vec<String>> {
@@ -147,4 +148,115 @@ fn every_config_example_in_the_docs_parses() {
         }
     }
     assert!(checked >= 1, "no config example found in docs/");
+}
+
+/// The profile store's tables, as SQL names them.
+const STORE_TABLES: [&str; 14] = [
+    "events",
+    "contributions",
+    "identities",
+    "profiles",
+    "profile_fields",
+    "profile_view",
+    "checkpoints",
+    "dead_letters",
+    "suppressions",
+    "reconcile_runs",
+    "reconcile_drift",
+    "write_generation",
+    "_sqlx_migrations",
+    "events_partitions",
+];
+
+/// `(keyword, table)` pairs in `line` where a store table follows an SQL
+/// keyword that reads or writes a relation.
+fn store_sql_in(line: &str) -> Vec<String> {
+    let lower = line.to_lowercase();
+    let words: Vec<&str> = lower
+        .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == '.'))
+        .filter(|w| !w.is_empty())
+        .collect();
+    words
+        .windows(2)
+        .filter(|w| {
+            [
+                "from", "into", "update", "join", "truncate", "table", "using",
+            ]
+            .contains(&w[0])
+                && STORE_TABLES.contains(&w[1].trim_start_matches("tributary."))
+        })
+        .map(|w| format!("{} {}", w[0], w[1]))
+        .collect()
+}
+
+/// The SQL of every `sqlx::query…(…)` and `sqlx::raw_sql(…)` call in
+/// `text`: from the call to its first `.bind(`, `.fetch…` or `.execute(`,
+/// with the line it starts on.
+fn statements(text: &str) -> Vec<(usize, &str)> {
+    let mut out = Vec::new();
+    for (at, _) in text
+        .match_indices("sqlx::query")
+        .chain(text.match_indices("sqlx::raw_sql"))
+    {
+        let rest = &text[at..];
+        let end = [".bind(", ".fetch", ".execute("]
+            .iter()
+            .filter_map(|m| rest.find(m))
+            .min()
+            .unwrap_or(rest.len().min(2000));
+        out.push((text[..at].lines().count(), &rest[..end]));
+    }
+    out
+}
+
+/// Only `src/store/` speaks the profile store's SQL: no other module names a
+/// store table in a statement. (`src/demo.rs` is exempt: it reads the store as
+/// a user would, through the schema-qualified names the SQL cookbook uses, to
+/// show and check the result; it never writes.)
+#[test]
+fn only_the_store_module_names_the_store_tables_in_sql() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    let mut files = vec![root.clone()];
+    let mut found = Vec::new();
+    let mut scanned = 0;
+    while let Some(p) = files.pop() {
+        if p.is_dir() {
+            files.extend(std::fs::read_dir(&p).unwrap().map(|e| e.unwrap().path()));
+            continue;
+        }
+        let rel = p
+            .strip_prefix(&root)
+            .unwrap()
+            .to_string_lossy()
+            .into_owned();
+        if !rel.ends_with(".rs") || rel.starts_with("store/") || rel == "demo.rs" {
+            continue;
+        }
+        scanned += 1;
+        let text = std::fs::read_to_string(&p).unwrap();
+        for (n, stmt) in statements(&text) {
+            for hit in store_sql_in(stmt) {
+                found.push(format!("src/{rel}:{n}: {hit}"));
+            }
+        }
+    }
+    assert!(scanned > 30, "scanned only {scanned} files");
+    assert!(
+        found.is_empty(),
+        "store SQL outside src/store/:\n{}",
+        found.join("\n")
+    );
+    // The scan itself finds what it is for.
+    assert_eq!(
+        store_sql_in(r#"sqlx::query("update contributions set x = 1 from tributary.profiles p")"#),
+        ["update contributions", "from tributary.profiles"]
+    );
+    let demo = std::fs::read_to_string(root.join("demo.rs")).unwrap();
+    assert!(
+        !demo
+            .lines()
+            .flat_map(store_sql_in)
+            .any(|h| !h.starts_with("from ") && !h.starts_with("join ")),
+        "src/demo.rs writes the store"
+    );
 }

@@ -390,18 +390,20 @@ async fn event_rows(sink: &str) -> Vec<String> {
 }
 
 /// A process that dies at each stage of a write (a chunk of the event log
-/// committed and the rest not, the derived rows written, the checkpoint
-/// written before `COMMIT`, committed before the acknowledgement), then
+/// written and the rest not, the derived rows written, the checkpoint written
+/// before `COMMIT`, the event log committed and the batch not, committed
+/// before the acknowledgement), then
 /// restarts, ends with the store of an undisturbed run, row for row: events,
 /// contributions, profiles and provenance.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_crash_at_every_stage_of_a_write_ends_with_the_undisturbed_store() {
     // (stage, which hit of it aborts): the event log's first chunk of the
     // first write (more chunks follow), the other stages at the second write.
-    const STAGES: [(&str, u32); 4] = [
+    const STAGES: [(&str, u32); 5] = [
         ("event_log", 1),
         ("derived", 2),
         ("before_commit", 2),
+        ("log_committed", 2),
         ("after_commit", 2),
     ];
     let pg = cluster();

@@ -19,13 +19,13 @@ use serde_json::{Map, Value};
 use sqlx::types::Json;
 use sqlx::{PgConnection, Row};
 
+use super::apply::{
+    apply_in, contributions_by_profile, lock, provenance_json, stored_provenance, StoredProfile,
+};
+use super::{Store, StoreError};
 use crate::event::{ChangeEvent, Lsn, Op};
 use crate::mapping::Mapper;
 use crate::resolve::{aggregate_from, resolve_fields, traits, AggState, ProfileId};
-use crate::store::apply::{
-    apply_in, contributions_by_profile, lock, provenance_json, stored_provenance, StoredProfile,
-};
-use crate::store::{Store, StoreError};
 
 /// What a replay did (or, with `--dry-run`, would do).
 #[derive(Debug, Serialize)]
