@@ -667,8 +667,8 @@ impl Pending {
 /// failed), the task is left to finish on its own: it commits or rolls back
 /// as a whole, nothing was acknowledged, and the batch is streamed again after
 /// the reconnect, where what committed is recognised as already applied.
-/// (Aborting it could cut a `COPY` in half, and sqlx then hands the
-/// connection back to the pool out of step with the server.)
+/// (Aborting it could cut a statement's exchange in half, and sqlx then
+/// hands the connection back to the pool out of step with the server.)
 struct InFlight {
     end: Lsn,
     started: std::time::Instant,

@@ -16,7 +16,6 @@ use serde_json::{Map, Value};
 use sqlx::types::Json;
 use sqlx::{PgConnection, Row};
 
-use super::copy::CopyRows;
 use super::{Store, StoreError};
 use crate::event::{ChangeEvent, Lsn, Op};
 use crate::failpoint::{self, Stage};
@@ -371,6 +370,17 @@ pub(crate) async fn apply_in(
     log_conn: Option<&mut PgConnection>,
     mut cache: Option<&mut MergeCache>,
 ) -> Result<ApplyStats, StoreError> {
+    // 1. Every statement below looks rows up by key, a batch's worth in
+    // tables that can be a thousand times larger, and the statistics of a
+    // store being filled (a backlog, a snapshot) lag far behind its size: the
+    // planner then hashed the whole of `contributions` or `identities` once
+    // per batch (measured: a 100,000-row hash join, 300-500 ms, to find 700
+    // keys). Index probes are always right here.
+    sqlx::raw_sql(
+        "set local enable_hashjoin = off; set local enable_mergejoin = off; set local enable_seqscan = off",
+    )
+    .execute(&mut *tx)
+    .await?;
     // 2. Expand truncates into deletes of the table's live rows: those the
     // store holds and those this batch wrote before the truncate.
     let mut expanded: Vec<Cow<'_, ChangeEvent>> = Vec::with_capacity(events.len());
@@ -553,7 +563,7 @@ pub(crate) async fn apply_in(
 }
 
 /// Which rows of the batch's slice the store already holds (the rest are
-/// new, and written with `COPY`).
+/// new, and written with a plain `INSERT`).
 #[derive(Default)]
 struct Existing {
     rows: HashSet<RowRef>,
@@ -876,8 +886,11 @@ async fn insert_event_chunk(
     Ok(())
 }
 
-/// Writes contributions: rows the store does not hold yet with `COPY`, the
-/// others with one set-based `UPDATE`.
+/// Writes contributions: rows the store does not hold yet with one plain
+/// `INSERT … SELECT FROM unnest(…)`, the others with one set-based `UPDATE`.
+/// (Not `COPY`: sqlx sends a `COPY`'s data and its end in two writes, and
+/// Nagle's algorithm then holds the second until the server's delayed ACK,
+/// about 30-40 ms per `COPY`, which measured as most of a small batch's time.)
 async fn write_contributions<'a>(
     tx: &mut PgConnection,
     rows: impl Iterator<Item = &'a Contribution>,
@@ -885,32 +898,25 @@ async fn write_contributions<'a>(
 ) -> Result<(), StoreError> {
     let (old, new): (Vec<&Contribution>, Vec<&Contribution>) =
         rows.partition(|c| existing.contains(&c.row));
-    let mut copy = CopyRows::new();
-    for c in &new {
-        copy.text(&c.row.source)
-            .text(&c.row.table)
-            .text(&c.row.row_key)
-            .opt(c.profile_id)
-            .bool(c.deleted)
-            .text(&serde_json::to_string(&c.identities).unwrap_or_default())
-            .text(&serde_json::to_string(&c.fields).unwrap_or_default())
-            .text(&serde_json::to_string(&c.aggs).unwrap_or_default())
-            .opt(c.version)
-            .plain(c.lsn)
-            .plain(i64_of(c.seq))
-            .time(c.freshness)
-            .plain(c.priority)
-            .opt(c.digest.filter(|_| !c.deleted));
-        copy.end_row();
+    if !new.is_empty() {
+        bind_contributions(
+            sqlx::query(
+                "insert into contributions (source, table_name, row_key, profile_id, deleted, identities, fields, aggs,
+                                            version, lsn, seq, freshness, priority, digest)
+                 select s, t, k, p, d, i::jsonb, f::jsonb, a::jsonb, v, l::pg_lsn, q, fr, pr, case when d then null else g end
+                   from unnest($1::text[], $2::text[], $3::text[], $4::bigint[], $5::bool[], $6::text[], $7::text[], $8::text[],
+                               $9::bigint[], $10::text[], $11::bigint[], $12::timestamptz[], $13::int[], $14::bigint[])
+                        as u(s, t, k, p, d, i, f, a, v, l, q, fr, pr, g)",
+            ),
+            &new,
+        )
+        .execute(&mut *tx)
+        .await?;
     }
-    copy.send(
-        tx,
-        "copy contributions (source, table_name, row_key, profile_id, deleted, identities, fields, aggs, version, lsn, seq, freshness, priority, digest) from stdin",
-    )
-    .await?;
     if old.is_empty() {
         return Ok(());
     }
+    bind_contributions(
     sqlx::query(
         "update contributions c set
            profile_id = u.p, deleted = u.d, identities = u.i::jsonb, fields = u.f::jsonb, aggs = u.a::jsonb,
@@ -922,28 +928,62 @@ async fn write_contributions<'a>(
           from unnest($1::text[], $2::text[], $3::text[], $4::bigint[], $5::bool[], $6::text[], $7::text[], $8::text[],
                       $9::bigint[], $10::text[], $11::bigint[], $12::timestamptz[], $13::int[], $14::bigint[]) as u(s, t, k, p, d, i, f, a, v, l, q, fr, pr, g)
          where c.source = u.s and c.table_name = u.t and c.row_key = u.k",
+    ),
+        &old,
     )
-    .bind(old.iter().map(|c| c.row.source.as_str()).collect::<Vec<_>>())
-    .bind(old.iter().map(|c| c.row.table.as_str()).collect::<Vec<_>>())
-    .bind(old.iter().map(|c| c.row.row_key.as_str()).collect::<Vec<_>>())
-    .bind(old.iter().map(|c| c.profile_id).collect::<Vec<_>>())
-    .bind(old.iter().map(|c| c.deleted).collect::<Vec<_>>())
-    .bind(old.iter().map(|c| serde_json::to_string(&c.identities).unwrap_or_default()).collect::<Vec<_>>())
-    .bind(old.iter().map(|c| serde_json::to_string(&c.fields).unwrap_or_default()).collect::<Vec<_>>())
-    .bind(old.iter().map(|c| serde_json::to_string(&c.aggs).unwrap_or_default()).collect::<Vec<_>>())
-    .bind(old.iter().map(|c| c.version).collect::<Vec<_>>())
-    .bind(old.iter().map(|c| c.lsn.to_string()).collect::<Vec<_>>())
-    .bind(old.iter().map(|c| i64_of(c.seq)).collect::<Vec<_>>())
-    .bind(old.iter().map(|c| c.freshness).collect::<Vec<_>>())
-    .bind(old.iter().map(|c| c.priority).collect::<Vec<_>>())
-    .bind(old.iter().map(|c| c.digest).collect::<Vec<_>>())
     .execute(&mut *tx)
     .await?;
     Ok(())
 }
 
-/// Writes identifier owners: new identifiers with `COPY`, re-pointed ones
-/// with one `UPDATE`.
+type PgQuery<'q> = sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>;
+
+/// Binds the columns of `rows` as the 14 parallel arrays the `insert` and the
+/// `update` of `contributions` unnest: source, table, key, profile, deleted,
+/// identities, fields, aggs, version, LSN, seq, freshness, priority, digest.
+fn bind_contributions<'q>(q: PgQuery<'q>, rows: &[&'q Contribution]) -> PgQuery<'q> {
+    q.bind(
+        rows.iter()
+            .map(|c| c.row.source.as_str())
+            .collect::<Vec<_>>(),
+    )
+    .bind(
+        rows.iter()
+            .map(|c| c.row.table.as_str())
+            .collect::<Vec<_>>(),
+    )
+    .bind(
+        rows.iter()
+            .map(|c| c.row.row_key.as_str())
+            .collect::<Vec<_>>(),
+    )
+    .bind(rows.iter().map(|c| c.profile_id).collect::<Vec<_>>())
+    .bind(rows.iter().map(|c| c.deleted).collect::<Vec<_>>())
+    .bind(
+        rows.iter()
+            .map(|c| serde_json::to_string(&c.identities).unwrap_or_default())
+            .collect::<Vec<_>>(),
+    )
+    .bind(
+        rows.iter()
+            .map(|c| serde_json::to_string(&c.fields).unwrap_or_default())
+            .collect::<Vec<_>>(),
+    )
+    .bind(
+        rows.iter()
+            .map(|c| serde_json::to_string(&c.aggs).unwrap_or_default())
+            .collect::<Vec<_>>(),
+    )
+    .bind(rows.iter().map(|c| c.version).collect::<Vec<_>>())
+    .bind(rows.iter().map(|c| c.lsn.to_string()).collect::<Vec<_>>())
+    .bind(rows.iter().map(|c| i64_of(c.seq)).collect::<Vec<_>>())
+    .bind(rows.iter().map(|c| c.freshness).collect::<Vec<_>>())
+    .bind(rows.iter().map(|c| c.priority).collect::<Vec<_>>())
+    .bind(rows.iter().map(|c| c.digest).collect::<Vec<_>>())
+}
+
+/// Writes identifier owners: new identifiers with one plain `INSERT`,
+/// re-pointed ones with one `UPDATE`.
 async fn write_identities<'a>(
     tx: &mut PgConnection,
     rows: impl Iterator<Item = (&'a Ident, ProfileId)>,
@@ -952,13 +992,17 @@ async fn write_identities<'a>(
     type Owner<'i> = (&'i Ident, ProfileId);
     let (old, new): (Vec<Owner<'a>>, Vec<Owner<'a>>) =
         rows.partition(|(i, _)| existing.contains(*i));
-    let mut copy = CopyRows::new();
-    for ((kind, value), p) in &new {
-        copy.text(kind).text(value).plain(p);
-        copy.end_row();
-    }
-    copy.send(tx, "copy identities (kind, value, profile_id) from stdin")
+    if !new.is_empty() {
+        sqlx::query(
+            "insert into identities (kind, value, profile_id)
+             select * from unnest($1::text[], $2::text[], $3::bigint[])",
+        )
+        .bind(new.iter().map(|(i, _)| i.0.as_str()).collect::<Vec<_>>())
+        .bind(new.iter().map(|(i, _)| i.1.as_str()).collect::<Vec<_>>())
+        .bind(new.iter().map(|(_, p)| *p).collect::<Vec<_>>())
+        .execute(&mut *tx)
         .await?;
+    }
     if old.is_empty() {
         return Ok(());
     }
@@ -1235,20 +1279,20 @@ async fn refresh_profiles(
         }
     }
 
-    let mut copy = CopyRows::new();
-    for i in 0..ins.id.len() {
-        copy.plain(ins.id[i])
-            .opt(ins.merged_into[i])
-            .text(&ins.traits[i])
-            .text(&ins.aggs[i])
-            .text(&ins.provenance[i]);
-        copy.end_row();
+    if !ins.id.is_empty() {
+        sqlx::query(
+            "insert into profiles (profile_id, merged_into, traits, agg_state, provenance)
+             select id, m, t::jsonb, a::jsonb, pv::json
+               from unnest($1::bigint[], $2::bigint[], $3::text[], $4::text[], $5::text[]) as u(id, m, t, a, pv)",
+        )
+        .bind(&ins.id)
+        .bind(&ins.merged_into)
+        .bind(&ins.traits)
+        .bind(&ins.aggs)
+        .bind(&ins.provenance)
+        .execute(&mut *tx)
+        .await?;
     }
-    copy.send(
-        tx,
-        "copy profiles (profile_id, merged_into, traits, agg_state, provenance) from stdin",
-    )
-    .await?;
     if !upd.id.is_empty() {
         sqlx::query(
             "update profiles p set merged_into = u.m, traits = u.t::jsonb, agg_state = u.a::jsonb, updated_at = now(),

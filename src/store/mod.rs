@@ -11,7 +11,6 @@
 //! to it so that SQL here and in the migrations is written unqualified.
 
 pub mod apply;
-mod copy;
 pub mod digest;
 pub mod forget;
 pub mod reconcile;
