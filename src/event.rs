@@ -121,7 +121,8 @@ impl ChangeEvent {
     /// The stable row identity used by the merge: the key object rendered as
     /// canonical JSON (keys sorted by `serde_json::Map`'s BTreeMap).
     pub fn row_key(&self) -> String {
-        Value::Object(self.key.clone()).to_string()
+        // Serialised in place: wrapping the map in a `Value` would clone it.
+        serde_json::to_string(&self.key).unwrap_or_default()
     }
 }
 

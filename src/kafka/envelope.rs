@@ -82,7 +82,7 @@ pub fn dead_letter_value(d: &DeadLetter, now_ms: i64) -> String {
 /// The message key: the row's primary key as a JSON object (`{"id":1}`), as
 /// Debezium keys without schemas; none for a truncate.
 pub fn key(e: &ChangeEvent) -> Option<String> {
-    (e.op != Op::Truncate).then(|| Value::Object(e.key.clone()).to_string())
+    (e.op != Op::Truncate).then(|| serde_json::to_string(&e.key).unwrap_or_default())
 }
 
 /// The message value. `now_ms` is the publish time (`ts_ms` of the envelope).

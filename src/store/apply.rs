@@ -804,7 +804,7 @@ async fn derive(
         .bind(dead.iter().map(|(e, _)| e.source.as_str()).collect::<Vec<_>>())
         .bind(dead.iter().map(|(e, _)| e.commit_lsn.to_string()).collect::<Vec<_>>())
         .bind(dead.iter().map(|(e, _)| e.table.as_str()).collect::<Vec<_>>())
-        .bind(dead.iter().map(|(e, _)| Value::Object(e.row.clone()).to_string()).collect::<Vec<_>>())
+        .bind(dead.iter().map(|(e, _)| serde_json::to_string(&e.row).unwrap_or_default()).collect::<Vec<_>>())
         .bind(dead.iter().map(|(_, err)| err.as_str()).collect::<Vec<_>>())
         .execute(&mut *tx)
         .await?;
@@ -878,8 +878,8 @@ async fn insert_event_chunk(
     .bind(events.iter().map(|e| e.commit_time).collect::<Vec<_>>())
     .bind(events.iter().map(|e| e.table.as_str()).collect::<Vec<_>>())
     .bind(events.iter().map(|e| e.op.as_str()).collect::<Vec<_>>())
-    .bind(events.iter().map(|e| Value::Object(e.key.clone()).to_string()).collect::<Vec<_>>())
-    .bind(events.iter().map(|e| Value::Object(e.row.clone()).to_string()).collect::<Vec<_>>())
+    .bind(events.iter().map(|e| serde_json::to_string(&e.key).unwrap_or_default()).collect::<Vec<_>>())
+    .bind(events.iter().map(|e| serde_json::to_string(&e.row).unwrap_or_default()).collect::<Vec<_>>())
     .bind(events.iter().map(|e| e.unchanged.join(",")).collect::<Vec<_>>())
     .execute(&mut *tx)
     .await?;
@@ -1236,7 +1236,8 @@ async fn refresh_profiles(
             let rows = if old.is_some() { &mut upd } else { &mut ins };
             rows.id.push(*p);
             rows.merged_into.push(st.merged_into);
-            rows.traits.push(Value::Object(t.clone()).to_string());
+            rows.traits
+                .push(serde_json::to_string(&t).unwrap_or_default());
             rows.aggs
                 .push(serde_json::to_string(&aggs).unwrap_or_else(|_| "{}".into()));
             rows.provenance.push(match (&winners, old) {
