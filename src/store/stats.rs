@@ -56,11 +56,15 @@ impl Store {
 
     /// Profile, identity and dead-letter counts.
     pub async fn counts(&self) -> Result<Counts, sqlx::Error> {
+        // One scan of `profiles` for both counts (the metrics sampler calls
+        // this every poll interval).
         sqlx::query_as(
-            "select (select count(*) from profiles where merged_into is null) as live,
-                    (select count(*) from profiles where merged_into is not null) as merged,
+            "select p.live, p.merged,
                     (select count(*) from identities) as identities,
-                    (select count(*) from dead_letters) as dead",
+                    (select count(*) from dead_letters) as dead
+               from (select count(*) filter (where merged_into is null) as live,
+                            count(*) filter (where merged_into is not null) as merged
+                       from profiles) p",
         )
         .fetch_one(self.pool())
         .await
