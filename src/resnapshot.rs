@@ -23,16 +23,12 @@ use sqlx::{Connection, PgConnection};
 use crate::config::{Config, SourceConfig, TableConfig};
 use crate::event::{ChangeEvent, Lsn};
 use crate::mapping::Mapper;
-use crate::source::read::Watermarks;
 use crate::source::read::{
     prepare_session, read_between_watermarks, Bind, TableReader, WatermarkedRead,
 };
 use crate::source::{query_conn, query_err, quote_ident};
-use crate::store::apply::ApplyStats;
-pub use crate::store::watermarked::ReadApplied;
+pub use crate::store::watermarked::{apply_read, ReadApplied};
 use crate::store::Store;
-use crate::store::StoreError;
-use std::collections::HashSet;
 
 /// Rows per watermarked chunk.
 const CHUNK_ROWS: i64 = 20_000;
@@ -89,21 +85,6 @@ pub async fn wait_until_applied(
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-}
-
-/// Applies rows read between `marks` (see [`Store::apply_read`]).
-pub async fn apply_read(
-    store: &Store,
-    mapper: &Mapper,
-    source: &str,
-    table: &str,
-    marks: &Watermarks,
-    rows: Vec<ChangeEvent>,
-    gone: impl FnOnce(&HashSet<String>) -> Vec<String>,
-) -> Result<(ReadApplied, ApplyStats), StoreError> {
-    store
-        .apply_read(mapper, source, table, marks, rows, gone)
-        .await
 }
 
 /// What `tributary snapshot` did, per table.
@@ -243,14 +224,21 @@ async fn snapshot_table(
         } else {
             Vec::new()
         };
-        let (applied, _) = store
-            .apply_read(mapper, &src.name, &t.qualified, &marks, events, |_| {
+        let (applied, _) = apply_read(
+            store,
+            mapper,
+            &src.name,
+            &t.qualified,
+            &marks,
+            events,
+            |_| {
                 gone_keys
                     .into_iter()
                     .filter(|k| !seen.contains(k))
                     .collect()
-            })
-            .await?;
+            },
+        )
+        .await?;
         chunks += 1;
         stage.inc(applied.rows);
         metrics::counter!(crate::metrics::SNAPSHOT_ROWS, "source" => src.name.clone())

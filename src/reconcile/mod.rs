@@ -31,7 +31,7 @@ use sqlx::Connection;
 use crate::config::{Config, SourceConfig, TableConfig};
 use crate::event::Lsn;
 use crate::mapping::Mapper;
-use crate::resnapshot::wait_until_applied;
+use crate::resnapshot::{apply_read, wait_until_applied};
 use crate::resolve::ProfileId;
 use crate::source::query_conn;
 use crate::source::read::{prepare_session, TableReader};
@@ -302,16 +302,16 @@ async fn repair(
         let read = rows::read_keys(&mut conn, src, &reader, keys).await?;
         wait_until_applied(store, src, read.marks.high, wait).await?;
         let wanted = keys.clone();
-        store
-            .apply_read(
-                mapper,
-                source,
-                table,
-                &read.marks,
-                read.rows,
-                move |found| wanted.into_iter().filter(|k| !found.contains(k)).collect(),
-            )
-            .await?;
+        apply_read(
+            store,
+            mapper,
+            source,
+            table,
+            &read.marks,
+            read.rows,
+            move |found| wanted.into_iter().filter(|k| !found.contains(k)).collect(),
+        )
+        .await?;
         // The profiles those rows belong to now.
         let now = store.profiles_of_rows(source, table, keys).await?;
         profiles.extend(now);

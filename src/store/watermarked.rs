@@ -72,78 +72,79 @@ pub struct ReadApplied {
     pub deleted: u64,
 }
 
-impl Store {
-    /// Applies rows read between `marks` (snapshot events at the high watermark),
-    /// and deletes `gone` keys (store rows the read did not find), except keys a
-    /// change invisible to the read touched. Call after `crate::resnapshot::wait_until_applied`.
-    pub async fn apply_read(
-        &self,
-        mapper: &Mapper,
-        source: &str,
-        table: &str,
-        marks: &Watermarks,
-        rows: Vec<ChangeEvent>,
-        gone: impl FnOnce(&HashSet<String>) -> Vec<String>,
-    ) -> Result<(ReadApplied, ApplyStats), StoreError> {
-        let mut out = ReadApplied {
-            rows: rows.len() as u64,
-            ..Default::default()
-        };
-        // Partitions first, outside the transaction: their DDL would wait for the
-        // locks this transaction takes on the event log.
-        self.ensure_partitions_for(
+/// Applies rows read between `marks` (snapshot events at the high watermark),
+/// and deletes `gone` keys (store rows the read did not find), except keys a
+/// change invisible to the read touched. Call after `crate::resnapshot::wait_until_applied`.
+pub async fn apply_read(
+    store: &Store,
+    mapper: &Mapper,
+    source: &str,
+    table: &str,
+    marks: &Watermarks,
+    rows: Vec<ChangeEvent>,
+    gone: impl FnOnce(&HashSet<String>) -> Vec<String>,
+) -> Result<(ReadApplied, ApplyStats), StoreError> {
+    let mut out = ReadApplied {
+        rows: rows.len() as u64,
+        ..Default::default()
+    };
+    // Partitions first, outside the transaction: their DDL would wait for the
+    // locks this transaction takes on the event log.
+    store
+        .ensure_partitions_for(
             rows.iter()
                 .map(|e| e.commit_time)
                 .chain(std::iter::once(marks.taken_at)),
         )
         .await?;
-        let mut tx = self.pool().begin().await?;
-        lock(&mut tx).await?;
-        let Some(changed) = changed_during(&mut tx, source, table, marks).await? else {
-            // A truncate during the read: the stream has the last word on every row.
-            out.skipped = out.rows;
-            return Ok((out, ApplyStats::default()));
-        };
-        let read_keys: HashSet<String> = rows.iter().map(ChangeEvent::row_key).collect();
-        let mut events: Vec<ChangeEvent> = rows
-            .into_iter()
-            .filter(|e| !changed.contains(&e.row_key()))
-            .collect();
-        out.skipped = out.rows - events.len() as u64;
-        out.applied = events.len() as u64;
-        let mut seq = events.iter().map(|e| e.seq).max().unwrap_or(READ_SEQ_BASE) + 1;
-        for key in gone(&read_keys) {
-            if changed.contains(&key) || read_keys.contains(&key) {
-                continue;
-            }
-            let Ok(k) = serde_json::from_str::<Map<String, Value>>(&key) else {
-                continue;
-            };
-            events.push(ChangeEvent {
-                source: source.to_owned(),
-                table: table.to_owned(),
-                op: Op::Delete,
-                key: k.clone(),
-                row: k,
-                unchanged: Vec::new(),
-                lsn: marks.high,
-                commit_lsn: marks.high,
-                seq,
-                xid: 0,
-                commit_time: marks.taken_at,
-            });
-            seq += 1;
-            out.deleted += 1;
+    let mut tx = store.pool().begin().await?;
+    lock(&mut tx).await?;
+    let Some(changed) = changed_during(&mut tx, source, table, marks).await? else {
+        // A truncate during the read: the stream has the last word on every row.
+        out.skipped = out.rows;
+        return Ok((out, ApplyStats::default()));
+    };
+    let read_keys: HashSet<String> = rows.iter().map(ChangeEvent::row_key).collect();
+    let mut events: Vec<ChangeEvent> = rows
+        .into_iter()
+        .filter(|e| !changed.contains(&e.row_key()))
+        .collect();
+    out.skipped = out.rows - events.len() as u64;
+    out.applied = events.len() as u64;
+    let mut seq = events.iter().map(|e| e.seq).max().unwrap_or(READ_SEQ_BASE) + 1;
+    for key in gone(&read_keys) {
+        if changed.contains(&key) || read_keys.contains(&key) {
+            continue;
         }
-        let stats = if events.is_empty() {
-            ApplyStats::default()
-        } else {
-            apply_in(&mut tx, mapper, source, &events, true, None, None).await?
+        let Ok(k) = serde_json::from_str::<Map<String, Value>>(&key) else {
+            continue;
         };
-        tx.commit().await?;
-        Ok((out, stats))
+        events.push(ChangeEvent {
+            source: source.to_owned(),
+            table: table.to_owned(),
+            op: Op::Delete,
+            key: k.clone(),
+            row: k,
+            unchanged: Vec::new(),
+            lsn: marks.high,
+            commit_lsn: marks.high,
+            seq,
+            xid: 0,
+            commit_time: marks.taken_at,
+        });
+        seq += 1;
+        out.deleted += 1;
     }
+    let stats = if events.is_empty() {
+        ApplyStats::default()
+    } else {
+        apply_in(&mut tx, mapper, source, &events, true, None, None).await?
+    };
+    tx.commit().await?;
+    Ok((out, stats))
+}
 
+impl Store {
     /// Live row keys of a table last written before `before`.
     pub async fn live_keys_before(
         &self,
