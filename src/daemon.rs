@@ -13,12 +13,13 @@
 //! exponential backoff; definite ones (wal_level, slot lost, auth) stop the
 //! daemon with an error that says what to do.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
 use serde_json::{Map, Value};
+use tokio::sync::oneshot;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -38,6 +39,10 @@ use crate::store::{Store, StoreError};
 
 /// How often a status update is sent when nothing else prompts one.
 const STATUS_INTERVAL: Duration = Duration::from_secs(10);
+
+/// Batches of one source in flight at once: one commits while the next is
+/// derived (see `store::pipeline`); they commit in order.
+const IN_FLIGHT: usize = 2;
 
 /// Runs the daemon until `shutdown` is cancelled or a source fails definitely.
 pub async fn run(cfg: Config, role: Role, shutdown: CancellationToken) -> anyhow::Result<()> {
@@ -329,11 +334,12 @@ impl SourceCtx {
 
     /// The streaming loop: read, batch, apply with checkpoint, acknowledge.
     ///
-    /// While one batch is applied by a background task, the next one is read
-    /// and decoded. At most one batch per source is in flight, so batches commit
-    /// in order; a full batch stops reading until the one in flight is done
-    /// (that is the backpressure), and an LSN is acknowledged only after the
-    /// batch that ends there has committed.
+    /// While batches are applied by background tasks, the next one is read
+    /// and decoded. Up to [`IN_FLIGHT`] batches per source are in flight: one
+    /// commits while the next is derived, and they commit in order (the store's
+    /// write order, `store::pipeline`); a full batch stops reading until the
+    /// oldest one in flight is done (that is the backpressure), and an LSN is
+    /// acknowledged only after the batch that ends there has committed.
     ///
     /// A transaction is buffered until its commit within `max_txn_memory_mb`
     /// and spilled to disk beyond it; protocol v2 streams in-progress
@@ -349,7 +355,7 @@ impl SourceCtx {
             batch: Vec::new(),
             end: None,
             deadline: None,
-            inflight: None,
+            inflight: VecDeque::new(),
         };
         let mut open: Option<TxnBuffer> = None; // the (non-streamed) transaction being received
         let mut streams: HashMap<u32, TxnBuffer> = HashMap::new(); // protocol v2, by top-level xid
@@ -363,8 +369,10 @@ impl SourceCtx {
         loop {
             if let Some(end) = p.end {
                 let due = p.batch.len() >= max || p.deadline.is_some_and(|d| d <= Instant::now());
-                if due && p.inflight.is_none() {
-                    p.inflight = Some(self.start_apply(std::mem::take(&mut p.batch), end));
+                if due && p.inflight.len() < IN_FLIGHT {
+                    let after = p.inflight.back_mut().and_then(|f| f.placed.take());
+                    let f = self.start_apply(std::mem::take(&mut p.batch), end, after);
+                    p.inflight.push_back(f);
                     p.end = None;
                     p.deadline = None;
                 }
@@ -377,7 +385,7 @@ impl SourceCtx {
                 heartbeat_every.min(STATUS_INTERVAL)
             };
             let deadline = match p.deadline {
-                Some(d) if p.inflight.is_none() => d,
+                Some(d) if p.inflight.len() < IN_FLIGHT => d,
                 _ => Instant::now() + idle_tick,
             };
             let reading = p.batch.len() < max;
@@ -389,8 +397,8 @@ impl SourceCtx {
                     tracing::info!(source = %self.src.name, lsn = %p.flushed, "stopped cleanly");
                     return Ok(());
                 }
-                res = async { p.inflight.as_mut().map(|f| &mut f.task).expect("guarded by inflight.is_some()").await }, if p.inflight.is_some() => {
-                    let f = p.inflight.take().expect("in flight");
+                res = async { p.inflight.front_mut().map(|f| &mut f.task).expect("guarded by !inflight.is_empty()").await }, if !p.inflight.is_empty() => {
+                    let f = p.inflight.pop_front().expect("in flight");
                     let stats = res.map_err(|e| LoopError::Other(anyhow::anyhow!("apply task failed: {e}")))??;
                     tracing::debug!(source = %self.src.name, events = stats.events, stale = stats.stale, dead = stats.dead_letters, merges = stats.merges, lsn = %f.end, ms = f.started.elapsed().as_millis(), "batch applied");
                     p.flushed = f.end;
@@ -452,7 +460,7 @@ impl SourceCtx {
                         // Nothing received is waiting to be applied: everything the
                         // server has sent up to wal_end is in the store, so the slot
                         // may advance even when the WAL was all unpublished tables.
-                        let idle = open.is_none() && streams.is_empty() && p.end.is_none() && p.inflight.is_none();
+                        let idle = open.is_none() && streams.is_empty() && p.end.is_none() && p.inflight.is_empty();
                         let advanced = idle && wal_end > p.flushed;
                         if advanced {
                             p.flushed = wal_end;
@@ -540,14 +548,24 @@ impl SourceCtx {
         Ok(())
     }
 
-    /// Starts writing a batch (with the checkpoint `end`) in the background.
-    fn start_apply(&self, batch: Vec<ChangeEvent>, end: Lsn) -> InFlight {
+    /// Starts writing a batch (with the checkpoint `end`) in the background,
+    /// after the batch in flight whose placement `after` reports.
+    fn start_apply(
+        &self,
+        batch: Vec<ChangeEvent>,
+        end: Lsn,
+        after: Option<oneshot::Receiver<()>>,
+    ) -> InFlight {
         let (sink, source) = (self.sink.clone(), self.src.name.clone());
-        let task = tokio::spawn(async move { write_batch(&sink, &source, &batch, end).await });
+        let (placed_tx, placed) = oneshot::channel();
+        let task = tokio::spawn(async move {
+            write_batch(&sink, &source, &batch, end, after, Some(placed_tx)).await
+        });
         InFlight {
             end,
             started: std::time::Instant::now(),
             task,
+            placed: Some(placed),
         }
     }
 }
@@ -559,9 +577,13 @@ async fn write_batch(
     source: &str,
     batch: &[ChangeEvent],
     end: Lsn,
+    after: Option<oneshot::Receiver<()>>,
+    placed: Option<oneshot::Sender<()>>,
 ) -> Result<crate::store::apply::ApplyStats, LoopError> {
     let started = std::time::Instant::now();
-    let stats = sink.write(source, batch, Some(end)).await?;
+    let stats = sink
+        .write_after(source, batch, Some(end), after, placed)
+        .await?;
     let mut commits: Vec<(Lsn, chrono::DateTime<chrono::Utc>)> = batch
         .iter()
         .map(|e| (e.commit_lsn, e.commit_time))
@@ -635,26 +657,26 @@ struct Pending {
     end: Option<Lsn>,
     /// When `batch` is due even if not full.
     deadline: Option<Instant>,
-    /// The batch being applied.
-    inflight: Option<InFlight>,
+    /// The batches being applied, oldest first (at most [`IN_FLIGHT`]).
+    inflight: VecDeque<InFlight>,
 }
 
 impl Pending {
     /// The highest end LSN received: a transaction ending at or before it is a resend.
     fn seen(&self) -> Lsn {
         self.flushed
-            .max(self.inflight.as_ref().map_or(Lsn::ZERO, |f| f.end))
+            .max(self.inflight.back().map_or(Lsn::ZERO, |f| f.end))
             .max(self.end.unwrap_or_default())
     }
 
     /// Waits for the batch in flight and writes the pending one, through the
     /// same write path as every batch (published, applied as the role says).
     async fn settle(&mut self, ctx: &SourceCtx) -> Result<(), LoopError> {
-        if let Some(f) = self.inflight.take() {
+        while let Some(f) = self.inflight.pop_front() {
             self.flushed = f.finish().await?;
         }
         if let Some(end) = self.end.take() {
-            write_batch(&ctx.sink, &ctx.src.name, &self.batch, end).await?;
+            write_batch(&ctx.sink, &ctx.src.name, &self.batch, end, None, None).await?;
             self.batch.clear();
             self.deadline = None;
             self.flushed = end;
@@ -673,6 +695,9 @@ struct InFlight {
     end: Lsn,
     started: std::time::Instant,
     task: tokio::task::JoinHandle<Result<crate::store::apply::ApplyStats, LoopError>>,
+    /// Fires once the batch took its place in the write order; the next
+    /// batch of the source waits for it.
+    placed: Option<oneshot::Receiver<()>>,
 }
 
 impl InFlight {

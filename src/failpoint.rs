@@ -17,6 +17,10 @@
 //!
 //! `TRIBUTARY_TEST_CRASH_AFTER_PUBLISH=<n>` is the older spelling of
 //! `after_publish:<n>`.
+//!
+//! `TRIBUTARY_TEST_PAUSE=before_commit:<ms>` holds every write that long
+//! before its commit (see [`pause`]), so that a test can make the next write
+//! be planned while this one is uncommitted.
 
 /// A step of a write where a crash test may stop the process.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -81,3 +85,25 @@ pub fn hit(stage: Stage) {
 #[cfg(not(debug_assertions))]
 #[inline(always)]
 pub fn hit(_stage: Stage) {}
+
+/// Holds the write for the pause `TRIBUTARY_TEST_PAUSE` gives `stage`, if any.
+#[cfg(debug_assertions)]
+pub async fn pause(stage: Stage) {
+    use std::sync::OnceLock;
+    static PLAN: OnceLock<Option<(String, u64)>> = OnceLock::new();
+    let plan = PLAN.get_or_init(|| {
+        let v = std::env::var("TRIBUTARY_TEST_PAUSE").ok()?;
+        let (s, ms) = v.split_once(':')?;
+        Some((s.to_owned(), ms.parse().ok()?))
+    });
+    if let Some((name, ms)) = plan {
+        if name == stage.name() {
+            tokio::time::sleep(std::time::Duration::from_millis(*ms)).await;
+        }
+    }
+}
+
+/// Release builds carry no fault points.
+#[cfg(not(debug_assertions))]
+#[inline(always)]
+pub async fn pause(_stage: Stage) {}

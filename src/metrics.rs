@@ -66,10 +66,16 @@ pub const CACHE_EVICTIONS: &str = "tributary_merge_cache_evictions_total";
 /// Rows a batch touched, by where they came from (`hit`, `read`, `new`).
 pub const CACHE_ROWS: &str = "tributary_merge_cache_rows_total";
 
+/// Writes with derived rows, by how they were derived: `overlapped` (while
+/// the write before it was still committing), `planned` (in its own turn),
+/// `rederived` (the plan no longer held: derived again under the apply lock),
+/// `unplanned` (no merge state in memory).
+pub const WRITES: &str = "tributary_sink_writes_total";
+
 /// The merge-state metrics: exported once the cache is used (not with
 /// `memory_budget_mb = 0`; evictions only once the budget is exceeded), so
 /// they are not in [`ALL`].
-pub const CACHE: &[&str] = &[CACHE_BYTES, CACHE_EVICTIONS, CACHE_ROWS];
+pub const CACHE: &[&str] = &[CACHE_BYTES, CACHE_EVICTIONS, CACHE_ROWS, WRITES];
 
 /// Every metric the daemon exports (the dashboard test checks against a scrape).
 pub const ALL: &[&str] = &[
@@ -232,6 +238,10 @@ fn describe() {
     metrics::describe_counter!(
         CACHE_ROWS,
         "Rows a batch touched: hit (memory), read (store), new (no lookup)"
+    );
+    metrics::describe_counter!(
+        WRITES,
+        "Writes with derived rows: overlapped (derived while the one before committed), planned, rederived, unplanned"
     );
     metrics::describe_counter!(
         BYTES_RECEIVED,

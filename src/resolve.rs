@@ -393,7 +393,8 @@ impl State {
         self.agg_funcs.get(agg).copied().unwrap_or(AggFn::Count)
     }
 
-    fn live(&self, mut p: ProfileId) -> ProfileId {
+    /// The live profile `p` was merged into (itself when it was not).
+    pub fn live(&self, mut p: ProfileId) -> ProfileId {
         // Identities are re-pointed on merge, but follow chains defensively.
         for _ in 0..64 {
             match self.profiles.get(&p).and_then(|s| s.merged_into) {

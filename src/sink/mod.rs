@@ -113,6 +113,26 @@ impl Sink {
         events: &[ChangeEvent],
         checkpoint: Option<Lsn>,
     ) -> Result<ApplyStats, SinkError> {
+        self.write_after(source, events, checkpoint, None, None)
+            .await
+    }
+
+    /// [`Sink::write`] of a batch that follows another one of the same source
+    /// still in flight: it starts once that one took its place in the write
+    /// order (`after` fires; dropped unfired, that one failed and so does
+    /// this one), fires `placed` once it took its own, and is then derived
+    /// while the one before commits (see `store::pipeline`).
+    pub async fn write_after(
+        &self,
+        source: &str,
+        events: &[ChangeEvent],
+        checkpoint: Option<Lsn>,
+        after: Option<tokio::sync::oneshot::Receiver<()>>,
+        placed: Option<tokio::sync::oneshot::Sender<()>>,
+    ) -> Result<ApplyStats, SinkError> {
+        if let Some(before) = after {
+            before.await.map_err(|_| StoreError::EarlierWriteFailed)?;
+        }
         if let Some(p) = &self.publisher {
             if !events.is_empty() {
                 p.publish(events).await?;
@@ -121,9 +141,20 @@ impl Sink {
         }
         let events = if self.derives() { events } else { &[] };
         if events.is_empty() && checkpoint.is_none() {
+            if let Some(p) = placed {
+                let _ = p.send(());
+            }
             return Ok(ApplyStats::default());
         }
-        self.commit(source, events, checkpoint).await
+        let prepared = self
+            .store
+            .prepare(&self.mapper, source, events, checkpoint)
+            .await?;
+        if let Some(p) = placed {
+            let _ = p.send(());
+        }
+        let outbox = self.publisher.as_deref().map(|p| p as &dyn Outbox);
+        Ok(self.store.finish(prepared, outbox).await?)
     }
 
     /// Writes change events consumed from Kafka (`--role apply`): apply →

@@ -40,6 +40,7 @@ use serde_json::{Map, Value};
 
 use crate::identity::Ident;
 use crate::resolve::{AggState, Contribution, ProfileId, RowRef, Winner};
+pub use crate::store::apply::Pins;
 
 /// A profile as the store holds it.
 #[derive(Debug, Clone, Default)]
@@ -72,6 +73,16 @@ pub struct MergeCache {
     /// Whether `known` lists every key of the store.
     authoritative: bool,
     known: HashSet<u64>,
+    /// The write ledger's epoch the entries match (see `store::pipeline`);
+    /// None: not built.
+    epoch: Option<u64>,
+    built: bool,
+    /// Keys touched by prepared writes not yet committed, by ticket: kept
+    /// through evictions until they commit.
+    pins: BTreeMap<u64, Pins>,
+    /// The last write planned merged profiles: the next one waits until it
+    /// committed and drops the entries.
+    settle_next: bool,
 }
 
 impl MergeCache {
@@ -89,7 +100,128 @@ impl MergeCache {
             suppressions: None,
             authoritative: false,
             known: HashSet::new(),
+            epoch: None,
+            built: false,
+            pins: BTreeMap::new(),
+            settle_next: false,
         }
+    }
+
+    /// Whether the entries match the store as of ledger epoch `epoch`.
+    pub fn fresh_for(&self, epoch: u64) -> bool {
+        self.built && self.epoch == Some(epoch)
+    }
+
+    /// Whether the record of which keys exist is void too (the cache was
+    /// built before the ledger's epoch `known_since`).
+    pub fn known_stale(&self, known_since: u64) -> bool {
+        self.epoch.is_none_or(|e| e < known_since)
+    }
+
+    /// Forgets everything; to be rebuilt ([`MergeCache::rebuilt`]) for `epoch`.
+    pub fn reset(&mut self, epoch: u64) {
+        self.known = HashSet::new();
+        self.drop_entries();
+        self.authoritative = false;
+        self.suppressions = None;
+        self.next_profile_id = None;
+        self.generation = None;
+        self.pins.clear();
+        self.built = false;
+        self.epoch = Some(epoch);
+    }
+
+    /// Drops the entries but keeps which keys exist (after a merge, which
+    /// re-points rows but creates or removes none), for `epoch`.
+    pub fn drop_stale_entries(&mut self, epoch: u64) {
+        self.drop_entries();
+        self.pins.clear();
+        self.epoch = Some(epoch);
+    }
+
+    /// Marks the cache rebuilt: it matches the store from here on.
+    pub fn set_built(&mut self) {
+        self.built = true;
+    }
+
+    /// Whether it was built for some epoch (else it must be rebuilt).
+    pub fn built(&self) -> bool {
+        self.built
+    }
+
+    /// Drops everything at the next [`MergeCache::reset`] (a plan failed
+    /// half-way, with entries taken out).
+    pub fn invalidate(&mut self) {
+        self.built = false;
+        self.epoch = None;
+    }
+
+    /// The next write must wait until every earlier one committed.
+    pub fn settle_before_next(&mut self) {
+        self.settle_next = true;
+    }
+
+    /// Whether it must.
+    pub fn must_settle(&self) -> bool {
+        self.settle_next
+    }
+
+    /// Every earlier write committed.
+    pub fn settled(&mut self) {
+        self.settle_next = false;
+    }
+
+    /// Pins the keys a prepared write (ticket `ticket`) touched.
+    pub fn pin(&mut self, ticket: u64, pins: &Pins) {
+        self.pins.insert(ticket, pins.clone());
+    }
+
+    /// Unpins the keys of writes up to ticket `ticket` (they finished).
+    pub fn unpin_through(&mut self, ticket: u64) {
+        self.pins.retain(|t, _| *t > ticket);
+    }
+
+    /// Profiles touched by writes not yet committed.
+    pub fn pinned_profiles(&self) -> HashSet<ProfileId> {
+        self.pins
+            .values()
+            .flat_map(|p| p.profiles.iter().copied())
+            .collect()
+    }
+
+    /// Past the budget, drops every entry no uncommitted write touched.
+    pub fn evict_unpinned(&mut self) {
+        if self.bytes <= self.budget {
+            metrics::gauge!(crate::metrics::CACHE_BYTES).set(self.bytes as f64);
+            return;
+        }
+        metrics::counter!(crate::metrics::CACHE_EVICTIONS).increment(1);
+        let mut rows = Vec::new();
+        let mut owners = Vec::new();
+        let mut profiles = Vec::new();
+        for p in self.pins.values() {
+            rows.extend(p.rows.iter().filter_map(|r| self.contributions.remove(r)));
+            owners.extend(p.idents.iter().filter_map(|i| self.owners.remove_entry(i)));
+            profiles.extend(
+                p.profiles
+                    .iter()
+                    .filter_map(|id| self.profiles.remove(id).map(|c| (*id, c))),
+            );
+        }
+        self.drop_entries();
+        for c in rows {
+            self.bytes += contribution_size(&c);
+            self.contributions.insert(c.row.clone(), c);
+        }
+        for (i, p) in owners {
+            self.bytes += ident_size(&i);
+            self.owners.insert(i, p);
+        }
+        for (id, c) in profiles {
+            self.bytes += profile_size(&c);
+            self.profiles.insert(id, c);
+        }
+        metrics::gauge!(crate::metrics::CACHE_BYTES).set(self.bytes as f64);
     }
 
     /// Starts a batch under the apply lock, which moved the store's write

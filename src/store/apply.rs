@@ -212,86 +212,8 @@ impl Store {
         checkpoint: Option<Lsn>,
         outbox: Option<&dyn super::Outbox>,
     ) -> Result<ApplyStats, StoreError> {
-        self.ensure_partitions(events).await?;
-        // The event-log connection comes from its own pool and is taken before
-        // the lock: only the lock holder logs, so it never waits on another.
-        let mut log = if events.is_empty() {
-            None
-        } else {
-            Some(self.log_pool.acquire().await?)
-        };
-        // The cache is taken before the transaction and the lock (the same
-        // order for every source loop of the process).
-        let mut cache = match (&self.cache, &log) {
-            (Some(c), Some(_)) => Some(c.lock().await),
-            _ => None,
-        };
-        let mut tx = self.pool.begin().await?;
-        // The event log is written in a transaction of its own, committed just
-        // before this one: never visible long ahead of the derived rows.
-        let mut log = match log.as_deref_mut() {
-            Some(c) => Some(sqlx::Connection::begin(c).await?),
-            None => None,
-        };
-        // A checkpoint alone (a capture process, an empty transaction) takes no lock.
-        let mut generation = None;
-        let stats = match log.as_deref_mut() {
-            None => ApplyStats::default(),
-            Some(log) => {
-                let g = lock(&mut tx).await?;
-                generation = Some(g);
-                if let Some(c) = cache.as_deref_mut() {
-                    if !c.begin(g) {
-                        let empty: bool = sqlx::query_scalar(
-                            "select not exists (select 1 from contributions) and not exists (select 1 from identities)",
-                        )
-                        .fetch_one(&mut *tx)
-                        .await?;
-                        c.rebuilt(empty);
-                    }
-                }
-                apply_in(
-                    &mut tx,
-                    mapper,
-                    source,
-                    events,
-                    true,
-                    Some(log),
-                    cache.as_deref_mut(),
-                )
-                .await?
-            }
-        };
-        failpoint::hit(Stage::Derived);
-        if let Some(o) =
-            outbox.filter(|_| !stats.profile_changes.is_empty() || !stats.dead.is_empty())
-        {
-            o.deliver(source, &stats)
-                .await
-                .map_err(StoreError::Outbox)?;
-        }
-        if let Some(lsn) = checkpoint {
-            sqlx::query(
-                "insert into checkpoints (source, lsn) values ($1, $2::pg_lsn)
-                 on conflict (source) do update set lsn = excluded.lsn, updated_at = now()
-                 where checkpoints.lsn < excluded.lsn",
-            )
-            .bind(source)
-            .bind(lsn.to_string())
-            .execute(&mut *tx)
-            .await?;
-        }
-        failpoint::hit(Stage::BeforeCommit);
-        if let Some(l) = log {
-            l.commit().await?;
-            failpoint::hit(Stage::LogCommitted);
-        }
-        tx.commit().await?;
-        if let (Some(c), Some(g)) = (cache.as_deref_mut(), generation) {
-            c.committed(g, stats.merges > 0);
-        }
-        failpoint::hit(Stage::AfterCommit);
-        Ok(stats)
+        let prepared = self.prepare(mapper, source, events, checkpoint).await?;
+        self.finish(prepared, outbox).await
     }
 
     /// Creates the monthly `events` partitions the batch needs (once per month
@@ -368,25 +290,103 @@ pub(crate) async fn apply_in(
     events: &[ChangeEvent],
     record_dead_letters: bool,
     log_conn: Option<&mut PgConnection>,
-    mut cache: Option<&mut MergeCache>,
+    cache: Option<&mut MergeCache>,
 ) -> Result<ApplyStats, StoreError> {
-    // 1. Every statement below looks rows up by key, a batch's worth in
-    // tables that can be a thousand times larger, and the statistics of a
-    // store being filled (a backlog, a snapshot) lag far behind its size: the
-    // planner then hashed the whole of `contributions` or `identities` once
-    // per batch (measured: a 100,000-row hash join, 300-500 ms, to find 700
-    // keys). Index probes are always right here.
+    index_probes_only(tx).await?;
+    let plan = plan(tx, mapper, source, events, record_dead_letters, cache, None).await?;
+    write_plan(tx, log_conn, &plan).await?;
+    Ok(plan.stats)
+}
+
+/// Every statement of a batch looks rows up by key, a batch's worth in
+/// tables that can be a thousand times larger, and the statistics of a store
+/// being filled (a backlog, a snapshot) lag far behind its size: the planner
+/// then hashed the whole of `contributions` or `identities` once per batch
+/// (measured: a 100,000-row hash join, 300-500 ms, to find 700 keys). Index
+/// probes are always right here. For the rest of the transaction.
+pub(crate) async fn index_probes_only(tx: &mut PgConnection) -> Result<(), StoreError> {
     sqlx::raw_sql(
         "set local enable_hashjoin = off; set local enable_mergejoin = off; set local enable_seqscan = off",
     )
     .execute(&mut *tx)
     .await?;
+    Ok(())
+}
+
+/// A batch read and derived, ready to be written: the event log rows, the
+/// derived rows, and what it did. Computing it reads the store but writes
+/// nothing, so it can run beside the previous batch's commit (see
+/// `store::pipeline`).
+pub(crate) struct Plan {
+    events: EventRows,
+    writes: Writes,
+    pub(crate) stats: ApplyStats,
+    /// The cache keys the batch touched (pinned until it commits).
+    pub(crate) pins: Pins,
+}
+
+/// Keys of the merge state a batch touched.
+#[derive(Debug, Default, Clone)]
+pub struct Pins {
+    /// Source rows.
+    pub rows: Vec<RowRef>,
+    /// Identifiers.
+    pub idents: Vec<Ident>,
+    /// Profiles.
+    pub profiles: Vec<ProfileId>,
+}
+
+/// Before a read by profile (all rows of a profile, its identifier count, its
+/// stored provenance) of a batch planned beside uncommitted ones: waits until
+/// those committed when one of them touched any of `profiles`, since their
+/// rows are in the store only then. Reads by key need no wait: the keys an
+/// uncommitted batch touched stay in the cache until it commits.
+pub(crate) trait ReadGuard: Send {
+    /// Waits, when needed, until the store holds what `profiles` need.
+    fn before_profile_reads<'a>(
+        &'a mut self,
+        profiles: &'a [ProfileId],
+    ) -> futures_util::future::BoxFuture<'a, Result<(), StoreError>>;
+
+    /// Waits until every batch before this one committed (a truncate reads
+    /// all of a table's rows).
+    fn quiesce(&mut self) -> futures_util::future::BoxFuture<'_, Result<(), StoreError>>;
+}
+
+async fn guard_reads(
+    guard: &mut Option<&mut dyn ReadGuard>,
+    profiles: &[ProfileId],
+) -> Result<(), StoreError> {
+    match guard {
+        Some(g) if !profiles.is_empty() => g.before_profile_reads(profiles).await,
+        _ => Ok(()),
+    }
+}
+
+/// Reads the slice of state `events` touch (from the cache where it holds
+/// it), runs the pure core and computes every row to write; writes nothing.
+/// `reader` sees the store as committed (or, in [`apply_in`], the batch's own
+/// transaction, before any of its writes).
+pub(crate) async fn plan(
+    tx: &mut PgConnection,
+    mapper: &Mapper,
+    source: &str,
+    events: &[ChangeEvent],
+    record_dead_letters: bool,
+    mut cache: Option<&mut MergeCache>,
+    mut guard: Option<&mut dyn ReadGuard>,
+) -> Result<Plan, StoreError> {
     // 2. Expand truncates into deletes of the table's live rows: those the
     // store holds and those this batch wrote before the truncate.
     let mut expanded: Vec<Cow<'_, ChangeEvent>> = Vec::with_capacity(events.len());
     let mut written: HashMap<&str, BTreeSet<String>> = HashMap::new();
     for e in events {
         if e.op == Op::Truncate {
+            // The table's rows as the store holds them: only once every
+            // batch before this one committed.
+            if let Some(g) = guard.as_deref_mut() {
+                g.quiesce().await?;
+            }
             let mut keys: BTreeSet<String> = sqlx::query_scalar("select row_key from contributions where source = $1 and table_name = $2 and not deleted")
                 .bind(source)
                 .bind(&e.table)
@@ -530,33 +530,50 @@ pub(crate) async fn apply_in(
         .iter()
         .filter(|e| !skipped.contains(&(e.commit_lsn, e.seq)))
         .collect();
-    // In the transaction, ahead of the derived writes; or on its own
-    // connection, at the same time as them, so that two backends work in
-    // parallel. That connection's transaction commits just before the batch
-    // does; if the batch then fails, the retry's insert finds the events there
-    // and skips them.
+    let events_rows = EventRows::of(&kept);
+    let (stats, writes, pins) = derive(
+        tx,
+        mapper,
+        Loaded {
+            state,
+            existing,
+            cache,
+        },
+        expanded,
+        skipped.len(),
+        record_dead_letters,
+        &mut guard,
+    )
+    .await?;
+    Ok(Plan {
+        events: events_rows,
+        writes,
+        stats,
+        pins,
+    })
+}
+
+/// Writes a planned batch in `tx`: the event log on `log_conn` (in a
+/// transaction of its own, at the same time as the derived rows, so that two
+/// backends work in parallel; the caller commits it just before `tx`, and if
+/// the batch then fails the retry's insert finds the events there and skips
+/// them), or in `tx` ahead of the derived rows.
+pub(crate) async fn write_plan(
+    tx: &mut PgConnection,
+    log_conn: Option<&mut PgConnection>,
+    plan: &Plan,
+) -> Result<(), StoreError> {
     if log_conn.is_none() {
-        insert_events(tx, &kept).await?;
+        insert_events(tx, &plan.events).await?;
     }
     let (logged, derived) = tokio::join!(
         async {
             match log_conn {
-                Some(conn) => insert_events(conn, &kept).await,
+                Some(conn) => insert_events(conn, &plan.events).await,
                 None => Ok(()),
             }
         },
-        derive(
-            tx,
-            mapper,
-            Loaded {
-                state,
-                existing,
-                cache,
-            },
-            expanded,
-            skipped.len(),
-            record_dead_letters
-        )
+        plan.writes.write(tx)
     );
     logged?;
     derived
@@ -611,6 +628,7 @@ async fn suppressed_among(
 /// Runs the pure core over the batch's (expanded, unsuppressed) events and
 /// writes what it changed: contributions, identities, profiles, dead letters.
 /// With a cache, the slice goes back into it as the batch leaves it.
+#[allow(clippy::too_many_arguments)]
 async fn derive(
     tx: &mut PgConnection,
     mapper: &Mapper,
@@ -618,7 +636,8 @@ async fn derive(
     expanded: Vec<Cow<'_, ChangeEvent>>,
     suppressed: usize,
     record_dead_letters: bool,
-) -> Result<ApplyStats, StoreError> {
+    guard: &mut Option<&mut dyn ReadGuard>,
+) -> Result<(ApplyStats, Writes, Pins), StoreError> {
     let Loaded {
         mut state,
         existing,
@@ -697,6 +716,7 @@ async fn derive(
     if mapper.max_identities().is_some() {
         // Only the merge limit needs to know how many identifiers a profile owns.
         let ids: Vec<i64> = state.profiles.keys().copied().collect();
+        guard_reads(guard, &ids).await?;
         let counts: Vec<(i64, i64)> =
             sqlx::query_as("select profile_id, count(*) from identities where profile_id = any($1) group by profile_id")
                 .bind(&ids)
@@ -736,32 +756,24 @@ async fn derive(
     let log = std::mem::take(&mut state.log);
     stats.merges = log.merges.len();
 
-    // 5. Write back: merges first (they re-point rows this batch did not load).
-    for (loser, survivor) in &log.merges {
-        sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
-            "update identities set profile_id = {survivor} where profile_id = {loser};
-             update contributions set profile_id = {survivor} where profile_id = {loser};
-             update profiles set merged_into = {survivor} where merged_into = {loser};"
-        )))
-        .execute(&mut *tx)
-        .await?;
-    }
-    write_contributions(
-        tx,
+    // 5. What to write back: merges first (they re-point rows this batch did
+    // not load), then contributions and identifiers.
+    let mut writes = Writes {
+        merges: log.merges.clone(),
+        ..Writes::default()
+    };
+    writes.contributions(
         log.contributions
             .iter()
             .filter_map(|r| state.contributions.get(r)),
         &existing.rows,
-    )
-    .await?;
-    write_identities(
-        tx,
+    );
+    writes.identities(
         log.identities
             .iter()
             .filter_map(|i| state.owners.get(i).map(|p| (i, *p))),
         &existing.idents,
-    )
-    .await?;
+    );
 
     // 6. Recompute traits of every touched profile.
     stats.profiles_touched = log.dirty.len();
@@ -773,6 +785,8 @@ async fn derive(
         &before,
         &mut known,
         cache.as_deref(),
+        &mut writes,
+        guard,
     )
     .await?;
     stats.profile_changes = changes;
@@ -797,23 +811,26 @@ async fn derive(
         let (first, reason) = &dead[0];
         tracing::warn!(source = %first.source, rows = dead.len(), first_table = %first.table, first_lsn = %first.commit_lsn,
             first_error = %reason, "rows sent to dead_letters; the stream goes on");
-        sqlx::query(
-            "insert into dead_letters (source, lsn, table_name, row, error)
-             select s, l::pg_lsn, t, r::jsonb, e from unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[]) as u(s, l, t, r, e)",
-        )
-        .bind(dead.iter().map(|(e, _)| e.source.as_str()).collect::<Vec<_>>())
-        .bind(dead.iter().map(|(e, _)| e.commit_lsn.to_string()).collect::<Vec<_>>())
-        .bind(dead.iter().map(|(e, _)| e.table.as_str()).collect::<Vec<_>>())
-        .bind(dead.iter().map(|(e, _)| serde_json::to_string(&e.row).unwrap_or_default()).collect::<Vec<_>>())
-        .bind(dead.iter().map(|(_, err)| err.as_str()).collect::<Vec<_>>())
-        .execute(&mut *tx)
-        .await?;
+        writes.dead = DeadRows {
+            source: dead.iter().map(|(e, _)| e.source.clone()).collect(),
+            lsn: dead.iter().map(|(e, _)| e.commit_lsn.to_string()).collect(),
+            table: dead.iter().map(|(e, _)| e.table.clone()).collect(),
+            row: dead
+                .iter()
+                .map(|(e, _)| serde_json::to_string(&e.row).unwrap_or_default())
+                .collect(),
+            error: dead.iter().map(|(_, err)| err.clone()).collect(),
+        };
     }
 
     // 8. The slice, as the batch leaves it, goes back into the cache (it
-    // counts once the batch commits; see `MergeCache::committed`).
+    // counts once the batch commits; until then it is pinned there).
+    let mut pins = Pins::default();
     if let Some(c) = cache {
         c.set_next_profile_id(state.next_profile_id);
+        pins.rows = state.contributions.keys().cloned().collect();
+        pins.idents = state.owners.keys().cloned().collect();
+        pins.profiles = state.profiles.keys().copied().collect();
         for (_, contribution) in state.contributions.drain() {
             c.put_contribution(contribution);
         }
@@ -838,7 +855,7 @@ async fn derive(
             c.put_profile(p, entry);
         }
     }
-    Ok(stats)
+    Ok((stats, writes, pins))
 }
 
 /// Rows per statement of the event log. On its own connection the chunks are
@@ -847,10 +864,77 @@ async fn derive(
 /// derived rows not, which the retry completes (the insert is idempotent).
 const EVENT_CHUNK: usize = 2000;
 
-async fn insert_events(tx: &mut PgConnection, events: &[&ChangeEvent]) -> Result<(), StoreError> {
-    let chunks = events.len().div_ceil(EVENT_CHUNK);
-    for (i, chunk) in events.chunks(EVENT_CHUNK).enumerate() {
-        insert_event_chunk(tx, chunk).await?;
+/// Event-log rows, column by column, as bound to the insert (built while the
+/// batch is planned, so that writing it is I/O only).
+#[derive(Default)]
+struct EventRows {
+    source: Vec<String>,
+    lsn: Vec<String>,
+    commit_lsn: Vec<String>,
+    seq: Vec<i64>,
+    xid: Vec<i64>,
+    commit_time: Vec<chrono::DateTime<chrono::Utc>>,
+    table: Vec<String>,
+    op: Vec<&'static str>,
+    key: Vec<String>,
+    row: Vec<String>,
+    unchanged: Vec<String>,
+}
+
+impl EventRows {
+    fn of(events: &[&ChangeEvent]) -> EventRows {
+        EventRows {
+            source: events.iter().map(|e| e.source.clone()).collect(),
+            lsn: events.iter().map(|e| e.lsn.to_string()).collect(),
+            commit_lsn: events.iter().map(|e| e.commit_lsn.to_string()).collect(),
+            seq: events.iter().map(|e| i64_of(e.seq)).collect(),
+            xid: events.iter().map(|e| i64::from(e.xid)).collect(),
+            commit_time: events.iter().map(|e| e.commit_time).collect(),
+            table: events.iter().map(|e| e.table.clone()).collect(),
+            op: events.iter().map(|e| e.op.as_str()).collect(),
+            key: events
+                .iter()
+                .map(|e| serde_json::to_string(&e.key).unwrap_or_default())
+                .collect(),
+            row: events
+                .iter()
+                .map(|e| serde_json::to_string(&e.row).unwrap_or_default())
+                .collect(),
+            unchanged: events.iter().map(|e| e.unchanged.join(",")).collect(),
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.source.len()
+    }
+}
+
+async fn insert_events(tx: &mut PgConnection, events: &EventRows) -> Result<(), StoreError> {
+    let n = events.len();
+    let chunks = n.div_ceil(EVENT_CHUNK);
+    for i in 0..chunks {
+        let r = i * EVENT_CHUNK..((i + 1) * EVENT_CHUNK).min(n);
+        sqlx::query(
+            "insert into events (source, lsn, commit_lsn, seq, xid, commit_time, table_name, op, key, row, unchanged)
+             select s, l::pg_lsn, cl::pg_lsn, q, x, ct, t, o, k::jsonb, r::jsonb,
+                    case when u = '' then null else string_to_array(u, ',') end
+               from unnest($1::text[], $2::text[], $3::text[], $4::bigint[], $5::bigint[], $6::timestamptz[],
+                           $7::text[], $8::text[], $9::text[], $10::text[], $11::text[]) as u(s, l, cl, q, x, ct, t, o, k, r, u)
+             on conflict do nothing",
+        )
+        .bind(&events.source[r.clone()])
+        .bind(&events.lsn[r.clone()])
+        .bind(&events.commit_lsn[r.clone()])
+        .bind(&events.seq[r.clone()])
+        .bind(&events.xid[r.clone()])
+        .bind(&events.commit_time[r.clone()])
+        .bind(&events.table[r.clone()])
+        .bind(&events.op[r.clone()])
+        .bind(&events.key[r.clone()])
+        .bind(&events.row[r.clone()])
+        .bind(&events.unchanged[r])
+        .execute(&mut *tx)
+        .await?;
         if i + 1 < chunks {
             failpoint::hit(Stage::EventLog);
         }
@@ -858,166 +942,247 @@ async fn insert_events(tx: &mut PgConnection, events: &[&ChangeEvent]) -> Result
     Ok(())
 }
 
-async fn insert_event_chunk(
-    tx: &mut PgConnection,
-    events: &[&ChangeEvent],
-) -> Result<(), StoreError> {
-    sqlx::query(
-        "insert into events (source, lsn, commit_lsn, seq, xid, commit_time, table_name, op, key, row, unchanged)
-         select s, l::pg_lsn, cl::pg_lsn, q, x, ct, t, o, k::jsonb, r::jsonb,
-                case when u = '' then null else string_to_array(u, ',') end
-           from unnest($1::text[], $2::text[], $3::text[], $4::bigint[], $5::bigint[], $6::timestamptz[],
-                       $7::text[], $8::text[], $9::text[], $10::text[], $11::text[]) as u(s, l, cl, q, x, ct, t, o, k, r, u)
-         on conflict do nothing",
-    )
-    .bind(events.iter().map(|e| e.source.as_str()).collect::<Vec<_>>())
-    .bind(events.iter().map(|e| e.lsn.to_string()).collect::<Vec<_>>())
-    .bind(events.iter().map(|e| e.commit_lsn.to_string()).collect::<Vec<_>>())
-    .bind(events.iter().map(|e| i64_of(e.seq)).collect::<Vec<_>>())
-    .bind(events.iter().map(|e| i64::from(e.xid)).collect::<Vec<_>>())
-    .bind(events.iter().map(|e| e.commit_time).collect::<Vec<_>>())
-    .bind(events.iter().map(|e| e.table.as_str()).collect::<Vec<_>>())
-    .bind(events.iter().map(|e| e.op.as_str()).collect::<Vec<_>>())
-    .bind(events.iter().map(|e| serde_json::to_string(&e.key).unwrap_or_default()).collect::<Vec<_>>())
-    .bind(events.iter().map(|e| serde_json::to_string(&e.row).unwrap_or_default()).collect::<Vec<_>>())
-    .bind(events.iter().map(|e| e.unchanged.join(",")).collect::<Vec<_>>())
-    .execute(&mut *tx)
-    .await?;
-    Ok(())
+/// `contributions` rows, column by column: source, table, key, profile,
+/// deleted, identities, fields, aggs, version, LSN, seq, freshness, priority,
+/// digest (the 14 parallel arrays the `insert` and the `update` unnest).
+#[derive(Default)]
+struct ContributionRows {
+    source: Vec<String>,
+    table: Vec<String>,
+    key: Vec<String>,
+    profile: Vec<Option<i64>>,
+    deleted: Vec<bool>,
+    identities: Vec<String>,
+    fields: Vec<String>,
+    aggs: Vec<String>,
+    version: Vec<Option<i64>>,
+    lsn: Vec<String>,
+    seq: Vec<i64>,
+    freshness: Vec<chrono::DateTime<chrono::Utc>>,
+    priority: Vec<i32>,
+    digest: Vec<Option<i64>>,
 }
 
-/// Writes contributions: rows the store does not hold yet with one plain
-/// `INSERT … SELECT FROM unnest(…)`, the others with one set-based `UPDATE`.
-/// (Not `COPY`: sqlx sends a `COPY`'s data and its end in two writes, and
-/// Nagle's algorithm then holds the second until the server's delayed ACK,
-/// about 30-40 ms per `COPY`, which measured as most of a small batch's time.)
-async fn write_contributions<'a>(
-    tx: &mut PgConnection,
-    rows: impl Iterator<Item = &'a Contribution>,
-    existing: &HashSet<RowRef>,
-) -> Result<(), StoreError> {
-    let (old, new): (Vec<&Contribution>, Vec<&Contribution>) =
-        rows.partition(|c| existing.contains(&c.row));
-    if !new.is_empty() {
-        bind_contributions(
+impl ContributionRows {
+    fn push(&mut self, c: &Contribution) {
+        self.source.push(c.row.source.clone());
+        self.table.push(c.row.table.clone());
+        self.key.push(c.row.row_key.clone());
+        self.profile.push(c.profile_id);
+        self.deleted.push(c.deleted);
+        self.identities
+            .push(serde_json::to_string(&c.identities).unwrap_or_default());
+        self.fields
+            .push(serde_json::to_string(&c.fields).unwrap_or_default());
+        self.aggs
+            .push(serde_json::to_string(&c.aggs).unwrap_or_default());
+        self.version.push(c.version);
+        self.lsn.push(c.lsn.to_string());
+        self.seq.push(i64_of(c.seq));
+        self.freshness.push(c.freshness);
+        self.priority.push(c.priority);
+        self.digest.push(c.digest);
+    }
+
+    fn bind<'q>(&'q self, q: PgQuery<'q>) -> PgQuery<'q> {
+        q.bind(&self.source)
+            .bind(&self.table)
+            .bind(&self.key)
+            .bind(&self.profile)
+            .bind(&self.deleted)
+            .bind(&self.identities)
+            .bind(&self.fields)
+            .bind(&self.aggs)
+            .bind(&self.version)
+            .bind(&self.lsn)
+            .bind(&self.seq)
+            .bind(&self.freshness)
+            .bind(&self.priority)
+            .bind(&self.digest)
+    }
+}
+
+/// `identities` rows: kind, value, owner.
+#[derive(Default)]
+struct IdentityRows {
+    kind: Vec<String>,
+    value: Vec<String>,
+    profile: Vec<i64>,
+}
+
+/// `dead_letters` rows.
+#[derive(Default)]
+struct DeadRows {
+    source: Vec<String>,
+    lsn: Vec<String>,
+    table: Vec<String>,
+    row: Vec<String>,
+    error: Vec<String>,
+}
+
+/// The derived rows a batch writes, in the order they are written: merges
+/// (re-pointing rows the batch did not load), contributions, identifiers,
+/// profiles, dead letters. New rows by a plain `INSERT … SELECT FROM
+/// unnest(…)`, rows the store holds by one set-based `UPDATE`. (Not `COPY`:
+/// sqlx sends a `COPY`'s data and its end in two writes, and Nagle's
+/// algorithm then holds the second until the server's delayed ACK, about
+/// 30-40 ms per `COPY`, which measured as most of a small batch's time.)
+#[derive(Default)]
+struct Writes {
+    merges: Vec<(ProfileId, ProfileId)>,
+    new_contributions: ContributionRows,
+    old_contributions: ContributionRows,
+    new_identities: IdentityRows,
+    old_identities: IdentityRows,
+    new_profiles: ProfileRows,
+    old_profiles: ProfileRows,
+    dead: DeadRows,
+}
+
+impl Writes {
+    fn contributions<'a>(
+        &mut self,
+        rows: impl Iterator<Item = &'a Contribution>,
+        existing: &HashSet<RowRef>,
+    ) {
+        for c in rows {
+            if existing.contains(&c.row) {
+                self.old_contributions.push(c);
+            } else {
+                self.new_contributions.push(c);
+            }
+        }
+    }
+
+    fn identities<'a>(
+        &mut self,
+        rows: impl Iterator<Item = (&'a Ident, ProfileId)>,
+        existing: &HashSet<Ident>,
+    ) {
+        for (i, p) in rows {
+            let to = if existing.contains(i) {
+                &mut self.old_identities
+            } else {
+                &mut self.new_identities
+            };
+            to.kind.push(i.0.clone());
+            to.value.push(i.1.clone());
+            to.profile.push(p);
+        }
+    }
+
+    async fn write(&self, tx: &mut PgConnection) -> Result<(), StoreError> {
+        for (loser, survivor) in &self.merges {
+            sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+                "update identities set profile_id = {survivor} where profile_id = {loser};
+                 update contributions set profile_id = {survivor} where profile_id = {loser};
+                 update profiles set merged_into = {survivor} where merged_into = {loser};"
+            )))
+            .execute(&mut *tx)
+            .await?;
+        }
+        if !self.new_contributions.source.is_empty() {
+            self.new_contributions
+                .bind(sqlx::query(
+                    "insert into contributions (source, table_name, row_key, profile_id, deleted, identities, fields, aggs,
+                                                version, lsn, seq, freshness, priority, digest)
+                     select s, t, k, p, d, i::jsonb, f::jsonb, a::jsonb, v, l::pg_lsn, q, fr, pr, case when d then null else g end
+                       from unnest($1::text[], $2::text[], $3::text[], $4::bigint[], $5::bool[], $6::text[], $7::text[], $8::text[],
+                                   $9::bigint[], $10::text[], $11::bigint[], $12::timestamptz[], $13::int[], $14::bigint[])
+                            as u(s, t, k, p, d, i, f, a, v, l, q, fr, pr, g)",
+                ))
+                .execute(&mut *tx)
+                .await?;
+        }
+        if !self.old_contributions.source.is_empty() {
+            self.old_contributions
+                .bind(sqlx::query(
+                    "update contributions c set
+                       profile_id = u.p, deleted = u.d, identities = u.i::jsonb, fields = u.f::jsonb, aggs = u.a::jsonb,
+                       version = u.v, lsn = u.l::pg_lsn, seq = u.q, freshness = u.fr, priority = u.pr, updated_at = now(),
+                       -- the same image re-written (a merge re-pointing it) keeps its digest
+                       digest = case when (u.l::pg_lsn, u.q) = (c.lsn, c.seq)
+                                     then coalesce(case when u.d then null else u.g end, c.digest)
+                                     else case when u.d then null else u.g end end
+                      from unnest($1::text[], $2::text[], $3::text[], $4::bigint[], $5::bool[], $6::text[], $7::text[], $8::text[],
+                                  $9::bigint[], $10::text[], $11::bigint[], $12::timestamptz[], $13::int[], $14::bigint[])
+                           as u(s, t, k, p, d, i, f, a, v, l, q, fr, pr, g)
+                     where c.source = u.s and c.table_name = u.t and c.row_key = u.k",
+                ))
+                .execute(&mut *tx)
+                .await?;
+        }
+        if !self.new_identities.kind.is_empty() {
             sqlx::query(
-                "insert into contributions (source, table_name, row_key, profile_id, deleted, identities, fields, aggs,
-                                            version, lsn, seq, freshness, priority, digest)
-                 select s, t, k, p, d, i::jsonb, f::jsonb, a::jsonb, v, l::pg_lsn, q, fr, pr, case when d then null else g end
-                   from unnest($1::text[], $2::text[], $3::text[], $4::bigint[], $5::bool[], $6::text[], $7::text[], $8::text[],
-                               $9::bigint[], $10::text[], $11::bigint[], $12::timestamptz[], $13::int[], $14::bigint[])
-                        as u(s, t, k, p, d, i, f, a, v, l, q, fr, pr, g)",
-            ),
-            &new,
-        )
-        .execute(&mut *tx)
-        .await?;
+                "insert into identities (kind, value, profile_id)
+                 select * from unnest($1::text[], $2::text[], $3::bigint[])",
+            )
+            .bind(&self.new_identities.kind)
+            .bind(&self.new_identities.value)
+            .bind(&self.new_identities.profile)
+            .execute(&mut *tx)
+            .await?;
+        }
+        if !self.old_identities.kind.is_empty() {
+            sqlx::query(
+                "update identities i set profile_id = u.p
+                   from unnest($1::text[], $2::text[], $3::bigint[]) as u(k, v, p)
+                  where i.kind = u.k and i.value = u.v",
+            )
+            .bind(&self.old_identities.kind)
+            .bind(&self.old_identities.value)
+            .bind(&self.old_identities.profile)
+            .execute(&mut *tx)
+            .await?;
+        }
+        let (ins, upd) = (&self.new_profiles, &self.old_profiles);
+        if !ins.id.is_empty() {
+            sqlx::query(
+                "insert into profiles (profile_id, merged_into, traits, agg_state, provenance)
+                 select id, m, t::jsonb, a::jsonb, pv::json
+                   from unnest($1::bigint[], $2::bigint[], $3::text[], $4::text[], $5::text[]) as u(id, m, t, a, pv)",
+            )
+            .bind(&ins.id)
+            .bind(&ins.merged_into)
+            .bind(&ins.traits)
+            .bind(&ins.aggs)
+            .bind(&ins.provenance)
+            .execute(&mut *tx)
+            .await?;
+        }
+        if !upd.id.is_empty() {
+            sqlx::query(
+                "update profiles p set merged_into = u.m, traits = u.t::jsonb, agg_state = u.a::jsonb, updated_at = now(),
+                   provenance = case when u.pv = 'null' then p.provenance else u.pv::json end
+                   from unnest($1::bigint[], $2::bigint[], $3::text[], $4::text[], $5::text[]) as u(id, m, t, a, pv)
+                  where p.profile_id = u.id",
+            )
+            .bind(&upd.id)
+            .bind(&upd.merged_into)
+            .bind(&upd.traits)
+            .bind(&upd.aggs)
+            .bind(&upd.provenance)
+            .execute(&mut *tx)
+            .await?;
+        }
+        if !self.dead.source.is_empty() {
+            sqlx::query(
+                "insert into dead_letters (source, lsn, table_name, row, error)
+                 select s, l::pg_lsn, t, r::jsonb, e from unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[]) as u(s, l, t, r, e)",
+            )
+            .bind(&self.dead.source)
+            .bind(&self.dead.lsn)
+            .bind(&self.dead.table)
+            .bind(&self.dead.row)
+            .bind(&self.dead.error)
+            .execute(&mut *tx)
+            .await?;
+        }
+        Ok(())
     }
-    if old.is_empty() {
-        return Ok(());
-    }
-    bind_contributions(
-    sqlx::query(
-        "update contributions c set
-           profile_id = u.p, deleted = u.d, identities = u.i::jsonb, fields = u.f::jsonb, aggs = u.a::jsonb,
-           version = u.v, lsn = u.l::pg_lsn, seq = u.q, freshness = u.fr, priority = u.pr, updated_at = now(),
-           -- the same image re-written (a merge re-pointing it) keeps its digest
-           digest = case when (u.l::pg_lsn, u.q) = (c.lsn, c.seq)
-                         then coalesce(case when u.d then null else u.g end, c.digest)
-                         else case when u.d then null else u.g end end
-          from unnest($1::text[], $2::text[], $3::text[], $4::bigint[], $5::bool[], $6::text[], $7::text[], $8::text[],
-                      $9::bigint[], $10::text[], $11::bigint[], $12::timestamptz[], $13::int[], $14::bigint[]) as u(s, t, k, p, d, i, f, a, v, l, q, fr, pr, g)
-         where c.source = u.s and c.table_name = u.t and c.row_key = u.k",
-    ),
-        &old,
-    )
-    .execute(&mut *tx)
-    .await?;
-    Ok(())
 }
 
 type PgQuery<'q> = sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>;
-
-/// Binds the columns of `rows` as the 14 parallel arrays the `insert` and the
-/// `update` of `contributions` unnest: source, table, key, profile, deleted,
-/// identities, fields, aggs, version, LSN, seq, freshness, priority, digest.
-fn bind_contributions<'q>(q: PgQuery<'q>, rows: &[&'q Contribution]) -> PgQuery<'q> {
-    q.bind(
-        rows.iter()
-            .map(|c| c.row.source.as_str())
-            .collect::<Vec<_>>(),
-    )
-    .bind(
-        rows.iter()
-            .map(|c| c.row.table.as_str())
-            .collect::<Vec<_>>(),
-    )
-    .bind(
-        rows.iter()
-            .map(|c| c.row.row_key.as_str())
-            .collect::<Vec<_>>(),
-    )
-    .bind(rows.iter().map(|c| c.profile_id).collect::<Vec<_>>())
-    .bind(rows.iter().map(|c| c.deleted).collect::<Vec<_>>())
-    .bind(
-        rows.iter()
-            .map(|c| serde_json::to_string(&c.identities).unwrap_or_default())
-            .collect::<Vec<_>>(),
-    )
-    .bind(
-        rows.iter()
-            .map(|c| serde_json::to_string(&c.fields).unwrap_or_default())
-            .collect::<Vec<_>>(),
-    )
-    .bind(
-        rows.iter()
-            .map(|c| serde_json::to_string(&c.aggs).unwrap_or_default())
-            .collect::<Vec<_>>(),
-    )
-    .bind(rows.iter().map(|c| c.version).collect::<Vec<_>>())
-    .bind(rows.iter().map(|c| c.lsn.to_string()).collect::<Vec<_>>())
-    .bind(rows.iter().map(|c| i64_of(c.seq)).collect::<Vec<_>>())
-    .bind(rows.iter().map(|c| c.freshness).collect::<Vec<_>>())
-    .bind(rows.iter().map(|c| c.priority).collect::<Vec<_>>())
-    .bind(rows.iter().map(|c| c.digest).collect::<Vec<_>>())
-}
-
-/// Writes identifier owners: new identifiers with one plain `INSERT`,
-/// re-pointed ones with one `UPDATE`.
-async fn write_identities<'a>(
-    tx: &mut PgConnection,
-    rows: impl Iterator<Item = (&'a Ident, ProfileId)>,
-    existing: &HashSet<Ident>,
-) -> Result<(), StoreError> {
-    type Owner<'i> = (&'i Ident, ProfileId);
-    let (old, new): (Vec<Owner<'a>>, Vec<Owner<'a>>) =
-        rows.partition(|(i, _)| existing.contains(*i));
-    if !new.is_empty() {
-        sqlx::query(
-            "insert into identities (kind, value, profile_id)
-             select * from unnest($1::text[], $2::text[], $3::bigint[])",
-        )
-        .bind(new.iter().map(|(i, _)| i.0.as_str()).collect::<Vec<_>>())
-        .bind(new.iter().map(|(i, _)| i.1.as_str()).collect::<Vec<_>>())
-        .bind(new.iter().map(|(_, p)| *p).collect::<Vec<_>>())
-        .execute(&mut *tx)
-        .await?;
-    }
-    if old.is_empty() {
-        return Ok(());
-    }
-    sqlx::query(
-        "update identities i set profile_id = u.p
-           from unnest($1::text[], $2::text[], $3::bigint[]) as u(k, v, p)
-          where i.kind = u.k and i.value = u.v",
-    )
-    .bind(old.iter().map(|(i, _)| i.0.as_str()).collect::<Vec<_>>())
-    .bind(old.iter().map(|(i, _)| i.1.as_str()).collect::<Vec<_>>())
-    .bind(old.iter().map(|(_, p)| *p).collect::<Vec<_>>())
-    .execute(&mut *tx)
-    .await?;
-    Ok(())
-}
 
 /// `(profile_id, merged_into, agg_state, traits)` as stored.
 type ProfileRow = (
@@ -1034,10 +1199,62 @@ pub(crate) struct StoredProfile {
     pub(crate) traits: Map<String, Value>,
 }
 
-/// Recomputes the traits of the batch's dirty profiles and writes what changed:
-/// profiles whose field values may have changed are resolved again from their
-/// stored rows (and their provenance diffed against `profiles.provenance`); the
-/// others changed only aggregates, which are patched into their stored traits.
+/// The profiles `merges` (this batch's) folded into one of `profiles`.
+fn losers_of(
+    state: &State,
+    merges: &[(ProfileId, ProfileId)],
+    profiles: &[ProfileId],
+) -> Vec<ProfileId> {
+    let wanted: HashSet<ProfileId> = profiles.iter().copied().collect();
+    merges
+        .iter()
+        .map(|(loser, _)| *loser)
+        .filter(|l| wanted.contains(&state.live(*l)))
+        .collect()
+}
+
+/// The live rows with field values of `profiles` as the batch leaves them,
+/// read before the batch wrote anything: the store's rows of those profiles
+/// and of the profiles this batch merged into them, except the rows the batch
+/// holds (its own version of those, in `in_batch`, counts instead).
+async fn field_rows_after(
+    tx: &mut PgConnection,
+    state: &State,
+    merges: &[(ProfileId, ProfileId)],
+    profiles: &[ProfileId],
+    in_batch: &HashMap<ProfileId, Vec<&Contribution>>,
+    guard: &mut Option<&mut dyn ReadGuard>,
+) -> Result<BTreeMap<ProfileId, Vec<Contribution>>, StoreError> {
+    let mut out: BTreeMap<ProfileId, Vec<Contribution>> = BTreeMap::new();
+    if profiles.is_empty() {
+        return Ok(out);
+    }
+    let mut read: Vec<ProfileId> = profiles.to_vec();
+    read.extend(losers_of(state, merges, profiles));
+    guard_reads(guard, &read).await?;
+    for (_, rows) in contributions_by_profile(tx, &read, true).await? {
+        for mut c in rows {
+            if state.contributions.contains_key(&c.row) {
+                continue;
+            }
+            let p = state.live(c.profile_id.unwrap_or_default());
+            c.profile_id = Some(p);
+            out.entry(p).or_default().push(c);
+        }
+    }
+    for p in profiles {
+        let rows = out.entry(*p).or_default();
+        rows.extend(in_batch.get(p).into_iter().flatten().map(|c| (*c).clone()));
+    }
+    Ok(out)
+}
+
+/// Recomputes the traits of the batch's dirty profiles and adds what changed
+/// to `writes`: profiles whose field values may have changed are resolved
+/// again from their rows (and their provenance diffed against
+/// `profiles.provenance`); the others changed only aggregates, which are
+/// patched into their stored traits.
+#[allow(clippy::too_many_arguments)]
 async fn refresh_profiles(
     tx: &mut PgConnection,
     mapper: &Mapper,
@@ -1046,6 +1263,8 @@ async fn refresh_profiles(
     before: &HashMap<ProfileId, StoredProfile>,
     known: &mut HashMap<ProfileId, CachedProfile>,
     cache: Option<&MergeCache>,
+    writes: &mut Writes,
+    guard: &mut Option<&mut dyn ReadGuard>,
 ) -> Result<(Vec<ProfileChange>, HashMap<ProfileId, CachedProfile>), StoreError> {
     let mut changes = Vec::new();
     let mut after: HashMap<ProfileId, CachedProfile> = HashMap::new();
@@ -1107,7 +1326,7 @@ async fn refresh_profiles(
             None => to_read.push(*p),
         }
     }
-    by_profile.extend(contributions_by_profile(tx, &to_read, true).await?);
+    by_profile.extend(field_rows_after(tx, state, &log.merges, &to_read, &in_batch, guard).await?);
     for p in &fresh {
         by_profile.insert(
             *p,
@@ -1133,13 +1352,39 @@ async fn refresh_profiles(
         })
         .collect();
     for (p, name) in stale {
-        let inputs: Vec<Json<Value>> = sqlx::query_scalar(
-            "select aggs -> $2 from contributions where profile_id = $1 and not deleted and aggs ? $2",
+        // The inputs as the batch leaves them: the store's rows of the profile
+        // (and of those merged into it here) that the batch does not hold,
+        // and the batch's own rows.
+        let mut read = vec![p];
+        read.extend(losers_of(state, &log.merges, &[p]));
+        guard_reads(guard, &read).await?;
+        let stored: Vec<(String, String, String, Json<Value>)> = sqlx::query_as(
+            "select source, table_name, row_key, aggs -> $2 from contributions
+              where profile_id = any($1) and not deleted and aggs ? $2",
         )
-        .bind(p)
+        .bind(&read)
         .bind(&name)
         .fetch_all(&mut *tx)
         .await?;
+        let mut inputs: Vec<Json<Value>> = stored
+            .into_iter()
+            .filter(|(source, table, row_key, _)| {
+                !state.contributions.contains_key(&RowRef {
+                    source: source.clone(),
+                    table: table.clone(),
+                    row_key: row_key.clone(),
+                })
+            })
+            .map(|(_, _, _, v)| v)
+            .collect();
+        inputs.extend(
+            state
+                .contributions
+                .values()
+                .filter(|c| !c.deleted && c.profile_id == Some(p))
+                .filter_map(|c| c.aggs.get(&name))
+                .map(|v| Json(v.clone())),
+        );
         let func = mapper.aggregates().get(&name).map(|a| a.func);
         if let (Some(func), Some(a)) = (
             func,
@@ -1165,6 +1410,7 @@ async fn refresh_profiles(
             None => unknown.push(*p),
         }
     }
+    guard_reads(guard, &unknown).await?;
     old_winners.extend(stored_provenance(tx, &unknown).await?);
 
     let mut ins = ProfileRows::default();
@@ -1280,35 +1526,8 @@ async fn refresh_profiles(
         }
     }
 
-    if !ins.id.is_empty() {
-        sqlx::query(
-            "insert into profiles (profile_id, merged_into, traits, agg_state, provenance)
-             select id, m, t::jsonb, a::jsonb, pv::json
-               from unnest($1::bigint[], $2::bigint[], $3::text[], $4::text[], $5::text[]) as u(id, m, t, a, pv)",
-        )
-        .bind(&ins.id)
-        .bind(&ins.merged_into)
-        .bind(&ins.traits)
-        .bind(&ins.aggs)
-        .bind(&ins.provenance)
-        .execute(&mut *tx)
-        .await?;
-    }
-    if !upd.id.is_empty() {
-        sqlx::query(
-            "update profiles p set merged_into = u.m, traits = u.t::jsonb, agg_state = u.a::jsonb, updated_at = now(),
-               provenance = case when u.pv = 'null' then p.provenance else u.pv::json end
-               from unnest($1::bigint[], $2::bigint[], $3::text[], $4::text[], $5::text[]) as u(id, m, t, a, pv)
-              where p.profile_id = u.id",
-        )
-        .bind(&upd.id)
-        .bind(&upd.merged_into)
-        .bind(&upd.traits)
-        .bind(&upd.aggs)
-        .bind(&upd.provenance)
-        .execute(&mut *tx)
-        .await?;
-    }
+    writes.new_profiles = ins;
+    writes.old_profiles = upd;
     Ok((changes, after))
 }
 

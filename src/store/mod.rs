@@ -13,6 +13,7 @@
 pub mod apply;
 pub mod digest;
 pub mod forget;
+pub mod pipeline;
 pub mod reconcile;
 pub mod replay;
 pub mod stats;
@@ -48,6 +49,10 @@ pub enum StoreError {
     /// Any query.
     #[error("profile store query failed")]
     Query(#[from] sqlx::Error),
+    /// A write prepared before it failed; nothing of this one was written
+    /// either, and its source streams it again from its checkpoint.
+    #[error("an earlier write to the profile store failed; this one was planned on top of it")]
+    EarlierWriteFailed,
     /// The outbox (Kafka) did not take the batch's derived changes; the batch
     /// was rolled back and is retried.
     #[error("delivering the batch's profile changes before commit failed")]
@@ -63,7 +68,7 @@ impl StoreError {
                 crate::retry::sqlx_error(source)
             }
             StoreError::Migrate(_) => crate::retry::Action::Stop,
-            StoreError::Outbox(_) => crate::retry::Action::Retry,
+            StoreError::Outbox(_) | StoreError::EarlierWriteFailed => crate::retry::Action::Retry,
         }
     }
 }
@@ -93,6 +98,8 @@ pub struct Store {
     /// The merge state in memory, shared by the process's source loops
     /// (None: `memory_budget_mb = 0`). Taken before the apply lock.
     cache: Option<Arc<tokio::sync::Mutex<crate::state::MergeCache>>>,
+    /// The order of this process's writes (see `pipeline`).
+    ledger: Arc<pipeline::Ledger>,
 }
 
 impl Store {
@@ -125,6 +132,7 @@ impl Store {
                     cfg.memory_budget_bytes,
                 )))
             }),
+            ledger: Arc::default(),
         })
     }
 

@@ -338,3 +338,98 @@ async fn a_small_memory_budget_is_honoured_and_the_store_stays_exact() {
         assert_eq!(d.stop(), Some(0));
     }
 }
+
+/// Batches of a busy source are derived while the one before commits
+/// (`store::pipeline`): with small batches and a random workload over both
+/// sources (merges, identifier changes, deletes, orders moving between
+/// accounts), writes really overlap, every aggregate equals SQL over the
+/// sources, every change is logged once, and reconciliation finds no drift.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batches_derived_while_the_one_before_commits_leave_the_store_exact() {
+    use crate::faults::{caught_up, Workload};
+    let pg = cluster();
+    let (crm, shop, sink) = two_sources(&pg).await;
+    let addr = free_addr();
+    let mut cfg = pipeline_config(&crm, &shop, &sink, "overlap").replace(
+        "batch_max_wait_ms = 20",
+        "batch_max_wait_ms = 1\nbatch_max_events = 25",
+    );
+    cfg.push_str(&format!("\n[metrics]\nlisten = \"{addr}\"\n"));
+    let cfg = write_config(&cfg);
+    let daemon = Daemon::start(&cfg);
+    wait_snapshots(&sink, 2).await;
+    let mut w = Workload::default();
+    w.run(&crm, &shop, 4000, 7, |_| {}).await;
+    wait_until("the store caught up", Duration::from_secs(120), || async {
+        caught_up(&shop, &sink, &w).await
+    })
+    .await;
+    let metrics = scrape(&addr).await;
+    let writes = |how: &str| -> f64 {
+        let name = format!("tributary_sink_writes_total{{plan=\"{how}\"}} ");
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(name.as_str()))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0.0)
+    };
+    assert!(
+        writes("overlapped") > 0.0,
+        "no batch was derived while the one before committed:\n{metrics}"
+    );
+    let out = run_cmd(&cfg, &["--json", "reconcile", "--wait-secs", "60"]);
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        (out.status.code(), report["drift_count"].clone()),
+        (Some(0), json!(0)),
+        "{report}"
+    );
+    assert_eq!(daemon.stop(), Some(0));
+}
+
+/// A batch derived while the one before it is uncommitted must not read
+/// that one's rows from the store as they were: here the first write moves
+/// a profile's latest order to another account and the second deletes the
+/// profile's next latest one, so the second rescans the profile's
+/// `last_order_at` inputs, which must not include the moved order (still
+/// under the old account in the store until the first write commits). Every write is held
+/// 400 ms before its commit, so the second is planned meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_derived_beside_an_uncommitted_one_sees_its_changes() {
+    let pg = cluster();
+    let (crm, shop, sink) = two_sources(&pg).await;
+    exec(&shop, "insert into accounts (id, email) values (1, 'one@x.com'), (2, 'two@x.com');
+                 insert into orders (id, account_id, status, total_cents, created_at) values
+                   (10, 1, 'paid', 50, '2025-12-01T00:00:00Z'), (11, 1, 'paid', 100, '2026-01-01T00:00:00Z'), (12, 1, 'paid', 200, '2026-02-01T00:00:00Z')").await;
+    let cfg = pipeline_config(&crm, &shop, &sink, "beside").replace(
+        "batch_max_wait_ms = 20",
+        "batch_max_wait_ms = 1\nbatch_max_events = 1",
+    );
+    let cfg = write_config(&cfg);
+    let daemon = Daemon::start_with_env(&cfg, &[("TRIBUTARY_TEST_PAUSE", "before_commit:400")]);
+    wait_snapshots(&sink, 2).await;
+    wait_for_orders(&sink, "1", 3, "the snapshot").await;
+    exec(
+        &shop,
+        "update orders set account_id = 2, updated_at = now() where id = 12",
+    )
+    .await;
+    exec(&shop, "delete from orders where id = 11").await;
+    wait_for_orders(&sink, "2", 1, "the moved order").await;
+    wait_for_orders(&sink, "1", 1, "the delete").await;
+    let one = traits_of(&sink, "shop_account", "1").await.unwrap();
+    assert!(
+        one.get("last_order_at")
+            .and_then(|v| v.as_str())
+            .is_some_and(|t| t.starts_with("2025-12-01")),
+        "account 1 has only its first order left: {one}"
+    );
+    let two = traits_of(&sink, "shop_account", "2").await.unwrap();
+    assert!(
+        two.get("last_order_at")
+            .and_then(|v| v.as_str())
+            .is_some_and(|t| t.starts_with("2026-02-01")),
+        "the moved order is account 2's latest: {two}"
+    );
+    assert_eq!(daemon.stop(), Some(0));
+}
