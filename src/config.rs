@@ -267,7 +267,7 @@ pub struct SinkConfig {
     pub conn: ConnInfo,
     /// Schema holding Tributary's relations (default `tributary`).
     pub schema: String,
-    /// Most source changes applied in one sink transaction (default 5000).
+    /// Most source changes applied in one sink transaction (default 2500).
     pub batch_max_events: usize,
     /// Longest a batch waits for more transactions before it is applied (default 100 ms).
     pub batch_max_wait_ms: u64,
@@ -510,7 +510,7 @@ fn validate(raw: RawConfig, path: &Path) -> Result<Config, ConfigError> {
     let sink = SinkConfig {
         conn: sink_conn,
         schema,
-        batch_max_events: raw.sink.batch_max_events.unwrap_or(5000).max(1),
+        batch_max_events: raw.sink.batch_max_events.unwrap_or(2500).max(1),
         batch_max_wait_ms: raw.sink.batch_max_wait_ms.unwrap_or(5),
         pool_size: raw.sink.pool_size.unwrap_or(4).max(2),
         max_txn_memory_bytes: raw.sink.max_txn_memory_mb.unwrap_or(64).max(1) * 1024 * 1024,
