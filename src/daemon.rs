@@ -554,7 +554,7 @@ impl SourceCtx {
         &self,
         batch: Vec<ChangeEvent>,
         end: Lsn,
-        after: Option<oneshot::Receiver<()>>,
+        after: Option<oneshot::Receiver<Option<u64>>>,
     ) -> InFlight {
         let (sink, source) = (self.sink.clone(), self.src.name.clone());
         let (placed_tx, placed) = oneshot::channel();
@@ -577,8 +577,8 @@ async fn write_batch(
     source: &str,
     batch: &[ChangeEvent],
     end: Lsn,
-    after: Option<oneshot::Receiver<()>>,
-    placed: Option<oneshot::Sender<()>>,
+    after: Option<oneshot::Receiver<Option<u64>>>,
+    placed: Option<oneshot::Sender<Option<u64>>>,
 ) -> Result<crate::store::apply::ApplyStats, LoopError> {
     let started = std::time::Instant::now();
     let stats = sink
@@ -697,7 +697,7 @@ struct InFlight {
     task: tokio::task::JoinHandle<Result<crate::store::apply::ApplyStats, LoopError>>,
     /// Fires once the batch took its place in the write order; the next
     /// batch of the source waits for it.
-    placed: Option<oneshot::Receiver<()>>,
+    placed: Option<oneshot::Receiver<Option<u64>>>,
 }
 
 impl InFlight {

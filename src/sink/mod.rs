@@ -119,20 +119,22 @@ impl Sink {
 
     /// [`Sink::write`] of a batch that follows another one of the same source
     /// still in flight: it starts once that one took its place in the write
-    /// order (`after` fires; dropped unfired, that one failed and so does
-    /// this one), fires `placed` once it took its own, and is then derived
-    /// while the one before commits (see `store::pipeline`).
+    /// order (`after` gives its ticket; dropped unfired, that one failed and
+    /// so does this one), commits only if that one did, sends its own ticket
+    /// to `placed`, and is derived while the one before commits (see
+    /// `store::pipeline`).
     pub async fn write_after(
         &self,
         source: &str,
         events: &[ChangeEvent],
         checkpoint: Option<Lsn>,
-        after: Option<tokio::sync::oneshot::Receiver<()>>,
-        placed: Option<tokio::sync::oneshot::Sender<()>>,
+        after: Option<tokio::sync::oneshot::Receiver<Option<u64>>>,
+        placed: Option<tokio::sync::oneshot::Sender<Option<u64>>>,
     ) -> Result<ApplyStats, SinkError> {
-        if let Some(before) = after {
-            before.await.map_err(|_| StoreError::EarlierWriteFailed)?;
-        }
+        let after = match after {
+            Some(before) => before.await.map_err(|_| StoreError::EarlierWriteFailed)?,
+            None => None,
+        };
         if let Some(p) = &self.publisher {
             if !events.is_empty() {
                 p.publish(events).await?;
@@ -141,17 +143,18 @@ impl Sink {
         }
         let events = if self.derives() { events } else { &[] };
         if events.is_empty() && checkpoint.is_none() {
+            // Nothing to write: the next batch follows the one before.
             if let Some(p) = placed {
-                let _ = p.send(());
+                let _ = p.send(after);
             }
             return Ok(ApplyStats::default());
         }
         let prepared = self
             .store
-            .prepare(&self.mapper, source, events, checkpoint)
+            .prepare_after(&self.mapper, source, events, checkpoint, after)
             .await?;
         if let Some(p) = placed {
-            let _ = p.send(());
+            let _ = p.send(Some(prepared.ticket()));
         }
         let outbox = self.publisher.as_deref().map(|p| p as &dyn Outbox);
         Ok(self.store.finish(prepared, outbox).await?)

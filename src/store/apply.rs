@@ -1577,6 +1577,9 @@ pub(crate) async fn stored_provenance(
     profiles: &[ProfileId],
 ) -> Result<HashMap<ProfileId, BTreeMap<String, Winner>>, StoreError> {
     type Doc = BTreeMap<String, ProvenanceEntry<Value, String>>;
+    if profiles.is_empty() {
+        return Ok(HashMap::new());
+    }
     let rows: Vec<(i64, Json<Doc>)> =
         sqlx::query_as("select profile_id, provenance from profiles where profile_id = any($1)")
             .bind(profiles)

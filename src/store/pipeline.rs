@@ -44,6 +44,9 @@ use crate::failpoint::{self, Stage};
 use crate::mapping::Mapper;
 use crate::resolve::ProfileId;
 
+/// How many tickets back a failure is remembered for a write that follows it.
+const FAILED_HORIZON: u64 = 1 << 16;
+
 /// The order of writes in this process (see the module doc).
 #[derive(Debug, Default)]
 pub(crate) struct Ledger {
@@ -70,6 +73,10 @@ struct LedgerState {
     /// Tickets strictly between these two fail: they were prepared on top of
     /// a write that failed.
     poison: Option<(u64, u64)>,
+    /// Tickets that failed (the recent ones): a write that follows one of
+    /// them (the next batch of the same source) must fail too, even when it
+    /// took its ticket after the failure.
+    failed: BTreeSet<u64>,
 }
 
 impl Default for LedgerState {
@@ -82,6 +89,7 @@ impl Default for LedgerState {
             known_since: 0,
             last_generation: None,
             poison: None,
+            failed: BTreeSet::new(),
         }
     }
 }
@@ -135,6 +143,10 @@ impl LedgerState {
                 self.known_since = self.epoch;
                 self.last_generation = None;
                 self.poison = Some((ticket, self.next_ticket));
+                self.failed.insert(ticket);
+                // A follower takes its ticket right after its predecessor's.
+                let horizon = ticket.saturating_sub(FAILED_HORIZON);
+                self.failed = self.failed.split_off(&horizon);
             }
         }
         while self.abandoned.remove(&(self.done_through + 1)) {
@@ -174,6 +186,16 @@ impl Ledger {
             }
         }
         self.changed.notify_waiters();
+    }
+
+    /// Waits until every ticket before `ticket` finished; Err when one of
+    /// them failed after `ticket` was prepared, or `after` failed.
+    async fn turn_after(&self, ticket: u64, after: Option<u64>) -> Result<(), StoreError> {
+        self.turn(ticket).await?;
+        match after {
+            Some(a) if self.lock().failed.contains(&a) => Err(StoreError::EarlierWriteFailed),
+            _ => Ok(()),
+        }
     }
 
     /// Waits until every ticket before `ticket` finished; Err when one of
@@ -242,6 +264,8 @@ pub struct Prepared<'a> {
     source: &'a str,
     events: &'a [ChangeEvent],
     checkpoint: Option<Lsn>,
+    /// The write this one follows (the previous batch of its source).
+    after: Option<u64>,
     /// None: derived in `finish`, under the apply lock.
     plan: Option<Plan>,
     /// Planned while an earlier write was still uncommitted.
@@ -257,6 +281,14 @@ impl std::fmt::Debug for Prepared<'_> {
             .field("events", &self.events.len())
             .field("planned", &self.plan.is_some())
             .finish_non_exhaustive()
+    }
+}
+
+impl Prepared<'_> {
+    /// Its place in the write order, for a write that must follow it
+    /// ([`Store::prepare_after`]).
+    pub fn ticket(&self) -> u64 {
+        self.ticket
     }
 }
 
@@ -280,6 +312,21 @@ impl Store {
         events: &'a [ChangeEvent],
         checkpoint: Option<Lsn>,
     ) -> Result<Prepared<'a>, StoreError> {
+        self.prepare_after(mapper, source, events, checkpoint, None)
+            .await
+    }
+
+    /// [`Store::prepare`] of a write that must not commit unless the write
+    /// with ticket `after` (the previous batch of the same source) did: a
+    /// source's checkpoint never moves past changes that were not written.
+    pub async fn prepare_after<'a>(
+        &self,
+        mapper: &'a Mapper,
+        source: &'a str,
+        events: &'a [ChangeEvent],
+        checkpoint: Option<Lsn>,
+        after: Option<u64>,
+    ) -> Result<Prepared<'a>, StoreError> {
         self.ensure_partitions(events).await?;
         let cache = match (&self.cache, events.is_empty()) {
             (Some(c), false) => Some(c.lock().await),
@@ -294,6 +341,7 @@ impl Store {
             source,
             events,
             checkpoint,
+            after,
             plan: None,
             overlapped: false,
             finished: false,
@@ -396,7 +444,7 @@ impl Store {
     ) -> Result<ApplyStats, StoreError> {
         let ticket = prepared.ticket;
         prepared.finished = true;
-        if let Err(e) = self.ledger.turn(ticket).await {
+        if let Err(e) = self.ledger.turn_after(ticket, prepared.after).await {
             self.ledger.finished(ticket, Outcome::Failed);
             return Err(e);
         }
@@ -562,6 +610,30 @@ mod tests {
         let st = ledger.lock();
         assert!(st.last_generation.is_none());
         assert_eq!(st.known_since, st.epoch, "the cache must be rebuilt");
+    }
+
+    #[tokio::test]
+    async fn the_next_batch_of_a_source_fails_when_the_one_before_failed() {
+        let ledger = Ledger::default();
+        let batch = ledger.ticket();
+        ledger.finished(batch, Outcome::Failed);
+        // The source's next batch took its ticket after the failure was known:
+        // not poisoned, but it follows the failed one.
+        let next = ledger.ticket();
+        ledger
+            .turn(next)
+            .await
+            .expect("an unrelated write would go ahead");
+        assert!(matches!(
+            ledger.turn_after(next, Some(batch)).await,
+            Err(StoreError::EarlierWriteFailed)
+        ));
+        let other = ledger.ticket();
+        ledger.finished(next, Outcome::Failed);
+        ledger
+            .turn_after(other, Some(next - 1))
+            .await
+            .expect_err("still remembered");
     }
 
     #[tokio::test]
