@@ -25,6 +25,10 @@
 //! change twice (at-least-once, documented), the store applies it once (its
 //! per-row upserts are monotonic and the event log ignores a change it has).
 //!
+//! Step 2 runs in two parts (`store::pipeline`): the batch is read and merged
+//! without writing (prepared) while the write before it commits, then
+//! written and committed in its turn, in one order for every writer.
+//!
 //! Changes consumed from Kafka (`--role apply`) enter at step 2 through
 //! [`Sink::write_consumed`]: they are on Kafka already, and their position is
 //! the consumer group's offset, committed by the caller after the write.
