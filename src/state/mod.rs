@@ -9,17 +9,20 @@
 //!
 //! Exactness rests on three rules:
 //!
-//! - **Every cached entry equals its store row as of the last commit.** The
-//!   apply path takes the entries a batch touches *out* of the cache, runs the
-//!   pure core ([`crate::resolve`]) on them and puts the results back; they
-//!   count only once the batch commits ([`MergeCache::committed`]). Any error,
-//!   or a batch that never finishes, leaves the cache marked unknown, and the
-//!   next batch starts from an empty one.
+//! - **Every cached entry equals its store row as of the last commit, or as
+//!   a prepared write will leave it.** A write takes the entries its batch
+//!   touches *out* of the cache, runs the pure core ([`crate::resolve`]) on
+//!   them and puts the results back, pinned ([`MergeCache::pin`]) until the
+//!   write commits, so that the next batch, planned meanwhile, finds them
+//!   (see `store::pipeline`). Any failure voids the cache
+//!   ([`MergeCache::reset`]) and every write planned on top of it.
 //! - **Nobody else wrote since.** Every writer of derived state moves the
 //!   store's `write_generation` under the apply lock (see
-//!   `store::apply::lock`); the cache is trusted only when the counter is the
-//!   one its own last commit left, so `forget`, `replay`, `reconcile --repair`
-//!   or a second daemon simply cost a reload.
+//!   `store::apply::lock`); a plan made with the cache is written only when
+//!   the counter is the one this process's last write left, so `forget`,
+//!   `replay`, `reconcile --repair` or a second daemon simply cost a reload.
+//!   (`begin`/`committed` are the same rule for a caller that writes one batch
+//!   at a time.)
 //! - **Absence is known only for a store that started empty.** When the cache
 //!   is (re)built over an empty store, every key the process writes is recorded
 //!   as a 64-bit hash (a few bytes per row, kept across evictions), so a key
@@ -27,9 +30,10 @@
 //!   per batch.
 //!
 //! The budget (`sink.memory_budget_mb`) bounds the estimated size of the
-//! cached entries; when a commit leaves it above the budget, the entries are
-//! dropped (the key hashes stay) and reload on demand. A batch that merged
-//! profiles also drops them: re-pointing the loser's rows in memory would
+//! cached entries; when a write is prepared with the cache above the budget,
+//! the entries no uncommitted write pinned are dropped (the key hashes stay)
+//! and reload on demand. After a write that merged profiles the next one waits
+//! for its commit and drops them: re-pointing the loser's rows in memory would
 //! cost the size of the state, and the store re-points them in one statement.
 
 use std::collections::hash_map::DefaultHasher;
