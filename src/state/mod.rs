@@ -176,8 +176,8 @@ impl MergeCache {
     }
 
     /// Pins the keys a prepared write (ticket `ticket`) touched.
-    pub fn pin(&mut self, ticket: u64, pins: &Pins) {
-        self.pins.insert(ticket, pins.clone());
+    pub fn pin(&mut self, ticket: u64, pins: Pins) {
+        self.pins.insert(ticket, pins);
     }
 
     /// Unpins the keys of writes up to ticket `ticket` (they finished).

@@ -415,7 +415,7 @@ impl Store {
         )
         .await;
         let guard_settled = guard.settled;
-        let planned = match planned {
+        let mut planned = match planned {
             Ok(p) => p,
             Err(e) => {
                 // Entries were taken out of the cache: it is rebuilt later.
@@ -424,7 +424,7 @@ impl Store {
             }
         };
         rtx.commit().await?;
-        cache.pin(ticket, &planned.pins);
+        cache.pin(ticket, std::mem::take(&mut planned.pins));
         prepared.overlapped = !guard_settled;
         if planned.stats.merges > 0 {
             cache.settle_before_next();
