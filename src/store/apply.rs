@@ -365,8 +365,9 @@ async fn guard_reads(
 
 /// Reads the slice of state `events` touch (from the cache where it holds
 /// it), runs the pure core and computes every row to write; writes nothing.
-/// `reader` sees the store as committed (or, in [`apply_in`], the batch's own
-/// transaction, before any of its writes).
+/// `tx` sees the store as committed (a connection of its own, beside earlier
+/// uncommitted writes that `guard` waits for when needed), or is the batch's
+/// own transaction before any of its writes ([`apply_in`]).
 pub(crate) async fn plan(
     tx: &mut PgConnection,
     mapper: &Mapper,
@@ -626,8 +627,9 @@ async fn suppressed_among(
 }
 
 /// Runs the pure core over the batch's (expanded, unsuppressed) events and
-/// writes what it changed: contributions, identities, profiles, dead letters.
-/// With a cache, the slice goes back into it as the batch leaves it.
+/// computes what to write: contributions, identities, profiles, dead letters.
+/// With a cache, the slice goes back into it as the batch leaves it, and the
+/// keys it touched are returned to be pinned.
 #[allow(clippy::too_many_arguments)]
 async fn derive(
     tx: &mut PgConnection,
