@@ -918,7 +918,7 @@ async fn insert_events(tx: &mut PgConnection, events: &EventRows) -> Result<(), 
         let r = i * EVENT_CHUNK..((i + 1) * EVENT_CHUNK).min(n);
         sqlx::query(
             "insert into events (source, lsn, commit_lsn, seq, xid, commit_time, table_name, op, key, row, unchanged)
-             select s, l::pg_lsn, cl::pg_lsn, q, x, ct, t, o, k::jsonb, r::jsonb,
+             select s, l::pg_lsn, cl::pg_lsn, q, x, ct, t, o, k::jsonb, r::json,
                     case when u = '' then null else string_to_array(u, ',') end
                from unnest($1::text[], $2::text[], $3::text[], $4::bigint[], $5::bigint[], $6::timestamptz[],
                            $7::text[], $8::text[], $9::text[], $10::text[], $11::text[]) as u(s, l, cl, q, x, ct, t, o, k, r, u)

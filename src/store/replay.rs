@@ -172,18 +172,25 @@ impl Store {
         sqlx::raw_sql("truncate profiles, identities, contributions, dead_letters")
             .execute(&mut *tx)
             .await?;
-        let mut after: i64 = 0;
+        // One pass over the log in apply order: the server sorts it once
+        // (`applied_seq` has no index; only this reads it), and a cursor
+        // hands it over a batch at a time. Declared before the first apply,
+        // which turns sequential scans off for the rest of the transaction.
+        sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+            "declare rebuild_log no scroll cursor for select {EVENT_COLUMNS} from events order by applied_seq"
+        )))
+        .execute(&mut *tx)
+        .await?;
+        let fetch = format!("fetch forward {} from rebuild_log", batch.max(1));
         let mut events = 0u64;
         loop {
-            let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
-                "select {EVENT_COLUMNS}, applied_seq from events where applied_seq > $1 order by applied_seq limit $2"
-            )))
-            .bind(after)
-            .bind(i64::try_from(batch).unwrap_or(5000))
-            .fetch_all(&mut *tx)
-            .await?;
-            let Some(last) = rows.last() else { break };
-            after = last.try_get("applied_seq")?;
+            let rows = sqlx::query(sqlx::AssertSqlSafe(fetch.clone()))
+                .persistent(false)
+                .fetch_all(&mut *tx)
+                .await?;
+            if rows.is_empty() {
+                break;
+            }
             let chunk: Vec<ChangeEvent> = rows.iter().map(event_of).collect::<Result<_, _>>()?;
             events += chunk.len() as u64;
             // apply() takes one source at a time: split into runs of one source.
@@ -198,6 +205,7 @@ impl Store {
                 start = end;
             }
         }
+        sqlx::raw_sql("close rebuild_log").execute(&mut *tx).await?;
         let profiles: i64 =
             sqlx::query_scalar("select count(*) from profiles where merged_into is null")
                 .fetch_one(&mut *tx)

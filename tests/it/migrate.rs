@@ -157,3 +157,76 @@ url = "{sink}"
     let after: String = scalar(&sink, dump).await;
     assert_eq!(after, before);
 }
+
+/// A store whose event log was written as `jsonb` keeps every logged change
+/// through `migrate` (the row becomes `json`, equal as JSON), and `rebuild`
+/// reads the migrated log in the order it was first applied.
+#[tokio::test]
+async fn migrating_an_existing_event_log_keeps_its_changes_and_rebuild_reads_them() {
+    use sqlx::postgres::PgPoolOptions;
+    let pg = cluster();
+    let sink = create_db(&pg, "profiles").await;
+    exec(&sink, "create schema tributary").await;
+    let mut old = sqlx::migrate::Migrator::DEFAULT;
+    old.migrations = tributary::store::MIGRATOR
+        .migrations
+        .iter()
+        .filter(|m| m.version < 20261201000004)
+        .cloned()
+        .collect::<Vec<_>>()
+        .into();
+    let pool = PgPoolOptions::new()
+        .max_connections(1)
+        .connect(&format!("{sink}&options=-csearch_path%3Dtributary"))
+        .await
+        .unwrap();
+    old.run(&pool).await.unwrap();
+    pool.close().await;
+    // Applied in this order: contact 2, then contact 1 and its later update.
+    exec(
+        &sink,
+        "create table tributary.events_y2026m11 partition of tributary.events for values from ('2026-11-01 00:00:00+00') to ('2026-12-01 00:00:00+00');
+         insert into tributary.events (source, lsn, commit_lsn, seq, xid, commit_time, table_name, op, key, row) values
+           ('crm', '0/20', '0/28', 0, 11, '2026-11-30 10:00:02+00', 'public.contacts', 'insert', '{\"id\": 2}', '{\"id\": 2, \"email\": \"b@x.com\", \"name\": \"Bea\"}'),
+           ('crm', '0/10', '0/18', 0, 10, '2026-11-30 10:00:01+00', 'public.contacts', 'insert', '{\"id\": 1}', '{\"id\": 1, \"email\": \"a@x.com\", \"name\": \"Ann\"}'),
+           ('crm', '0/30', '0/38', 0, 12, '2026-11-30 10:00:03+00', 'public.contacts', 'update', '{\"id\": 1}', '{\"id\": 1, \"email\": \"a@x.com\", \"name\": \"Anna\"}');",
+    )
+    .await;
+    let dump = "select string_agg(format('%s %s %s %s %s', source, commit_lsn, seq, key::text, row::jsonb::text), ' | ' order by applied_seq) from tributary.events";
+    let before: String = scalar(&sink, dump).await;
+    let cfg = write_config(&format!(
+        r#"
+[sink]
+url = "{sink}"
+
+[[source]]
+name = "crm"
+url = "{sink}"
+  [[source.table]]
+  name = "public.contacts"
+  identity = {{ email = "email" }}
+  fields = {{ name = "name" }}
+"#
+    ));
+    let out = run_cmd(&cfg, &["migrate"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let row_type: String = scalar(
+        &sink,
+        "select data_type::text from information_schema.columns where table_schema = 'tributary' and table_name = 'events' and column_name = 'row'",
+    )
+    .await;
+    assert_eq!(row_type, "json");
+    let after: String = scalar(&sink, dump).await;
+    assert_eq!(after, before);
+
+    let out = run_cmd(&cfg, &["--json", "rebuild"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let profiles: String = scalar(
+        &sink,
+        "select string_agg(format('%s=%s', i.value, p.traits ->> 'name'), ', ' order by i.value)
+           from tributary.identities i join tributary.profiles p using (profile_id)
+          where i.kind = 'email' and p.merged_into is null",
+    )
+    .await;
+    assert_eq!(profiles, "a@x.com=Anna, b@x.com=Bea");
+}
