@@ -37,6 +37,20 @@ start() { # name port
   cluster_start "$1" "$2" "shared_buffers = 256MB"
 }
 q() { local port=$1; shift; psql -X -q -v ON_ERROR_STOP=1 -h 127.0.0.1 -p "$port" -U postgres -d postgres -At "$@"; }
+# CPU seconds (user + system) used so far by a cluster (postmaster, live and
+# reaped children) and by one process.
+HZ=$(getconf CLK_TCK)
+cluster_cpu() { # dir
+  local pm total pid
+  pm=$(head -1 "$TMP/$1/postmaster.pid")
+  total=$(awk '{print $14 + $15 + $16 + $17}' "/proc/$pm/stat")
+  for pid in $(pgrep -P "$pm"); do
+    total=$((total + $(awk '{print $14 + $15}' "/proc/$pid/stat" 2>/dev/null || echo 0)))
+  done
+  echo "$total"
+}
+proc_cpu() { awk '{print $14 + $15}' "/proc/$1/stat" 2>/dev/null || echo 0; }
+secs() { awk "BEGIN{printf \"%.1f\", $1 / $HZ}"; }
 scrape() { # prints the end-to-end histogram's bucket lines
   exec 3<>"/dev/tcp/127.0.0.1/$METRICS_PORT"
   printf 'GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n' >&3
@@ -83,6 +97,7 @@ for _ in $(seq 1 600); do
 done
 sleep 2 # streaming
 before=$(scrape)
+cpu0=$(proc_cpu "$tpid"); sink_cpu0=$(cluster_cpu sink); src_cpu0=$(cluster_cpu src)
 "$PGBIN/pgbench" -n -b simple-update -R "$RATE" -T "$SECS" -c 8 -j 2 -h 127.0.0.1 -p "$SRC_PORT" -U postgres postgres >"$TMP/pgbench.out" 2>&1
 txns=$(awk '/number of transactions actually processed/ {print $NF}' "$TMP/pgbench.out" | cut -d/ -f1)
 [ -n "$txns" ] || { cat "$TMP/pgbench.out" >&2; exit 1; }
@@ -94,6 +109,7 @@ for _ in $(seq 1 600); do
   sleep 0.2
 done
 after=$(scrape)
+daemon_cpu=$(( $(proc_cpu "$tpid") - cpu0 )); sink_cpu=$(( $(cluster_cpu sink) - sink_cpu0 )); src_cpu=$(( $(cluster_cpu src) - src_cpu0 ))
 rss=$(awk '/VmHWM/ {print $2}' "/proc/$tpid/status" 2>/dev/null || echo 0)
 
 # p50/p99 from the difference of the two scrapes (cumulative buckets).
@@ -132,7 +148,12 @@ ms() { awk "BEGIN { if (\"$1\" == \"inf\") print \"inf\"; else printf \"%.1f\", 
 printf 'load      %d transactions (%d changes) in %d s at %d txn/s requested, %d accounts\n' "$txns" $((txns * 2)) "$SECS" "$RATE" "$accounts"
 printf 'latency   p50 %s ms, p99 %s ms from source commit to profile committed (%d commits observed)\n' "$(ms "$p50")" "$(ms "$p99")" "$observed"
 printf 'store     equal to the source: %s; peak RSS %d MiB\n' "$equal" $((rss / 1024))
+# Two cores are shared by pgbench, both servers and the daemon: the CPU each
+# used during the run says how close to saturation the latency was measured.
+printf 'cpu       daemon %s s, store %s s, source %s s (pgbench backends, WAL sender), over %d s on 2 cores\n' \
+  "$(secs "$daemon_cpu")" "$(secs "$sink_cpu")" "$(secs "$src_cpu")" "$SECS"
 cat >"$root/target/bench/latency.json" <<JSON
-{"rate_txn_per_s": $RATE, "secs": $SECS, "transactions": $txns, "p50_s": "$p50", "p99_s": "$p99", "observed_commits": $observed, "store_equal": $equal, "peak_rss_kib": $rss}
+{"rate_txn_per_s": $RATE, "secs": $SECS, "transactions": $txns, "p50_s": "$p50", "p99_s": "$p99", "observed_commits": $observed, "store_equal": $equal, "peak_rss_kib": $rss,
+ "cpu_s": {"daemon": $(secs "$daemon_cpu"), "store": $(secs "$sink_cpu"), "source": $(secs "$src_cpu")}}
 JSON
 [ "$equal" = true ] || { echo "the store differs from the source" >&2; exit 1; }

@@ -35,6 +35,20 @@ start() { # name port
 }
 q() { local port=$1; shift; psql -X -q -v ON_ERROR_STOP=1 -h 127.0.0.1 -p "$port" -U postgres -d postgres -At "$@"; }
 now() { date +%s.%N; }
+# CPU seconds (user + system) a cluster has used so far: the postmaster, its
+# live children, and the children it has reaped (backends that exited).
+HZ=$(getconf CLK_TCK)
+cluster_cpu() { # dir
+  local pm total=0 pid
+  pm=$(head -1 "$TMP/$1/postmaster.pid")
+  total=$(awk '{print $14 + $15 + $16 + $17}' "/proc/$pm/stat")
+  for pid in $(pgrep -P "$pm"); do
+    total=$((total + $(awk '{print $14 + $15}' "/proc/$pid/stat" 2>/dev/null || echo 0)))
+  done
+  echo "$total"
+}
+proc_cpu() { awk '{print $14 + $15}' "/proc/$1/stat" 2>/dev/null || echo 0; }
+secs() { awk "BEGIN{printf \"%.1f\", $1 / $HZ}"; }
 
 start src "$SRC_PORT"
 start sink "$SINK_PORT"
@@ -110,6 +124,7 @@ q "$SRC_PORT" -c "select pg_drop_replication_slot('peek')" >/dev/null
 q "$SINK_PORT" -c "alter subscription bench enable"
 until [ -n "$(q "$SINK_PORT" -c "select pid from pg_stat_subscription where subname = 'bench' and pid is not null")" ]; do sleep 0.02; done
 t0=$(now)
+src_cpu0=$(cluster_cpu src); sink_cpu0=$(cluster_cpu sink)
 while :; do
   done_=$(q "$SRC_PORT" -c "select coalesce(confirmed_flush_lsn >= '$end_lsn', false) from pg_replication_slots where slot_name = 'bench'")
   [ "$done_" = t ] && break
@@ -117,11 +132,13 @@ while :; do
 done
 t1=$(now)
 apply_s=$(awk "BEGIN{print $t1 - $t0}")
+native_src_cpu=$(( $(cluster_cpu src) - src_cpu0 )); native_sink_cpu=$(( $(cluster_cpu sink) - sink_cpu0 ))
 check=$(q "$SINK_PORT" -c "select count(*) from orders where status = 'shipped'")
 [ "$check" = "$((txns * BATCH))" ] || { echo "native apply incomplete: $check shipped orders" >&2; exit 1; }
 
 if [ -n "${TRIBUTARY:-}" ]; then
   t0=$(now)
+  src_cpu0=$(cluster_cpu src); sink_cpu0=$(cluster_cpu sink)
   "$TRIBUTARY" run --config "$TMP/tributary.toml" >>"$TMP/tributary.log" 2>&1 &
   tpid=$!
   want=$((txns * BATCH))
@@ -133,6 +150,8 @@ if [ -n "${TRIBUTARY:-}" ]; then
   done
   t1=$(now)
   trib_s=$(awk "BEGIN{print $t1 - $t0}")
+  trib_cpu=$(proc_cpu "$tpid")
+  trib_src_cpu=$(( $(cluster_cpu src) - src_cpu0 )); trib_sink_cpu=$(( $(cluster_cpu sink) - sink_cpu0 ))
   got=$(psql -X -At -h 127.0.0.1 -p "$SINK_PORT" -U postgres -d profiles -c "select coalesce(sum((traits->>'shipped_orders')::bigint), 0) from tributary.profiles")
   [ "$got" = "$want" ] || { echo "tributary store incomplete: $got of $want shipped orders" >&2; exit 1; }
   rss=$(awk '/VmHWM/ {print $2}' /proc/$tpid/status 2>/dev/null || echo 0)
@@ -147,7 +166,21 @@ if [ -n "${TRIBUTARY:-}" ]; then
   printf 'tributary %9d rows %8.2f s %9d rows/s  (drains the same backlog into the profile store; peak RSS %d MiB)\n' "$rows" "$trib_s" "$(rate "$rows" "$trib_s")" "$((rss / 1024))"
   printf 'ratio     %s  (tributary rows/s / native rows/s)\n' "$(awk "BEGIN{printf \"%.2f\", $apply_s / $trib_s}")"
 fi
+# Where the CPU went while each drained (two cores shared by everything here):
+# what a faster write path has to save, and steadier than the wall time.
+printf 'cpu       native: sink %s s, source %s s' "$(secs "$native_sink_cpu")" "$(secs "$native_src_cpu")"
+if [ -n "${TRIBUTARY:-}" ]; then
+  printf '; tributary: daemon %s s, store %s s, source %s s' "$(secs "$trib_cpu")" "$(secs "$trib_sink_cpu")" "$(secs "$trib_src_cpu")"
+fi
+printf '\n'
+trib_json=
+if [ -n "${TRIBUTARY:-}" ]; then
+  trib_json=",
+ \"tributary_apply_s\": $trib_s, \"tributary_rows_per_s\": $(rate "$rows" "$trib_s"), \"tributary_peak_rss_kib\": $rss,
+ \"tributary_cpu_s\": {\"daemon\": $(secs "$trib_cpu"), \"store\": $(secs "$trib_sink_cpu"), \"source\": $(secs "$trib_src_cpu")}"
+fi
 cat >"$OUT_JSON" <<EOF
 {"rows": $rows, "batch": $BATCH, "write_s": $write_s, "decode_s": $decode_s, "native_apply_s": $apply_s,
- "decode_rows_per_s": $(rate "$rows" "$decode_s"), "native_apply_rows_per_s": $(rate "$rows" "$apply_s")}
+ "decode_rows_per_s": $(rate "$rows" "$decode_s"), "native_apply_rows_per_s": $(rate "$rows" "$apply_s"),
+ "native_cpu_s": {"sink": $(secs "$native_sink_cpu"), "source": $(secs "$native_src_cpu")}$trib_json}
 EOF
