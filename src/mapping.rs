@@ -139,6 +139,42 @@ impl Mapper {
 }
 
 impl TableMapping {
+    /// The identifiers of an insert, update or snapshot image (an identifier
+    /// column that was not sent keeps `prev`'s value): the part of
+    /// [`TableMapping::contribution`] that says which profiles a change
+    /// touches, without building its fields, aggregates and digest.
+    pub fn identities(
+        &self,
+        ev: &ChangeEvent,
+        prev: Option<&Contribution>,
+    ) -> Result<Vec<Ident>, MapError> {
+        let t = &self.table;
+        let mut identities: Vec<Ident> = Vec::new();
+        for (kind, col) in &t.identity {
+            let v = if ev.unchanged.iter().any(|c| c == col) {
+                prev.and_then(|p| {
+                    p.identities
+                        .iter()
+                        .find(|(k, _)| k == kind)
+                        .map(|(_, v)| v.clone())
+                })
+            } else {
+                let v = ev
+                    .row
+                    .get(col)
+                    .ok_or_else(|| MapError::MissingColumn(col.to_owned()))?;
+                normalize(kind, self.normalize[kind], v)?
+            };
+            if let Some(v) = v {
+                identities.push((kind.clone(), v));
+            }
+        }
+        if identities.is_empty() {
+            return Err(MapError::NoIdentity(t.identity.values().cloned().collect()));
+        }
+        Ok(identities)
+    }
+
     /// Maps an insert/update/snapshot image into a contribution (no profile yet).
     /// `prev` supplies values for unchanged TOAST columns.
     pub fn contribution(
@@ -159,24 +195,7 @@ impl TableMapping {
                 .ok_or_else(|| MapError::MissingColumn(col.to_owned()))
         };
 
-        let mut identities: Vec<Ident> = Vec::new();
-        for (kind, col) in &t.identity {
-            let v = match value(col)? {
-                Some(v) => normalize(kind, self.normalize[kind], v)?,
-                None => prev.and_then(|p| {
-                    p.identities
-                        .iter()
-                        .find(|(k, _)| k == kind)
-                        .map(|(_, v)| v.clone())
-                }),
-            };
-            if let Some(v) = v {
-                identities.push((kind.clone(), v));
-            }
-        }
-        if identities.is_empty() {
-            return Err(MapError::NoIdentity(t.identity.values().cloned().collect()));
-        }
+        let identities = self.identities(ev, prev)?;
 
         let mut fields = BTreeMap::new();
         for (field, col) in &t.fields {

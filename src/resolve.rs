@@ -34,7 +34,7 @@ use serde_json::{Map, Number, Value};
 use crate::config::{AggFn, AggregateConfig, Strategy};
 use crate::event::{ChangeEvent, Lsn, Op};
 use crate::identity::Ident;
-use crate::mapping::{MapError, Mapper};
+use crate::mapping::{MapError, Mapper, TableMapping};
 
 /// Profile identifier.
 pub type ProfileId = i64;
@@ -555,40 +555,75 @@ impl State {
             table: ev.table.clone(),
             row_key: ev.row_key(),
         };
-        let prev = self.contributions.get(&row).cloned();
-        match ev.op {
+        // Taken out rather than cloned (a contribution owns its strings and
+        // maps); every path that does not replace it puts it back.
+        let prev = self.contributions.remove(&row);
+        let merges_before = self.log.merges.len();
+        let (outcome, unchanged) = match ev.op {
             Op::Insert | Op::Update | Op::Snapshot => {
-                let mut new = match mapping.contribution(ev, prev.as_ref().filter(|p| !p.deleted)) {
-                    Ok(c) => c,
-                    // The row's identifiers became NULL or unparsable: as it is
-                    // now it links nobody, so it contributes nothing any more
-                    // (like a delete), and the image goes to dead_letters. Other
-                    // errors (a mapped column dropped upstream) keep the row's
-                    // last good word until the mapping is fixed.
-                    Err(err @ (MapError::NoIdentity(_) | MapError::Identity(_))) => {
-                        if prev.is_some() {
-                            self.remove_row(row, prev.as_ref(), ev, mapping.priority);
-                        }
-                        return Err(err);
-                    }
-                    Err(err) => return Err(err),
-                };
-                let p = self.link(&new.identities, mapper.max_identities())?;
-                if let Some(prev) = &prev {
-                    if !is_newer(&new, prev) {
-                        return Ok(Outcome::Stale);
-                    }
-                    self.withdraw(prev);
-                }
-                new.profile_id = Some(p);
-                self.contribute(&new, p);
-                self.put(new);
-                Ok(Outcome::Applied)
+                self.apply_image(mapper, mapping, ev, row, prev.as_ref())
             }
             Op::Delete | Op::Truncate => {
-                Ok(self.remove_row(row, prev.as_ref(), ev, mapping.priority))
+                let o = self.remove_row(row, prev.as_ref(), ev, mapping.priority);
+                let stale = o == Outcome::Stale;
+                (Ok(o), stale)
+            }
+        };
+        if unchanged {
+            if let Some(mut prev) = prev {
+                // The merges this change made while the row was out
+                // re-pointed the rows they could see: this one too.
+                for &(loser, survivor) in &self.log.merges[merges_before..] {
+                    if prev.profile_id == Some(loser) {
+                        prev.profile_id = Some(survivor);
+                        self.log.contributions.insert(prev.row.clone());
+                    }
+                }
+                self.contributions.insert(prev.row.clone(), prev);
             }
         }
+        outcome
+    }
+
+    /// [`State::apply`] of an insert, update or snapshot image, with the row's
+    /// previous contribution taken out of the state. Also returns whether the
+    /// row's entry was left as it was (the caller puts `prev` back).
+    fn apply_image(
+        &mut self,
+        mapper: &Mapper,
+        mapping: &TableMapping,
+        ev: &ChangeEvent,
+        row: RowRef,
+        prev: Option<&Contribution>,
+    ) -> (Result<Outcome, MapError>, bool) {
+        let mut new = match mapping.contribution(ev, prev.filter(|p| !p.deleted)) {
+            Ok(c) => c,
+            // The row's identifiers became NULL or unparsable: as it is
+            // now it links nobody, so it contributes nothing any more
+            // (like a delete), and the image goes to dead_letters. Other
+            // errors (a mapped column dropped upstream) keep the row's
+            // last good word until the mapping is fixed.
+            Err(err @ (MapError::NoIdentity(_) | MapError::Identity(_))) => {
+                let replaced = prev.is_some()
+                    && self.remove_row(row, prev, ev, mapping.priority) == Outcome::Applied;
+                return (Err(err), !replaced);
+            }
+            Err(err) => return (Err(err), true),
+        };
+        let p = match self.link(&new.identities, mapper.max_identities()) {
+            Ok(p) => p,
+            Err(err) => return (Err(err), true),
+        };
+        if let Some(prev) = prev {
+            if !is_newer(&new, prev) {
+                return (Ok(Outcome::Stale), true);
+            }
+            self.withdraw(prev);
+        }
+        new.profile_id = Some(p);
+        self.contribute(&new, p);
+        self.put(new);
+        (Ok(Outcome::Applied), false)
     }
 
     /// The row contributes nothing from `ev` on: its previous contribution is

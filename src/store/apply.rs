@@ -479,9 +479,9 @@ pub(crate) async fn plan(
                 table: e.table.clone(),
                 row_key: e.row_key(),
             });
-            if let Ok(c) = m.contribution(e, prev.filter(|p| !p.deleted)) {
-                idents.extend(c.identities.iter().cloned());
-                event_idents[i] = c.identities;
+            if let Ok(ids) = m.identities(e, prev.filter(|p| !p.deleted)) {
+                idents.extend(ids.iter().cloned());
+                event_idents[i] = ids;
             }
         }
     }
