@@ -5,6 +5,10 @@
 #   cluster_start DIR PORT [LINE..] initdb + start, with wal_level = logical and the
 #                                   extra postgresql.conf lines given
 #   clusters_stop                   stops every cluster under TMP and removes it
+#   cluster_cpu DIR                 CPU ticks (user + system) the cluster used so far:
+#                                   the postmaster, its live children and those it reaped
+#   proc_cpu PID                    CPU ticks one process used so far
+#   secs TICKS                      ticks as seconds, one decimal
 
 clusters_init() {
   PGBIN=${PGBIN:-$(dirname "$(readlink -f "$(command -v pg_ctl || ls /usr/lib/postgresql/*/bin/pg_ctl | tail -1)")")}
@@ -29,3 +33,18 @@ clusters_stop() {
   done
   rm -rf "$TMP"
 }
+
+HZ=$(getconf CLK_TCK)
+cluster_cpu() {
+  local pm total pid
+  pm=$(head -1 "$TMP/$1/postmaster.pid")
+  total=$(awk '{print $14 + $15 + $16 + $17}' "/proc/$pm/stat")
+  for pid in $(pgrep -P "$pm"); do
+    total=$((total + $(awk '{print $14 + $15}' "/proc/$pid/stat" 2>/dev/null || echo 0)))
+  done
+  echo "$total"
+}
+
+proc_cpu() { awk '{print $14 + $15}' "/proc/$1/stat" 2>/dev/null || echo 0; }
+
+secs() { awk "BEGIN{printf \"%.1f\", $1 / $HZ}"; }

@@ -37,20 +37,6 @@ start() { # name port
   cluster_start "$1" "$2" "shared_buffers = 256MB"
 }
 q() { local port=$1; shift; psql -X -q -v ON_ERROR_STOP=1 -h 127.0.0.1 -p "$port" -U postgres -d postgres -At "$@"; }
-# CPU seconds (user + system) used so far by a cluster (postmaster, live and
-# reaped children) and by one process.
-HZ=$(getconf CLK_TCK)
-cluster_cpu() { # dir
-  local pm total pid
-  pm=$(head -1 "$TMP/$1/postmaster.pid")
-  total=$(awk '{print $14 + $15 + $16 + $17}' "/proc/$pm/stat")
-  for pid in $(pgrep -P "$pm"); do
-    total=$((total + $(awk '{print $14 + $15}' "/proc/$pid/stat" 2>/dev/null || echo 0)))
-  done
-  echo "$total"
-}
-proc_cpu() { awk '{print $14 + $15}' "/proc/$1/stat" 2>/dev/null || echo 0; }
-secs() { awk "BEGIN{printf \"%.1f\", $1 / $HZ}"; }
 scrape() { # prints the end-to-end histogram's bucket lines
   exec 3<>"/dev/tcp/127.0.0.1/$METRICS_PORT"
   printf 'GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n' >&3

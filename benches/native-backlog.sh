@@ -35,20 +35,6 @@ start() { # name port
 }
 q() { local port=$1; shift; psql -X -q -v ON_ERROR_STOP=1 -h 127.0.0.1 -p "$port" -U postgres -d postgres -At "$@"; }
 now() { date +%s.%N; }
-# CPU seconds (user + system) a cluster has used so far: the postmaster, its
-# live children, and the children it has reaped (backends that exited).
-HZ=$(getconf CLK_TCK)
-cluster_cpu() { # dir
-  local pm total=0 pid
-  pm=$(head -1 "$TMP/$1/postmaster.pid")
-  total=$(awk '{print $14 + $15 + $16 + $17}' "/proc/$pm/stat")
-  for pid in $(pgrep -P "$pm"); do
-    total=$((total + $(awk '{print $14 + $15}' "/proc/$pid/stat" 2>/dev/null || echo 0)))
-  done
-  echo "$total"
-}
-proc_cpu() { awk '{print $14 + $15}' "/proc/$1/stat" 2>/dev/null || echo 0; }
-secs() { awk "BEGIN{printf \"%.1f\", $1 / $HZ}"; }
 
 start src "$SRC_PORT"
 start sink "$SINK_PORT"

@@ -101,26 +101,10 @@ url = "{sink}"
 /// `profiles.provenance` keeps its provenance, row for row, through `migrate`.
 #[tokio::test]
 async fn migrating_an_existing_store_keeps_its_field_provenance() {
-    use sqlx::postgres::PgPoolOptions;
     let pg = cluster();
     let sink = create_db(&pg, "profiles").await;
-    exec(&sink, "create schema tributary").await;
     // The store as the previous release left it: every migration but the view.
-    let mut old = sqlx::migrate::Migrator::DEFAULT;
-    old.migrations = tributary::store::MIGRATOR
-        .migrations
-        .iter()
-        .filter(|m| m.version < 20261201000001)
-        .cloned()
-        .collect::<Vec<_>>()
-        .into();
-    let pool = PgPoolOptions::new()
-        .max_connections(1)
-        .connect(&format!("{sink}&options=-csearch_path%3Dtributary"))
-        .await
-        .unwrap();
-    old.run(&pool).await.unwrap();
-    pool.close().await;
+    store_before(&sink, 20261201000001).await;
     exec(
         &sink,
         "insert into tributary.profiles (profile_id, traits) values
@@ -133,19 +117,7 @@ async fn migrating_an_existing_store_keeps_its_field_provenance() {
     let dump = "select string_agg(format('%s %s %s %s %s %s %s %s', profile_id, field, value::text, source, table_name,
                   row_key, freshness, lsn), ' | ' order by profile_id, field) from tributary.profile_fields";
     let before: String = scalar(&sink, dump).await;
-    let cfg = write_config(&format!(
-        r#"
-[sink]
-url = "{sink}"
-
-[[source]]
-name = "crm"
-url = "{sink}"
-  [[source.table]]
-  name = "public.contacts"
-  identity = {{ email = "email" }}
-"#
-    ));
+    let cfg = contacts_config(&sink, "");
     let out = run_cmd(&cfg, &["migrate"]);
     assert!(out.status.success(), "{}", text(&out));
     let kind: String = scalar(
@@ -163,25 +135,9 @@ url = "{sink}"
 /// reads the migrated log in the order it was first applied.
 #[tokio::test]
 async fn migrating_an_existing_event_log_keeps_its_changes_and_rebuild_reads_them() {
-    use sqlx::postgres::PgPoolOptions;
     let pg = cluster();
     let sink = create_db(&pg, "profiles").await;
-    exec(&sink, "create schema tributary").await;
-    let mut old = sqlx::migrate::Migrator::DEFAULT;
-    old.migrations = tributary::store::MIGRATOR
-        .migrations
-        .iter()
-        .filter(|m| m.version < 20261201000004)
-        .cloned()
-        .collect::<Vec<_>>()
-        .into();
-    let pool = PgPoolOptions::new()
-        .max_connections(1)
-        .connect(&format!("{sink}&options=-csearch_path%3Dtributary"))
-        .await
-        .unwrap();
-    old.run(&pool).await.unwrap();
-    pool.close().await;
+    store_before(&sink, 20261201000004).await;
     // Applied in this order: contact 2, then contact 1 and its later update.
     exec(
         &sink,
@@ -194,20 +150,7 @@ async fn migrating_an_existing_event_log_keeps_its_changes_and_rebuild_reads_the
     .await;
     let dump = "select string_agg(format('%s %s %s %s %s', source, commit_lsn, seq, key::text, row::jsonb::text), ' | ' order by applied_seq) from tributary.events";
     let before: String = scalar(&sink, dump).await;
-    let cfg = write_config(&format!(
-        r#"
-[sink]
-url = "{sink}"
-
-[[source]]
-name = "crm"
-url = "{sink}"
-  [[source.table]]
-  name = "public.contacts"
-  identity = {{ email = "email" }}
-  fields = {{ name = "name" }}
-"#
-    ));
+    let cfg = contacts_config(&sink, r#"fields = { name = "name" }"#);
     let out = run_cmd(&cfg, &["migrate"]);
     assert!(out.status.success(), "{}", text(&out));
     let row_type: String = scalar(
@@ -229,4 +172,45 @@ url = "{sink}"
     )
     .await;
     assert_eq!(profiles, "a@x.com=Anna, b@x.com=Bea");
+}
+
+/// A store with the migrations before `version` applied, as an earlier
+/// release left it.
+async fn store_before(sink: &str, version: i64) {
+    use sqlx::postgres::PgPoolOptions;
+    exec(sink, "create schema tributary").await;
+    let mut old = sqlx::migrate::Migrator::DEFAULT;
+    old.migrations = tributary::store::MIGRATOR
+        .migrations
+        .iter()
+        .filter(|m| m.version < version)
+        .cloned()
+        .collect::<Vec<_>>()
+        .into();
+    let pool = PgPoolOptions::new()
+        .max_connections(1)
+        .connect(&format!("{sink}&options=-csearch_path%3Dtributary"))
+        .await
+        .unwrap();
+    old.run(&pool).await.unwrap();
+    pool.close().await;
+}
+
+/// A config with one source, `public.contacts` of the sink's own database
+/// mapped by email (`table_extra`: more lines of the table's section).
+fn contacts_config(sink: &str, table_extra: &str) -> ConfigFile {
+    write_config(&format!(
+        r#"
+[sink]
+url = "{sink}"
+
+[[source]]
+name = "crm"
+url = "{sink}"
+  [[source.table]]
+  name = "public.contacts"
+  identity = {{ email = "email" }}
+  {table_extra}
+"#
+    ))
 }
