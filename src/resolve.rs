@@ -556,38 +556,34 @@ impl State {
             row_key: ev.row_key(),
         };
         // Taken out rather than cloned (a contribution owns its strings and
-        // maps); every path that does not replace it puts it back.
+        // maps); a path that does not replace it leaves the slot empty, and
+        // it is put back.
         let prev = self.contributions.remove(&row);
         let merges_before = self.log.merges.len();
-        let (outcome, unchanged) = match ev.op {
+        let outcome = match ev.op {
             Op::Insert | Op::Update | Op::Snapshot => {
                 self.apply_image(mapper, mapping, ev, row, prev.as_ref())
             }
             Op::Delete | Op::Truncate => {
-                let o = self.remove_row(row, prev.as_ref(), ev, mapping.priority);
-                let stale = o == Outcome::Stale;
-                (Ok(o), stale)
+                Ok(self.remove_row(row, prev.as_ref(), ev, mapping.priority))
             }
         };
-        if unchanged {
-            if let Some(mut prev) = prev {
-                // The merges this change made while the row was out
-                // re-pointed the rows they could see: this one too.
-                for &(loser, survivor) in &self.log.merges[merges_before..] {
-                    if prev.profile_id == Some(loser) {
-                        prev.profile_id = Some(survivor);
-                        self.log.contributions.insert(prev.row.clone());
-                    }
+        if let Some(mut prev) = prev.filter(|p| !self.contributions.contains_key(&p.row)) {
+            // The merges this change made while the row was out re-pointed
+            // the rows they could see: this one too.
+            for &(loser, survivor) in &self.log.merges[merges_before..] {
+                if prev.profile_id == Some(loser) {
+                    prev.profile_id = Some(survivor);
+                    self.log.contributions.insert(prev.row.clone());
                 }
-                self.contributions.insert(prev.row.clone(), prev);
             }
+            self.contributions.insert(prev.row.clone(), prev);
         }
         outcome
     }
 
     /// [`State::apply`] of an insert, update or snapshot image, with the row's
-    /// previous contribution taken out of the state. Also returns whether the
-    /// row's entry was left as it was (the caller puts `prev` back).
+    /// previous contribution taken out of the state.
     fn apply_image(
         &mut self,
         mapper: &Mapper,
@@ -595,7 +591,7 @@ impl State {
         ev: &ChangeEvent,
         row: RowRef,
         prev: Option<&Contribution>,
-    ) -> (Result<Outcome, MapError>, bool) {
+    ) -> Result<Outcome, MapError> {
         let mut new = match mapping.contribution(ev, prev.filter(|p| !p.deleted)) {
             Ok(c) => c,
             // The row's identifiers became NULL or unparsable: as it is
@@ -604,26 +600,24 @@ impl State {
             // errors (a mapped column dropped upstream) keep the row's
             // last good word until the mapping is fixed.
             Err(err @ (MapError::NoIdentity(_) | MapError::Identity(_))) => {
-                let replaced = prev.is_some()
-                    && self.remove_row(row, prev, ev, mapping.priority) == Outcome::Applied;
-                return (Err(err), !replaced);
+                if prev.is_some() {
+                    self.remove_row(row, prev, ev, mapping.priority);
+                }
+                return Err(err);
             }
-            Err(err) => return (Err(err), true),
+            Err(err) => return Err(err),
         };
-        let p = match self.link(&new.identities, mapper.max_identities()) {
-            Ok(p) => p,
-            Err(err) => return (Err(err), true),
-        };
+        let p = self.link(&new.identities, mapper.max_identities())?;
         if let Some(prev) = prev {
             if !is_newer(&new, prev) {
-                return (Ok(Outcome::Stale), true);
+                return Ok(Outcome::Stale);
             }
             self.withdraw(prev);
         }
         new.profile_id = Some(p);
         self.contribute(&new, p);
         self.put(new);
-        (Ok(Outcome::Applied), false)
+        Ok(Outcome::Applied)
     }
 
     /// The row contributes nothing from `ev` on: its previous contribution is
