@@ -4,6 +4,8 @@
 //! SQL over the sources computes, and each change is logged exactly once.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use rand::rngs::StdRng;
@@ -268,12 +270,22 @@ async fn sigkill_mid_stream_loses_nothing_and_doubles_nothing() {
     // The workload runs on its own; the killer waits until the daemon has
     // applied something new since its last start, then kills it at a random
     // moment of its streaming (not during start-up, where a kill proves little).
+    // The workload is paced by the kills (it slows down while fewer than its
+    // share of `KILLS` have happened), so a machine where the daemon restarts
+    // slowly still gets them all.
+    const CHANGES: usize = 10_000;
+    const KILLS: usize = 24;
+    let kill_count = Arc::new(AtomicUsize::new(0));
     let workload = {
         let (crm, shop) = (crm.clone(), shop.clone());
+        let kill_count = kill_count.clone();
         tokio::spawn(async move {
             let mut w = Workload::default();
-            w.run(&crm, &shop, 10_000, 42, |_| {
-                std::thread::sleep(Duration::from_millis(4))
+            w.run(&crm, &shop, CHANGES, 42, |done| {
+                // Behind schedule: slow down, but keep changes flowing (the
+                // killer waits for the daemon to apply something new).
+                let behind = kill_count.load(Ordering::SeqCst) < KILLS * done / CHANGES;
+                std::thread::sleep(Duration::from_millis(if behind { 60 } else { 4 }));
             })
             .await;
             w
@@ -298,6 +310,7 @@ async fn sigkill_mid_stream_loses_nothing_and_doubles_nothing() {
         if let Some(d) = killed.take() {
             d.kill9();
             kills += 1;
+            kill_count.store(kills, Ordering::SeqCst);
         }
         killed = Some(Daemon::start(&cfg_killed));
     }
