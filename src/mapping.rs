@@ -5,7 +5,9 @@
 //! becomes a dead letter) out. An unchanged TOAST column keeps the value the
 //! row's previous contribution had.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
+
+use foldhash::HashMap;
 use std::sync::Arc;
 
 use chrono::{DateTime, NaiveDate, NaiveDateTime, Utc};
@@ -77,7 +79,8 @@ pub struct TableMapping {
 /// All mappings and the field strategies, built once from the config.
 #[derive(Debug, Clone, Default)]
 pub struct Mapper {
-    tables: HashMap<(String, String), Arc<TableMapping>>,
+    /// Source → table → mapping (looked up by `&str`, several times per change).
+    tables: HashMap<String, HashMap<String, Arc<TableMapping>>>,
     strategies: BTreeMap<String, Strategy>,
     aggregates: BTreeMap<String, AggregateConfig>,
     priorities: BTreeMap<String, i32>,
@@ -102,8 +105,8 @@ impl Mapper {
                     .collect();
                 m.aggregates
                     .extend(t.aggregates.iter().map(|(k, v)| (k.clone(), v.clone())));
-                m.tables.insert(
-                    (s.name.clone(), t.qualified.clone()),
+                m.tables.entry(s.name.clone()).or_default().insert(
+                    t.qualified.clone(),
                     Arc::new(TableMapping {
                         source: s.name.clone(),
                         priority: s.priority,
@@ -119,7 +122,7 @@ impl Mapper {
 
     /// The mapping of `source`'s `table`, if mapped.
     pub fn table(&self, source: &str, table: &str) -> Option<&Arc<TableMapping>> {
-        self.tables.get(&(source.to_owned(), table.to_owned()))
+        self.tables.get(source)?.get(table)
     }
 
     /// Resolution strategy of a field.

@@ -61,7 +61,7 @@ pub const IDENTITIES: &str = "tributary_identities";
 
 /// Estimated bytes of the in-memory merge state after the last commit.
 pub const CACHE_BYTES: &str = "tributary_merge_cache_bytes";
-/// Commits that left the merge state above its budget (entries dropped).
+/// Generations of the merge state dropped to stay within its budget.
 pub const CACHE_EVICTIONS: &str = "tributary_merge_cache_evictions_total";
 /// Rows a batch touched, by where they came from (`hit`, `read`, `new`).
 pub const CACHE_ROWS: &str = "tributary_merge_cache_rows_total";
@@ -233,7 +233,7 @@ fn describe() {
     );
     metrics::describe_counter!(
         CACHE_EVICTIONS,
-        "Commits that left the merge state above its budget"
+        "Generations of the merge state dropped to stay within its budget"
     );
     metrics::describe_counter!(
         CACHE_ROWS,

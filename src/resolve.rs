@@ -25,7 +25,9 @@
 //! [`ChangeLog`] for the adapter to write.
 
 use std::cmp::Ordering;
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
+
+use foldhash::HashMap;
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};

@@ -30,15 +30,20 @@
 //!   per batch.
 //!
 //! The budget (`sink.memory_budget_mb`) bounds the estimated size of the
-//! cached entries; when a write is prepared with the cache above the budget,
-//! the entries no uncommitted write pinned are dropped (the key hashes stay)
-//! and reload on demand. After a write that merged profiles the next one waits
+//! cached entries. Entries live in two generations: a write puts what it
+//! touched into the young one; when a write is prepared with the cache above
+//! the budget, the old generation is dropped (but for keys an uncommitted
+//! write pinned; the key hashes stay) and the young one becomes old. So the
+//! entries used in the last stretch of writes survive, a full cache costs one
+//! map swap instead of a rebuild, and what was dropped reloads on demand. After a write that merged profiles the next one waits
 //! for its commit and drops them: re-pointing the loser's rows in memory would
 //! cost the size of the state, and the store re-points them in one statement.
 
-use std::collections::hash_map::DefaultHasher;
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
-use std::hash::{Hash, Hasher};
+use std::collections::{BTreeMap, BTreeSet};
+use std::hash::{BuildHasher, Hash};
+
+use foldhash::fast::FixedState;
+use foldhash::{HashMap, HashMapExt, HashSet, HashSetExt};
 
 use serde_json::{Map, Value};
 
@@ -61,17 +66,90 @@ pub struct CachedProfile {
     pub field_rows: Option<BTreeSet<RowRef>>,
 }
 
+/// One kind of entry in two generations (see the module doc), with the
+/// estimated bytes of each.
+#[derive(Debug)]
+struct Generations<K, V> {
+    young: HashMap<K, V>,
+    old: HashMap<K, V>,
+    young_bytes: usize,
+    old_bytes: usize,
+    size: fn(&K, &V) -> usize,
+}
+
+impl<K: Eq + Hash, V> Generations<K, V> {
+    fn new(size: fn(&K, &V) -> usize) -> Self {
+        Generations {
+            young: HashMap::new(),
+            old: HashMap::new(),
+            young_bytes: 0,
+            old_bytes: 0,
+            size,
+        }
+    }
+
+    fn bytes(&self) -> usize {
+        self.young_bytes + self.old_bytes
+    }
+
+    fn get(&self, k: &K) -> Option<&V> {
+        self.young.get(k).or_else(|| self.old.get(k))
+    }
+
+    fn remove(&mut self, k: &K) -> Option<(K, V)> {
+        if let Some((k, v)) = self.young.remove_entry(k) {
+            self.young_bytes = self.young_bytes.saturating_sub((self.size)(&k, &v));
+            Some((k, v))
+        } else {
+            let (k, v) = self.old.remove_entry(k)?;
+            self.old_bytes = self.old_bytes.saturating_sub((self.size)(&k, &v));
+            Some((k, v))
+        }
+    }
+
+    fn insert(&mut self, k: K, v: V) {
+        self.remove(&k);
+        self.young_bytes += (self.size)(&k, &v);
+        self.young.insert(k, v);
+    }
+
+    /// Drops the old generation but for the keys in `keep` (moved to the
+    /// young one), and makes the young generation old.
+    fn rotate<'a>(&mut self, keep: impl Iterator<Item = &'a K>)
+    where
+        K: 'a,
+    {
+        for k in keep {
+            if let Some((k, v)) = self.old.remove_entry(k) {
+                let size = (self.size)(&k, &v);
+                self.old_bytes = self.old_bytes.saturating_sub(size);
+                self.young_bytes += size;
+                self.young.insert(k, v);
+            }
+        }
+        let capacity = self.young.len();
+        self.old = std::mem::replace(&mut self.young, HashMap::with_capacity(capacity));
+        self.old_bytes = std::mem::take(&mut self.young_bytes);
+    }
+
+    fn clear(&mut self) {
+        self.young = HashMap::new();
+        self.old = HashMap::new();
+        self.young_bytes = 0;
+        self.old_bytes = 0;
+    }
+}
+
 /// The cache; see the module doc.
 #[derive(Debug)]
 pub struct MergeCache {
     budget: usize,
-    bytes: usize,
     peak: usize,
     /// The store's write generation the entries reflect; None: unknown.
     generation: Option<i64>,
-    contributions: HashMap<RowRef, Contribution>,
-    owners: HashMap<Ident, ProfileId>,
-    profiles: HashMap<ProfileId, CachedProfile>,
+    contributions: Generations<RowRef, Contribution>,
+    owners: Generations<Ident, ProfileId>,
+    profiles: Generations<ProfileId, CachedProfile>,
     next_profile_id: Option<ProfileId>,
     suppressions: Option<HashSet<Ident>>,
     /// Whether `known` lists every key of the store.
@@ -94,12 +172,11 @@ impl MergeCache {
     pub fn new(budget: usize) -> MergeCache {
         MergeCache {
             budget,
-            bytes: 0,
             peak: 0,
             generation: None,
-            contributions: HashMap::new(),
-            owners: HashMap::new(),
-            profiles: HashMap::new(),
+            contributions: Generations::new(|_, c| contribution_size(c)),
+            owners: Generations::new(|i, _| ident_size(i)),
+            profiles: Generations::new(|_, p| profile_size(p)),
             next_profile_id: None,
             suppressions: None,
             authoritative: false,
@@ -193,39 +270,37 @@ impl MergeCache {
             .collect()
     }
 
-    /// Past the budget, drops every entry no uncommitted write touched.
+    /// Before a write: once the young generation holds half of what the
+    /// budget leaves for entries, drops the old generation but the entries an
+    /// uncommitted write touched, and makes the young one old; when what is
+    /// left is still past the budget (one write touched more than it), that
+    /// goes too.
     pub fn evict_unpinned(&mut self) {
-        if self.bytes <= self.budget {
-            metrics::gauge!(crate::metrics::CACHE_BYTES).set(self.bytes as f64);
-            return;
+        let limit = self.budget.saturating_sub(self.known.len() * KNOWN_KEY);
+        let young =
+            self.contributions.young_bytes + self.owners.young_bytes + self.profiles.young_bytes;
+        if young > limit / 2 || self.entry_bytes() > limit {
+            self.rotate();
+            if self.entry_bytes() > limit {
+                self.rotate();
+            }
         }
+        metrics::gauge!(crate::metrics::CACHE_BYTES).set(self.bytes() as f64);
+    }
+
+    fn rotate(&mut self) {
         metrics::counter!(crate::metrics::CACHE_EVICTIONS).increment(1);
-        let mut rows = Vec::new();
-        let mut owners = Vec::new();
-        let mut profiles = Vec::new();
-        for p in self.pins.values() {
-            rows.extend(p.rows.iter().filter_map(|r| self.contributions.remove(r)));
-            owners.extend(p.idents.iter().filter_map(|i| self.owners.remove_entry(i)));
-            profiles.extend(
-                p.profiles
-                    .iter()
-                    .filter_map(|id| self.profiles.remove(id).map(|c| (*id, c))),
-            );
-        }
-        self.drop_entries();
-        for c in rows {
-            self.bytes += contribution_size(&c);
-            self.contributions.insert(c.row.clone(), c);
-        }
-        for (i, p) in owners {
-            self.bytes += ident_size(&i);
-            self.owners.insert(i, p);
-        }
-        for (id, c) in profiles {
-            self.bytes += profile_size(&c);
-            self.profiles.insert(id, c);
-        }
-        metrics::gauge!(crate::metrics::CACHE_BYTES).set(self.bytes as f64);
+        let pins = &self.pins;
+        self.contributions
+            .rotate(pins.values().flat_map(|p| p.rows.iter()));
+        self.owners
+            .rotate(pins.values().flat_map(|p| p.idents.iter()));
+        self.profiles
+            .rotate(pins.values().flat_map(|p| p.profiles.iter()));
+    }
+
+    fn entry_bytes(&self) -> usize {
+        self.contributions.bytes() + self.owners.bytes() + self.profiles.bytes()
     }
 
     /// Starts a batch under the apply lock, which moved the store's write
@@ -256,20 +331,19 @@ impl MergeCache {
     /// The batch's writes committed at `generation`.
     pub fn committed(&mut self, generation: i64, merged: bool) {
         self.generation = Some(generation);
-        if merged || self.bytes > self.budget {
+        if merged || self.bytes() > self.budget {
             if !merged {
                 metrics::counter!(crate::metrics::CACHE_EVICTIONS).increment(1);
             }
             self.drop_entries();
         }
-        metrics::gauge!(crate::metrics::CACHE_BYTES).set(self.bytes as f64);
+        metrics::gauge!(crate::metrics::CACHE_BYTES).set(self.bytes() as f64);
     }
 
     fn drop_entries(&mut self) {
-        self.contributions = HashMap::new();
-        self.owners = HashMap::new();
-        self.profiles = HashMap::new();
-        self.bytes = self.known.len() * KNOWN_KEY;
+        self.contributions.clear();
+        self.owners.clear();
+        self.profiles.clear();
     }
 
     /// Whether the store may hold this row (false only when that is known).
@@ -284,9 +358,7 @@ impl MergeCache {
 
     /// Takes a row's contribution out (a batch's working copy).
     pub fn take_contribution(&mut self, r: &RowRef) -> Option<Contribution> {
-        let c = self.contributions.remove(r)?;
-        self.bytes = self.bytes.saturating_sub(contribution_size(&c));
-        Some(c)
+        self.contributions.remove(r).map(|(_, c)| c)
     }
 
     /// The cached contribution of a row.
@@ -301,9 +373,7 @@ impl MergeCache {
 
     /// Takes a profile out.
     pub fn take_profile(&mut self, p: ProfileId) -> Option<CachedProfile> {
-        let c = self.profiles.remove(&p)?;
-        self.bytes = self.bytes.saturating_sub(profile_size(&c));
-        Some(c)
+        self.profiles.remove(&p).map(|(_, c)| c)
     }
 
     /// The next profile id, when known.
@@ -326,11 +396,8 @@ impl MergeCache {
         if self.authoritative {
             self.know(hash_of(&c.row));
         }
-        self.bytes += contribution_size(&c);
-        if let Some(old) = self.contributions.insert(c.row.clone(), c) {
-            self.bytes = self.bytes.saturating_sub(contribution_size(&old));
-        }
-        self.peak = self.peak.max(self.bytes);
+        self.contributions.insert(c.row.clone(), c);
+        self.peak = self.peak.max(self.bytes());
     }
 
     /// Puts an identifier's owner back.
@@ -338,20 +405,14 @@ impl MergeCache {
         if self.authoritative {
             self.know(hash_of(&i));
         }
-        let size = ident_size(&i);
-        if self.owners.insert(i, p).is_none() {
-            self.bytes += size;
-        }
-        self.peak = self.peak.max(self.bytes);
+        self.owners.insert(i, p);
+        self.peak = self.peak.max(self.bytes());
     }
 
     /// Puts a profile back.
     pub fn put_profile(&mut self, p: ProfileId, c: CachedProfile) {
-        self.bytes += profile_size(&c);
-        if let Some(old) = self.profiles.insert(p, c) {
-            self.bytes = self.bytes.saturating_sub(profile_size(&old));
-        }
-        self.peak = self.peak.max(self.bytes);
+        self.profiles.insert(p, c);
+        self.peak = self.peak.max(self.bytes());
     }
 
     /// Sets the next profile id.
@@ -363,11 +424,8 @@ impl MergeCache {
     /// budget too; past half of it, absence is no longer tracked (misses are
     /// then looked up, as for a store that did not start empty).
     fn know(&mut self, h: u64) {
-        if self.known.insert(h) {
-            self.bytes += KNOWN_KEY;
-        }
+        self.known.insert(h);
         if self.known.len() * KNOWN_KEY > self.budget / 2 {
-            self.bytes = self.bytes.saturating_sub(self.known.len() * KNOWN_KEY);
             self.known = HashSet::new();
             self.authoritative = false;
         }
@@ -375,7 +433,7 @@ impl MergeCache {
 
     /// Estimated bytes held now.
     pub fn bytes(&self) -> usize {
-        self.bytes
+        self.known.len() * KNOWN_KEY + self.entry_bytes()
     }
 
     /// The largest estimate seen, for the budget test and the metrics.
@@ -384,10 +442,10 @@ impl MergeCache {
     }
 }
 
+/// The key hash recorded for a written key: the same for the process's life
+/// (a collision only costs a lookup of a key that is not there).
 fn hash_of<T: Hash + ?Sized>(t: &T) -> u64 {
-    let mut h = DefaultHasher::new();
-    t.hash(&mut h);
-    h.finish()
+    FixedState::with_seed(0x7472_6962_7574_6172).hash_one(t)
 }
 
 // Estimated bytes, as allocated on 64-bit Linux (measured against peak RSS in
@@ -540,6 +598,51 @@ mod tests {
             "the written key is known to exist"
         );
         assert!(!c.may_hold_row(&row("2")));
+    }
+
+    #[test]
+    fn past_the_budget_the_oldest_entries_go_first_and_pinned_ones_stay() {
+        let one = contribution_size(&contribution("1"));
+        // Room for four entries (the key hashes are not tracked: not rebuilt).
+        let mut c = MergeCache::new(4 * one);
+        let has = |c: &MergeCache, k: &str| c.contribution(&row(k)).is_some();
+        c.put_contribution(contribution("1"));
+        c.evict_unpinned();
+        assert!(has(&c, "1"), "under half the budget nothing moves");
+        c.put_contribution(contribution("2"));
+        c.put_contribution(contribution("3"));
+        c.evict_unpinned();
+        assert!(
+            ["1", "2", "3"].iter().all(|k| has(&c, k)),
+            "the young generation became old, nothing dropped"
+        );
+        c.pin(
+            1,
+            Pins {
+                rows: vec![row("1")],
+                ..Pins::default()
+            },
+        );
+        for k in ["4", "5", "6"] {
+            c.put_contribution(contribution(k));
+        }
+        c.evict_unpinned();
+        assert!(["1", "4", "5", "6"].iter().all(|k| has(&c, k)));
+        assert!(
+            !has(&c, "2") && !has(&c, "3"),
+            "the old generation was dropped"
+        );
+        assert!(c.bytes() <= 4 * one);
+        c.unpin_through(1);
+        for k in 7..=12 {
+            c.put_contribution(contribution(&k.to_string()));
+        }
+        c.evict_unpinned();
+        assert!(
+            !has(&c, "7") && !has(&c, "1"),
+            "one write past the budget drops everything unpinned"
+        );
+        assert_eq!(c.bytes(), 0);
     }
 
     #[test]

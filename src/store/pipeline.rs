@@ -31,7 +31,7 @@
 //!   checkpoint before it (a later batch of the same source must never commit
 //!   its checkpoint past a lost one).
 
-use std::collections::{BTreeSet, HashSet};
+use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
 
 use futures_util::future::BoxFuture;
@@ -225,7 +225,7 @@ struct Guard<'l> {
     ledger: &'l Ledger,
     ticket: u64,
     /// Profiles touched by earlier writes not yet committed.
-    in_flight: HashSet<ProfileId>,
+    in_flight: foldhash::HashSet<ProfileId>,
     settled: bool,
 }
 
