@@ -23,7 +23,12 @@ cluster_start() {
   "${RUNAS[@]}" "$PGBIN/initdb" -D "$TMP/$dir" -A trust -U postgres >/dev/null
   printf '%s\n' "port = $port" "listen_addresses = '127.0.0.1'" "unix_socket_directories = '$TMP'" \
     "wal_level = logical" "max_replication_slots = 10" "max_wal_senders = 10" "$@" >>"$TMP/$dir/postgresql.conf"
-  "${RUNAS[@]}" "$PGBIN/pg_ctl" -D "$TMP/$dir" -l "$TMP/$dir.log" -w start >/dev/null
+  # The log goes with the cluster directory on exit: show why it did not start.
+  "${RUNAS[@]}" "$PGBIN/pg_ctl" -D "$TMP/$dir" -l "$TMP/$dir.log" -w start >/dev/null || {
+    echo "cluster $dir (port $port) did not start; the end of its log:" >&2
+    tail -20 "$TMP/$dir.log" >&2
+    return 1
+  }
 }
 
 clusters_stop() {

@@ -6,11 +6,10 @@
 //! row's previous contribution had.
 
 use std::collections::BTreeMap;
-
-use foldhash::HashMap;
 use std::sync::Arc;
 
 use chrono::{DateTime, NaiveDate, NaiveDateTime, Utc};
+use foldhash::HashMap;
 use serde_json::{Map, Value};
 
 use crate::config::{AggFn, AggregateConfig, Config, Normalize, Strategy, TableConfig};

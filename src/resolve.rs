@@ -27,9 +27,8 @@
 use std::cmp::Ordering;
 use std::collections::{BTreeMap, BTreeSet};
 
-use foldhash::HashMap;
-
 use chrono::{DateTime, Utc};
+use foldhash::HashMap;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Number, Value};
 

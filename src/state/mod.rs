@@ -31,20 +31,21 @@
 //!
 //! The budget (`sink.memory_budget_mb`) bounds the estimated size of the
 //! cached entries. Entries live in two generations: a write puts what it
-//! touched into the young one; when a write is prepared with the cache above
-//! the budget, the old generation is dropped (but for keys an uncommitted
-//! write pinned; the key hashes stay) and the young one becomes old. So the
-//! entries used in the last stretch of writes survive, a full cache costs one
-//! map swap instead of a rebuild, and what was dropped reloads on demand. After a write that merged profiles the next one waits
-//! for its commit and drops them: re-pointing the loser's rows in memory would
-//! cost the size of the state, and the store re-points them in one statement.
+//! touched into the young one; once the young generation holds half of what
+//! the budget leaves for entries, the next write drops the old generation
+//! (but for keys an uncommitted write pinned; the key hashes stay) and the
+//! young one becomes old. So the entries of the last stretch of writes
+//! survive, a full cache costs a map swap instead of a rebuild, and what was
+//! dropped reloads on demand. After a write that merged profiles the next one
+//! waits for its commit and drops them: re-pointing the loser's rows in memory
+//! would cost the size of the state, and the store re-points them in one
+//! statement.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::hash::{BuildHasher, Hash};
 
 use foldhash::fast::FixedState;
 use foldhash::{HashMap, HashMapExt, HashSet, HashSetExt};
-
 use serde_json::{Map, Value};
 
 use crate::identity::Ident;
