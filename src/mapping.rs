@@ -140,6 +140,18 @@ impl Mapper {
     }
 }
 
+/// A column's value as `ev` sent it; None for an unchanged TOAST value (the
+/// caller falls back to the row's previous contribution).
+fn sent<'a>(ev: &'a ChangeEvent, col: &str) -> Result<Option<&'a Value>, MapError> {
+    if ev.unchanged.iter().any(|c| c == col) {
+        return Ok(None);
+    }
+    ev.row
+        .get(col)
+        .map(Some)
+        .ok_or_else(|| MapError::MissingColumn(col.to_owned()))
+}
+
 impl TableMapping {
     /// The identifiers of an insert, update or snapshot image (an identifier
     /// column that was not sent keeps `prev`'s value): the part of
@@ -153,19 +165,14 @@ impl TableMapping {
         let t = &self.table;
         let mut identities: Vec<Ident> = Vec::new();
         for (kind, col) in &t.identity {
-            let v = if ev.unchanged.iter().any(|c| c == col) {
-                prev.and_then(|p| {
+            let v = match sent(ev, col)? {
+                Some(v) => normalize(kind, self.normalize[kind], v)?,
+                None => prev.and_then(|p| {
                     p.identities
                         .iter()
                         .find(|(k, _)| k == kind)
                         .map(|(_, v)| v.clone())
-                })
-            } else {
-                let v = ev
-                    .row
-                    .get(col)
-                    .ok_or_else(|| MapError::MissingColumn(col.to_owned()))?;
-                normalize(kind, self.normalize[kind], v)?
+                }),
             };
             if let Some(v) = v {
                 identities.push((kind.clone(), v));
@@ -187,21 +194,12 @@ impl TableMapping {
         debug_assert!(matches!(ev.op, Op::Insert | Op::Update | Op::Snapshot));
         let t = &self.table;
         let unchanged = |col: &str| ev.unchanged.iter().any(|c| c == col);
-        let value = |col: &str| -> Result<Option<&Value>, MapError> {
-            if unchanged(col) {
-                return Ok(None); // caller falls back to prev
-            }
-            ev.row
-                .get(col)
-                .map(Some)
-                .ok_or_else(|| MapError::MissingColumn(col.to_owned()))
-        };
 
         let identities = self.identities(ev, prev)?;
 
         let mut fields = BTreeMap::new();
         for (field, col) in &t.fields {
-            let v = match value(col)? {
+            let v = match sent(ev, col)? {
                 Some(v) => Some(v.clone()),
                 None => prev.and_then(|p| p.fields.get(field).cloned()),
             };
@@ -251,7 +249,7 @@ impl TableMapping {
 
         let version = match &t.version {
             None => None,
-            Some(col) => match value(col)? {
+            Some(col) => match sent(ev, col)? {
                 None => prev.and_then(|p| p.version),
                 Some(Value::Null) => None,
                 Some(v) => Some(

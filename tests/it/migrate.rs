@@ -6,20 +6,7 @@ use crate::harness::*;
 async fn migrate_creates_the_contract_relations_and_is_idempotent() {
     let pg = cluster();
     let sink = create_db(&pg, "profiles").await;
-    let cfg = write_config(&format!(
-        r#"
-[sink]
-url = "{sink}"
-schema = "tributary"
-
-[[source]]
-name = "crm"
-url = "{sink}"
-  [[source.table]]
-  name = "public.contacts"
-  identity = {{ email = "email" }}
-"#
-    ));
+    let cfg = contacts_config(&sink, "");
     for _ in 0..2 {
         let out = run_cmd(&cfg, &["migrate"]);
         assert!(out.status.success(), "{}", text(&out));
