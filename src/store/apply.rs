@@ -17,9 +17,9 @@ use serde_json::{Map, Value};
 use sqlx::types::Json;
 use sqlx::{PgConnection, Row};
 
+use super::event_log::{self, EventRows};
 use super::{Store, StoreError};
 use crate::event::{ChangeEvent, Lsn, Op};
-use crate::failpoint::{self, Stage};
 use crate::identity::Ident;
 use crate::mapping::Mapper;
 use crate::resolve::{
@@ -558,20 +558,20 @@ pub(crate) async fn plan(
 /// Writes a planned batch in `tx`: the event log on `log_conn` (in a
 /// transaction of its own, at the same time as the derived rows, so that two
 /// backends work in parallel; the caller commits it just before `tx`, and if
-/// the batch then fails the retry's insert finds the events there and skips
-/// them), or in `tx` ahead of the derived rows.
+/// the batch then fails the retry finds the events there and keeps them, see
+/// `store::event_log`), or in `tx` ahead of the derived rows.
 pub(crate) async fn write_plan(
     tx: &mut PgConnection,
     log_conn: Option<&mut PgConnection>,
     plan: &Plan,
 ) -> Result<(), StoreError> {
     if log_conn.is_none() {
-        insert_events(tx, &plan.events).await?;
+        event_log::append(tx, &plan.events).await?;
     }
     let (logged, derived) = tokio::join!(
         async {
             match log_conn {
-                Some(conn) => insert_events(conn, &plan.events).await,
+                Some(conn) => event_log::append(conn, &plan.events).await,
                 None => Ok(()),
             }
         },
@@ -859,90 +859,6 @@ async fn derive(
         }
     }
     Ok((stats, writes, pins))
-}
-
-/// Rows per statement of the event log. On its own connection the chunks are
-/// written while the derived writes run, in a transaction committed just
-/// before the batch's; a crash in between leaves the log complete and the
-/// derived rows not, which the retry completes (the insert is idempotent).
-const EVENT_CHUNK: usize = 2000;
-
-/// Event-log rows, column by column, as bound to the insert (built while the
-/// batch is planned, so that writing it is I/O only).
-#[derive(Default)]
-struct EventRows {
-    source: Vec<String>,
-    lsn: Vec<String>,
-    commit_lsn: Vec<String>,
-    seq: Vec<i64>,
-    xid: Vec<i64>,
-    commit_time: Vec<chrono::DateTime<chrono::Utc>>,
-    table: Vec<String>,
-    op: Vec<&'static str>,
-    key: Vec<String>,
-    row: Vec<String>,
-    unchanged: Vec<String>,
-}
-
-impl EventRows {
-    fn of(events: &[&ChangeEvent]) -> EventRows {
-        EventRows {
-            source: events.iter().map(|e| e.source.clone()).collect(),
-            lsn: events.iter().map(|e| e.lsn.to_string()).collect(),
-            commit_lsn: events.iter().map(|e| e.commit_lsn.to_string()).collect(),
-            seq: events.iter().map(|e| i64_of(e.seq)).collect(),
-            xid: events.iter().map(|e| i64::from(e.xid)).collect(),
-            commit_time: events.iter().map(|e| e.commit_time).collect(),
-            table: events.iter().map(|e| e.table.clone()).collect(),
-            op: events.iter().map(|e| e.op.as_str()).collect(),
-            key: events
-                .iter()
-                .map(|e| serde_json::to_string(&e.key).unwrap_or_default())
-                .collect(),
-            row: events
-                .iter()
-                .map(|e| serde_json::to_string(&e.row).unwrap_or_default())
-                .collect(),
-            unchanged: events.iter().map(|e| e.unchanged.join(",")).collect(),
-        }
-    }
-
-    fn len(&self) -> usize {
-        self.source.len()
-    }
-}
-
-async fn insert_events(tx: &mut PgConnection, events: &EventRows) -> Result<(), StoreError> {
-    let n = events.len();
-    let chunks = n.div_ceil(EVENT_CHUNK);
-    for i in 0..chunks {
-        let r = i * EVENT_CHUNK..((i + 1) * EVENT_CHUNK).min(n);
-        sqlx::query(
-            "insert into events (source, lsn, commit_lsn, seq, xid, commit_time, table_name, op, key, row, unchanged)
-             select s, l::pg_lsn, cl::pg_lsn, q, x, ct, t, o, k::jsonb, r::json,
-                    case when u = '' then null else string_to_array(u, ',') end
-               from unnest($1::text[], $2::text[], $3::text[], $4::bigint[], $5::bigint[], $6::timestamptz[],
-                           $7::text[], $8::text[], $9::text[], $10::text[], $11::text[]) as u(s, l, cl, q, x, ct, t, o, k, r, u)
-             on conflict do nothing",
-        )
-        .bind(&events.source[r.clone()])
-        .bind(&events.lsn[r.clone()])
-        .bind(&events.commit_lsn[r.clone()])
-        .bind(&events.seq[r.clone()])
-        .bind(&events.xid[r.clone()])
-        .bind(&events.commit_time[r.clone()])
-        .bind(&events.table[r.clone()])
-        .bind(&events.op[r.clone()])
-        .bind(&events.key[r.clone()])
-        .bind(&events.row[r.clone()])
-        .bind(&events.unchanged[r])
-        .execute(&mut *tx)
-        .await?;
-        if i + 1 < chunks {
-            failpoint::hit(Stage::EventLog);
-        }
-    }
-    Ok(())
 }
 
 /// `contributions` rows, column by column: source, table, key, profile,

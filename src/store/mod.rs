@@ -12,6 +12,7 @@
 
 pub mod apply;
 pub mod digest;
+pub(crate) mod event_log;
 pub mod forget;
 pub mod pipeline;
 pub mod reconcile;

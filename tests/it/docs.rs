@@ -151,8 +151,9 @@ fn every_config_example_in_the_docs_parses() {
 }
 
 /// The profile store's tables, as SQL names them.
-const STORE_TABLES: [&str; 14] = [
+const STORE_TABLES: [&str; 15] = [
     "events",
+    "event_log_staging",
     "contributions",
     "identities",
     "profiles",

@@ -5,6 +5,7 @@
 use std::time::Duration;
 
 use serde_json::json;
+use sqlx::{Connection, PgConnection};
 
 use crate::harness::*;
 
@@ -76,6 +77,163 @@ async fn a_truncate_removes_rows_inserted_earlier_in_the_same_batch() {
         live, 1,
         "only the order inserted after the truncate is live"
     );
+    assert_eq!(daemon.stop(), Some(0));
+}
+
+/// Where a source transaction landed: its xid (32 bits, as logged) and the
+/// WAL positions and wall-clock times around it.
+struct Committed {
+    xid: i64,
+    lsn: (String, String),
+    time: (chrono::DateTime<chrono::Utc>, chrono::DateTime<chrono::Utc>),
+}
+
+async fn commit_on(url: &str, sql: &str) -> Committed {
+    let mut src = PgConnection::connect(url).await.unwrap();
+    let at = "select pg_current_wal_insert_lsn()::text, clock_timestamp()";
+    let (lsn_before, time_before): (String, chrono::DateTime<chrono::Utc>) =
+        sqlx::query_as(at).fetch_one(&mut src).await.unwrap();
+    let mut tx = src.begin().await.unwrap();
+    sqlx::raw_sql(sqlx::AssertSqlSafe(sql.to_owned()))
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    let xid: i64 = sqlx::query_scalar("select txid_current() % 4294967296")
+        .fetch_one(&mut *tx)
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    let (lsn_after, time_after) = sqlx::query_as(at).fetch_one(&mut src).await.unwrap();
+    Committed {
+        xid,
+        lsn: (lsn_before, lsn_after),
+        time: (time_before, time_after),
+    }
+}
+
+/// `(source, table, op, seq, key, row->>'email', row->>'status', unchanged is
+/// null, LSNs inside the transaction's WAL, commit time)` of each logged change.
+type Logged = (
+    String,
+    String,
+    String,
+    i64,
+    String,
+    Option<String>,
+    Option<String>,
+    bool,
+    bool,
+    chrono::DateTime<chrono::Utc>,
+);
+
+/// The logged changes of `t`, once there are `n` of them, after checking
+/// what every one of them must hold.
+async fn logged(sink: &str, t: &Committed, n: usize) -> Vec<Logged> {
+    let query = format!(
+        "select source, table_name, op, seq, key::text, row->>'email', row->>'status', unchanged is null,
+                lsn >= '{}'::pg_lsn and lsn <= commit_lsn and commit_lsn <= '{}'::pg_lsn,
+                commit_time
+           from tributary.events where xid = {} order by seq",
+        t.lsn.0, t.lsn.1, t.xid
+    );
+    let mut k = PgConnection::connect(sink).await.unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let mut rows: Vec<Logged> = Vec::new();
+    while rows.len() < n {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{} of {n} changes logged",
+            rows.len()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        rows = sqlx::query_as(sqlx::AssertSqlSafe(query.clone()))
+            .fetch_all(&mut k)
+            .await
+            .unwrap();
+    }
+    assert_eq!(rows.len(), n, "no change logged twice");
+    for (i, l) in rows.iter().enumerate() {
+        assert_eq!(l.0, "shop");
+        assert_eq!(
+            usize::try_from(l.3).ok(),
+            Some(i),
+            "positions in the transaction"
+        );
+        assert!(l.7, "no unchanged TOAST column: {l:?}");
+        assert!(l.8, "LSNs inside the transaction's WAL: {l:?}");
+        assert!(
+            l.9 >= t.time.0 && l.9 <= t.time.1,
+            "commit time {} outside {}..{}",
+            l.9,
+            t.time.0,
+            t.time.1
+        );
+    }
+    rows
+}
+
+/// The event log holds each change as the source sent it: source, table,
+/// operation, key, image, transaction id, commit position and time, position
+/// in the transaction. A small batch is logged by one insert, a large one by
+/// binary `COPY` (encoded in the daemon, so an encoding slip in any column
+/// would show here).
+#[tokio::test]
+async fn the_event_log_holds_every_change_as_the_source_sent_it() {
+    let pg = cluster();
+    let (crm, shop, sink) = two_sources(&pg).await;
+    let cfg = write_config(&pipeline_config(&crm, &shop, &sink, "ev"));
+    let daemon = Daemon::start(&cfg);
+    wait_snapshots(&sink, 2).await;
+
+    let small = commit_on(
+        &shop,
+        "insert into accounts (id, email, phone) values (21, 'a@x.com', '+1 555 0100');
+         update accounts set email = 'b@x.com' where id = 21;
+         delete from accounts where id = 21;",
+    )
+    .await;
+    let rows = logged(&sink, &small, 3).await;
+    let got: Vec<(&str, &str, &str, Option<&str>)> = rows
+        .iter()
+        .map(|l| (l.1.as_str(), l.2.as_str(), l.4.as_str(), l.5.as_deref()))
+        .collect();
+    assert_eq!(
+        got,
+        [
+            (
+                "public.accounts",
+                "insert",
+                r#"{"id": 21}"#,
+                Some("a@x.com")
+            ),
+            (
+                "public.accounts",
+                "update",
+                r#"{"id": 21}"#,
+                Some("b@x.com")
+            ),
+            ("public.accounts", "delete", r#"{"id": 21}"#, None),
+        ]
+    );
+
+    let large = commit_on(
+        &shop,
+        "insert into orders (id, account_id, status, total_cents)
+           select g, 22, 'paid', g from generate_series(1, 1500) g",
+    )
+    .await;
+    let rows = logged(&sink, &large, 1500).await;
+    for (i, l) in rows.iter().enumerate() {
+        assert_eq!(
+            (l.1.as_str(), l.2.as_str(), l.4.as_str(), l.6.as_deref()),
+            (
+                "public.orders",
+                "insert",
+                format!(r#"{{"id": {}}}"#, i + 1).as_str(),
+                Some("paid")
+            )
+        );
+    }
     assert_eq!(daemon.stop(), Some(0));
 }
 
