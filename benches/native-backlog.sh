@@ -12,7 +12,8 @@
 # decode of the same backlog (pg_logical_slot_peek_binary_changes), the ceiling of any client.
 #
 # Tributary is timed by the same rule as native replication: until its slot's
-# confirmed_flush_lsn reaches the source's WAL end (it confirms a position only
+# confirmed_flush_lsn reaches the source's WAL end (polled by one session inside
+# the source server) (it confirms a position only
 # after the store committed it). The profile store is then checked once (every
 # shipped order counted). Polling the store itself while it drains (a scan of
 # every profile five times a second) took a third of a core from the store in
@@ -35,6 +36,16 @@ start() { # name port
 }
 q() { local port=$1; shift; psql -X -q -v ON_ERROR_STOP=1 -h 127.0.0.1 -p "$port" -U postgres -d postgres -At "$@"; }
 now() { date +%s.%N; }
+# Returns once slot $1 confirmed the source's WAL end ($end_lsn). One session
+# polls inside the server every 50 ms: a psql per poll (a Perl wrapper, a new
+# backend) cost a quarter of the two cores while the drain ran.
+wait_confirmed() {
+  q "$SRC_PORT" -c "do \$\$ begin
+    while not coalesce((select confirmed_flush_lsn >= '$end_lsn' from pg_replication_slots where slot_name = '$1'), false) loop
+      perform pg_sleep(0.05);
+    end loop;
+  end \$\$"
+}
 
 start src "$SRC_PORT"
 start sink "$SINK_PORT"
@@ -111,11 +122,9 @@ q "$SINK_PORT" -c "alter subscription bench enable"
 until [ -n "$(q "$SINK_PORT" -c "select pid from pg_stat_subscription where subname = 'bench' and pid is not null")" ]; do sleep 0.02; done
 t0=$(now)
 src_cpu0=$(cluster_cpu src); sink_cpu0=$(cluster_cpu sink)
-while :; do
-  done_=$(q "$SRC_PORT" -c "select coalesce(confirmed_flush_lsn >= '$end_lsn', false) from pg_replication_slots where slot_name = 'bench'")
-  [ "$done_" = t ] && break
-  sleep 0.05
-done
+wait_confirmed bench &
+waiter=$!
+wait "$waiter"
 t1=$(now)
 apply_s=$(awk "BEGIN{print $t1 - $t0}")
 native_src_cpu=$(( $(cluster_cpu src) - src_cpu0 )); native_sink_cpu=$(( $(cluster_cpu sink) - sink_cpu0 ))
@@ -128,13 +137,12 @@ if [ -n "${TRIBUTARY:-}" ]; then
   "$TRIBUTARY" run --config "$TMP/tributary.toml" >>"$TMP/tributary.log" 2>&1 &
   tpid=$!
   want=$((txns * BATCH))
-  while :; do
-    done_=$(q "$SRC_PORT" -c "select coalesce(confirmed_flush_lsn >= '$end_lsn', false) from pg_replication_slots where slot_name = 'tributary_crm'")
-    [ "$done_" = t ] && break
-    kill -0 "$tpid" 2>/dev/null || { echo "tributary exited; log tail:" >&2; tail -5 "$TMP/tributary.log" >&2; exit 1; }
-    sleep 0.05
-  done
+  wait_confirmed tributary_crm &
+  waiter=$!
+  finished=
+  wait -n -p finished "$waiter" "$tpid" || true
   t1=$(now)
+  [ "$finished" = "$waiter" ] || { echo "tributary exited; log tail:" >&2; tail -5 "$TMP/tributary.log" >&2; exit 1; }
   trib_s=$(awk "BEGIN{print $t1 - $t0}")
   trib_cpu=$(proc_cpu "$tpid")
   trib_src_cpu=$(( $(cluster_cpu src) - src_cpu0 )); trib_sink_cpu=$(( $(cluster_cpu sink) - sink_cpu0 ))
