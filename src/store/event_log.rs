@@ -65,12 +65,6 @@ pub(crate) enum EventRows {
     Insert(Box<Columns>),
 }
 
-impl Default for EventRows {
-    fn default() -> Self {
-        EventRows::Insert(Box::default())
-    }
-}
-
 impl EventRows {
     /// Encodes `events` (source, LSNs, position, xid and commit time of each,
     /// its table, operation, key and image as JSON, its unchanged TOAST columns).

@@ -451,6 +451,7 @@ impl Store {
         match self.write_turn(&mut prepared, outbox).await {
             Ok((stats, outcome)) => {
                 self.ledger.finished(ticket, outcome);
+                self.trim_cache();
                 failpoint::hit(Stage::AfterCommit);
                 Ok(stats)
             }
@@ -459,6 +460,21 @@ impl Store {
                 Err(e)
             }
         }
+    }
+
+    /// After a commit: the entries the finished writes pinned are unpinned,
+    /// and past the budget the old generation goes, so that the budget holds
+    /// while the stream is idle too, not only once the next write is planned
+    /// (which trims first anyway: a write being planned holds the cache, and
+    /// this then leaves it alone rather than wait).
+    fn trim_cache(&self) {
+        let Some(cache) = &self.cache else { return };
+        let Ok(mut cache) = cache.try_lock() else {
+            return;
+        };
+        let done_through = self.ledger.lock().done_through;
+        cache.unpin_through(done_through);
+        cache.evict_unpinned();
     }
 
     async fn write_turn(
