@@ -12,9 +12,9 @@
 # decode of the same backlog (pg_logical_slot_peek_binary_changes), the ceiling of any client.
 #
 # Tributary is timed by the same rule as native replication: until its slot's
-# confirmed_flush_lsn reaches the source's WAL end (polled by one session inside
-# the source server) (it confirms a position only
-# after the store committed it). The profile store is then checked once (every
+# confirmed_flush_lsn reaches the source's WAL end (it confirms a position only
+# after the store committed it), as one session polling inside the source server
+# sees it. The profile store is then checked once (every
 # shipped order counted). Polling the store itself while it drains (a scan of
 # every profile five times a second) took a third of a core from the store in
 # a 1M run, so it is done once, at the end.
