@@ -223,32 +223,46 @@ pub(crate) async fn append(conn: &mut PgConnection, rows: &EventRows) -> Result<
             if e.code().as_deref() == Some("23505") =>
         {
             attempt.rollback().await?;
-            tracing::info!(
-                changes = len,
-                "some changes of this batch are in the event log already (written before a crash); keeping the logged copies"
-            );
             copy(conn, "event_log_staging", chunks).await?;
-            sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
-                "insert into events ({COLUMNS}) select {COLUMNS} from event_log_staging on conflict do nothing;
-                 delete from event_log_staging;"
+            let added = sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+                "insert into events ({COLUMNS}) select {COLUMNS} from event_log_staging on conflict do nothing"
             )))
             .execute(&mut *conn)
-            .await?;
+            .await?
+            .rows_affected();
+            sqlx::raw_sql("delete from event_log_staging")
+                .execute(&mut *conn)
+                .await?;
+            kept_logged(len, added);
             Ok(())
         }
         Err(e) => Err(e),
     }
 }
 
+/// Says so when some of a batch's `len` changes were in the log already (only
+/// `added` were new): a batch written again after a crash, by either path.
+fn kept_logged(len: usize, added: u64) {
+    let kept = u64::try_from(len).unwrap_or(u64::MAX).saturating_sub(added);
+    if kept > 0 {
+        tracing::info!(
+            changes = len,
+            kept,
+            "some changes of this batch are in the event log already (written before a crash); keeping the logged copies"
+        );
+    }
+}
+
 async fn insert(conn: &mut PgConnection, c: &Columns) -> Result<(), StoreError> {
     let n = c.source.len();
     let chunks = n.div_ceil(CHUNK);
+    let mut added = 0;
     for i in 0..chunks {
         let r = i * CHUNK..((i + 1) * CHUNK).min(n);
         if i > 0 {
             failpoint::hit(Stage::EventLog);
         }
-        sqlx::query(
+        added += sqlx::query(
             "insert into events (source, lsn, commit_lsn, seq, xid, commit_time, table_name, op, key, row, unchanged)
              select s, l::pg_lsn, cl::pg_lsn, q, x, ct, t, o, k::jsonb, r::json,
                     case when u = '' then null else string_to_array(u, ',') end
@@ -268,8 +282,10 @@ async fn insert(conn: &mut PgConnection, c: &Columns) -> Result<(), StoreError> 
         .bind(&c.row[r.clone()])
         .bind(&c.unchanged[r])
         .execute(&mut *conn)
-        .await?;
+        .await?
+        .rows_affected();
     }
+    kept_logged(n, added);
     Ok(())
 }
 

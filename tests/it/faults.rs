@@ -513,8 +513,8 @@ async fn a_crash_at_every_stage_of_a_write_ends_with_the_undisturbed_store() {
         assert!(got.3 == expected.3, "{stage}: provenance differs");
     }
     // The restart after `log_committed` wrote a batch whose changes were
-    // logged already: the event log's COPY met them and kept the logged
-    // copies (compared row for row above, so none was doubled).
+    // logged already: the event log met them and kept the logged copies
+    // (compared row for row above, so none was doubled).
     let (_, log_committed) = crashed
         .iter()
         .map(|(s, _, _)| *s)
