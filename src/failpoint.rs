@@ -12,7 +12,7 @@
 //! | `event_log` | a write's event log is half done: a chunk written on its own connection, more follow |
 //! | `derived` | event log, contributions, identities and profiles written, nothing committed |
 //! | `before_commit` | outbox delivered and checkpoint written, neither transaction committed |
-//! | `log_committed` | the event log's transaction committed, the batch's not |
+//! | `log_committed` | a large batch's event log committed (its own transaction), the batch's not |
 //! | `after_commit` | committed, the source not yet acknowledged |
 //!
 //! `TRIBUTARY_TEST_CRASH_AFTER_PUBLISH=<n>` is the older spelling of

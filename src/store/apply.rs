@@ -114,9 +114,15 @@ pub(crate) async fn contributions_by_profile(
 /// Returns the store's write generation, which every holder moves forward
 /// (see [`crate::state`]: a cache is trusted only if nobody else wrote).
 pub(crate) async fn lock(tx: &mut PgConnection) -> Result<i64, StoreError> {
+    lock_then(tx, "").await
+}
+
+/// [`lock`], then the statements `then`, in one round trip.
+async fn lock_then(tx: &mut PgConnection, then: &str) -> Result<i64, StoreError> {
     let rows = sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
         "select pg_advisory_xact_lock({APPLY_LOCK});
-         update write_generation set generation = generation + 1 returning generation"
+         update write_generation set generation = generation + 1 returning generation;
+         {then}"
     )))
     .fetch_all(&mut *tx)
     .await?;
@@ -306,12 +312,26 @@ pub(crate) async fn apply_in(
 /// (measured: a 100,000-row hash join, 300-500 ms, to find 700 keys). Index
 /// probes are always right here. For the rest of the transaction.
 pub(crate) async fn index_probes_only(tx: &mut PgConnection) -> Result<(), StoreError> {
-    sqlx::raw_sql(
-        "set local enable_hashjoin = off; set local enable_mergejoin = off; set local enable_seqscan = off",
-    )
-    .execute(&mut *tx)
-    .await?;
+    sqlx::raw_sql(PROBES_ONLY).execute(&mut *tx).await?;
     Ok(())
+}
+
+macro_rules! probes_only {
+    () => {
+        "set local enable_hashjoin = off; set local enable_mergejoin = off; set local enable_seqscan = off"
+    };
+}
+const PROBES_ONLY: &str = probes_only!();
+
+/// `BEGIN` and [`index_probes_only`] in one round trip, for
+/// `begin_with`: a small batch made about twenty round trips to the store,
+/// each a wake-up of both processes, and under a steady stream they were a
+/// good part of its CPU (`benches/latency.sh`).
+pub(crate) const BEGIN_PROBES_ONLY: &str = concat!("begin; ", probes_only!());
+
+/// [`lock`] and [`index_probes_only`] in one round trip.
+pub(crate) async fn lock_probes_only(tx: &mut PgConnection) -> Result<i64, StoreError> {
+    lock_then(tx, PROBES_ONLY).await
 }
 
 /// A batch read and derived, ready to be written: the event log rows, the
@@ -555,30 +575,37 @@ pub(crate) async fn plan(
     })
 }
 
-/// Writes a planned batch in `tx`: the event log on `log_conn` (in a
-/// transaction of its own, at the same time as the derived rows, so that two
-/// backends work in parallel; the caller commits it just before `tx`, and if
-/// the batch then fails the retry finds the events there and keeps them, see
-/// `store::event_log`), or in `tx` ahead of the derived rows.
+/// Writes a planned batch in `tx`. A small batch's event log goes in the
+/// one statement with its derived rows. A large one's goes by `COPY` on
+/// `log_conn` (in a transaction of its own, at the same time as the derived
+/// rows, so that two backends work in parallel; the caller commits it just
+/// before `tx`, and if the batch then fails the retry finds the events there
+/// and keeps them, see `store::event_log`), or in `tx` ahead of the derived
+/// rows.
 pub(crate) async fn write_plan(
     tx: &mut PgConnection,
     log_conn: Option<&mut PgConnection>,
     plan: &Plan,
 ) -> Result<(), StoreError> {
-    if log_conn.is_none() {
-        event_log::append(tx, &plan.events).await?;
+    match (&plan.events, log_conn) {
+        (EventRows::Insert(columns), _) => {
+            let added = plan.writes.write(tx, Some(columns)).await?;
+            event_log::kept_logged(columns.len(), added);
+            Ok(())
+        }
+        (EventRows::Copy { .. }, None) => {
+            event_log::append(tx, &plan.events).await?;
+            plan.writes.write(tx, None).await.map(drop)
+        }
+        (EventRows::Copy { .. }, Some(conn)) => {
+            let (logged, derived) = tokio::join!(
+                event_log::append(conn, &plan.events),
+                plan.writes.write(tx, None)
+            );
+            logged?;
+            derived.map(drop)
+        }
     }
-    let (logged, derived) = tokio::join!(
-        async {
-            match log_conn {
-                Some(conn) => event_log::append(conn, &plan.events).await,
-                None => Ok(()),
-            }
-        },
-        plan.writes.write(tx)
-    );
-    logged?;
-    derived
 }
 
 /// Which rows of the batch's slice the store already holds (the rest are
@@ -903,7 +930,7 @@ impl ContributionRows {
         self.digest.push(c.digest);
     }
 
-    fn bind<'q>(&'q self, q: PgQuery<'q>) -> PgQuery<'q> {
+    fn bind<'q, O>(&'q self, q: PgScalar<'q, O>) -> PgScalar<'q, O> {
         q.bind(&self.source)
             .bind(&self.table)
             .bind(&self.key)
@@ -990,7 +1017,15 @@ impl Writes {
         }
     }
 
-    async fn write(&self, tx: &mut PgConnection) -> Result<(), StoreError> {
+    /// Writes the rows: the merges' re-pointing first, then everything else
+    /// (with the batch's event-log rows when they go in this transaction) in
+    /// [`WRITE`], one statement and one round trip. Returns how many of the
+    /// log rows were new.
+    async fn write(
+        &self,
+        tx: &mut PgConnection,
+        events: Option<&event_log::Columns>,
+    ) -> Result<u64, StoreError> {
         for (loser, survivor) in &self.merges {
             sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
                 "update identities set profile_id = {survivor} where profile_id = {loser};
@@ -1000,108 +1035,104 @@ impl Writes {
             .execute(&mut *tx)
             .await?;
         }
-        if !self.new_contributions.source.is_empty() {
-            self.new_contributions
-                .bind(sqlx::query(
-                    "insert into contributions (source, table_name, row_key, profile_id, deleted, identities, fields, aggs,
-                                                version, lsn, seq, freshness, priority, digest)
-                     select s, t, k, p, d, i::jsonb, f::jsonb, a::jsonb, v, l::pg_lsn, q, fr, pr, case when d then null else g end
-                       from unnest($1::text[], $2::text[], $3::text[], $4::bigint[], $5::bool[], $6::text[], $7::text[], $8::text[],
-                                   $9::bigint[], $10::text[], $11::bigint[], $12::timestamptz[], $13::int[], $14::bigint[])
-                            as u(s, t, k, p, d, i, f, a, v, l, q, fr, pr, g)",
-                ))
-                .execute(&mut *tx)
-                .await?;
-        }
-        if !self.old_contributions.source.is_empty() {
-            self.old_contributions
-                .bind(sqlx::query(
-                    "update contributions c set
-                       profile_id = u.p, deleted = u.d, identities = u.i::jsonb, fields = u.f::jsonb, aggs = u.a::jsonb,
-                       version = u.v, lsn = u.l::pg_lsn, seq = u.q, freshness = u.fr, priority = u.pr, updated_at = now(),
-                       -- the same image re-written (a merge re-pointing it) keeps its digest
-                       digest = case when (u.l::pg_lsn, u.q) = (c.lsn, c.seq)
-                                     then coalesce(case when u.d then null else u.g end, c.digest)
-                                     else case when u.d then null else u.g end end
-                      from unnest($1::text[], $2::text[], $3::text[], $4::bigint[], $5::bool[], $6::text[], $7::text[], $8::text[],
-                                  $9::bigint[], $10::text[], $11::bigint[], $12::timestamptz[], $13::int[], $14::bigint[])
-                           as u(s, t, k, p, d, i, f, a, v, l, q, fr, pr, g)
-                     where c.source = u.s and c.table_name = u.t and c.row_key = u.k",
-                ))
-                .execute(&mut *tx)
-                .await?;
-        }
-        if !self.new_identities.kind.is_empty() {
-            sqlx::query(
-                "insert into identities (kind, value, profile_id)
-                 select * from unnest($1::text[], $2::text[], $3::bigint[])",
-            )
+        let none = event_log::Columns::default();
+        let q = events.unwrap_or(&none).bind(sqlx::query_scalar(&**WRITE));
+        let q = self.new_contributions.bind(q);
+        let q = self.old_contributions.bind(q);
+        let (ins, upd) = (&self.new_profiles, &self.old_profiles);
+        let added: i64 = q
             .bind(&self.new_identities.kind)
             .bind(&self.new_identities.value)
             .bind(&self.new_identities.profile)
-            .execute(&mut *tx)
-            .await?;
-        }
-        if !self.old_identities.kind.is_empty() {
-            sqlx::query(
-                "update identities i set profile_id = u.p
-                   from unnest($1::text[], $2::text[], $3::bigint[]) as u(k, v, p)
-                  where i.kind = u.k and i.value = u.v",
-            )
             .bind(&self.old_identities.kind)
             .bind(&self.old_identities.value)
             .bind(&self.old_identities.profile)
-            .execute(&mut *tx)
-            .await?;
-        }
-        let (ins, upd) = (&self.new_profiles, &self.old_profiles);
-        if !ins.id.is_empty() {
-            sqlx::query(
-                "insert into profiles (profile_id, merged_into, traits, agg_state, provenance)
-                 select id, m, t::jsonb, a::jsonb, pv::json
-                   from unnest($1::bigint[], $2::bigint[], $3::text[], $4::text[], $5::text[]) as u(id, m, t, a, pv)",
-            )
             .bind(&ins.id)
             .bind(&ins.merged_into)
             .bind(&ins.traits)
             .bind(&ins.aggs)
             .bind(&ins.provenance)
-            .execute(&mut *tx)
-            .await?;
-        }
-        if !upd.id.is_empty() {
-            sqlx::query(
-                "update profiles p set merged_into = u.m, traits = u.t::jsonb, agg_state = u.a::jsonb, updated_at = now(),
-                   provenance = case when u.pv = 'null' then p.provenance else u.pv::json end
-                   from unnest($1::bigint[], $2::bigint[], $3::text[], $4::text[], $5::text[]) as u(id, m, t, a, pv)
-                  where p.profile_id = u.id",
-            )
             .bind(&upd.id)
             .bind(&upd.merged_into)
             .bind(&upd.traits)
             .bind(&upd.aggs)
             .bind(&upd.provenance)
-            .execute(&mut *tx)
-            .await?;
-        }
-        if !self.dead.source.is_empty() {
-            sqlx::query(
-                "insert into dead_letters (source, lsn, table_name, row, error)
-                 select s, l::pg_lsn, t, r::jsonb, e from unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[]) as u(s, l, t, r, e)",
-            )
             .bind(&self.dead.source)
             .bind(&self.dead.lsn)
             .bind(&self.dead.table)
             .bind(&self.dead.row)
             .bind(&self.dead.error)
-            .execute(&mut *tx)
+            .fetch_one(&mut *tx)
             .await?;
-        }
-        Ok(())
+        Ok(u64::try_from(added).unwrap_or(0))
     }
 }
 
-type PgQuery<'q> = sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>;
+/// A batch's writes as one statement of data-modifying CTEs: the event log
+/// (`$1`-`$11`, empty arrays when it is written on its own connection),
+/// contributions new (`$12`-`$25`, a plain `INSERT`) and existing (`$26`-`$39`,
+/// one set-based `UPDATE`), identifiers new and existing (`$40`-`$45`),
+/// profiles new and existing (`$46`-`$55`), dead letters (`$56`-`$60`). The
+/// CTEs touch disjoint rows (the plan splits new from existing), so running
+/// them in one snapshot is the same as running them in turn. One round trip
+/// instead of up to eight: under a steady stream a batch is small and its
+/// round trips, each a wake-up of the daemon and of the store's backend, cost
+/// more than its rows (`benches/latency.sh`; `docs/design.md`, "Throughput").
+static WRITE: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    let contributions = |from: usize| {
+        let p = |i: usize| from + i;
+        format!(
+            "unnest(${}::text[], ${}::text[], ${}::text[], ${}::bigint[], ${}::bool[], ${}::text[], ${}::text[], ${}::text[],
+                    ${}::bigint[], ${}::text[], ${}::bigint[], ${}::timestamptz[], ${}::int[], ${}::bigint[])
+               as u(s, t, k, p, d, i, f, a, v, l, q, fr, pr, g)",
+            p(0), p(1), p(2), p(3), p(4), p(5), p(6), p(7), p(8), p(9), p(10), p(11), p(12), p(13)
+        )
+    };
+    format!(
+        "with ev as ({events}),
+         new_contributions as (
+           insert into contributions (source, table_name, row_key, profile_id, deleted, identities, fields, aggs,
+                                      version, lsn, seq, freshness, priority, digest)
+           select s, t, k, p, d, i::jsonb, f::jsonb, a::jsonb, v, l::pg_lsn, q, fr, pr, case when d then null else g end
+             from {new_contributions}),
+         old_contributions as (
+           update contributions c set
+             profile_id = u.p, deleted = u.d, identities = u.i::jsonb, fields = u.f::jsonb, aggs = u.a::jsonb,
+             version = u.v, lsn = u.l::pg_lsn, seq = u.q, freshness = u.fr, priority = u.pr, updated_at = now(),
+             -- the same image re-written (a merge re-pointing it) keeps its digest
+             digest = case when (u.l::pg_lsn, u.q) = (c.lsn, c.seq)
+                           then coalesce(case when u.d then null else u.g end, c.digest)
+                           else case when u.d then null else u.g end end
+            from {old_contributions}
+           where c.source = u.s and c.table_name = u.t and c.row_key = u.k),
+         new_identities as (
+           insert into identities (kind, value, profile_id)
+           select * from unnest($40::text[], $41::text[], $42::bigint[])),
+         old_identities as (
+           update identities i set profile_id = u.p
+             from unnest($43::text[], $44::text[], $45::bigint[]) as u(k, v, p)
+            where i.kind = u.k and i.value = u.v),
+         new_profiles as (
+           insert into profiles (profile_id, merged_into, traits, agg_state, provenance)
+           select id, m, t::jsonb, a::jsonb, pv::json
+             from unnest($46::bigint[], $47::bigint[], $48::text[], $49::text[], $50::text[]) as u(id, m, t, a, pv)),
+         old_profiles as (
+           update profiles p set merged_into = u.m, traits = u.t::jsonb, agg_state = u.a::jsonb, updated_at = now(),
+             provenance = case when u.pv = 'null' then p.provenance else u.pv::json end
+             from unnest($51::bigint[], $52::bigint[], $53::text[], $54::text[], $55::text[]) as u(id, m, t, a, pv)
+            where p.profile_id = u.id),
+         dead as (
+           insert into dead_letters (source, lsn, table_name, row, error)
+           select s, l::pg_lsn, t, r::jsonb, e
+             from unnest($56::text[], $57::text[], $58::text[], $59::text[], $60::text[]) as u(s, l, t, r, e))
+         select count(*) from ev",
+        events = event_log::INSERT,
+        new_contributions = contributions(12),
+        old_contributions = contributions(26),
+    )
+});
+
+type PgScalar<'q, O> = sqlx::query::QueryScalar<'q, sqlx::Postgres, O, sqlx::postgres::PgArguments>;
 
 /// `(profile_id, merged_into, agg_state, traits)` as stored.
 type ProfileRow = (

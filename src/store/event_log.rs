@@ -1,5 +1,4 @@
-//! The event log: every change as received, appended in the batch's log
-//! transaction.
+//! The event log: every change as received, written with the batch.
 //!
 //! A batch of many changes goes by binary `COPY`: the `INSERT … SELECT … FROM
 //! unnest(…) ON CONFLICT DO NOTHING` it replaces was the store's most expensive
@@ -7,16 +6,20 @@
 //! "Throughput"): eleven text arrays unnested, two LSNs per row parsed from
 //! text, a speculative insertion per row. The tuples are encoded in the
 //! daemon while the batch is planned ([`EventRows::of`]), so writing them is
-//! I/O only. A small batch keeps the one `INSERT` statement: sqlx sends a
+//! I/O only, on a connection of its own beside the derived rows. A small batch
+//! keeps the `INSERT` ([`INSERT`]), as one CTE of the batch's one write
+//! statement in its own transaction (`apply::write_plan`): sqlx sends a
 //! `COPY`'s data and its end in separate writes without `TCP_NODELAY`, and
 //! Nagle's algorithm then holds the end until the server's delayed ACK, tens
 //! of milliseconds that a caught-up stream cannot afford (see "The merge state
-//! in memory" in `docs/design.md`).
+//! in memory" in `docs/design.md`), and a second connection's transaction
+//! would cost three more round trips.
 //!
 //! Exactly-once is unchanged: the primary key `(source, commit_lsn, seq,
 //! commit_time)` refuses a change logged twice. A batch meets one only when
 //! it is written again after its log committed and its derived rows did not
-//! (the log has a transaction of its own, see `apply::write_plan`), when a
+//! (a large batch's log has a transaction of its own, see
+//! `apply::write_plan`), when a
 //! large transaction's earlier chunks stream again after a crash, or when a
 //! Kafka partition changes hands between two apply instances. The insert skips
 //! such changes (`ON CONFLICT DO NOTHING`); the `COPY` runs under a savepoint,
@@ -31,13 +34,19 @@ use super::StoreError;
 use crate::event::ChangeEvent;
 use crate::failpoint::{self, Stage};
 
-/// Rows per `CopyData` message or `INSERT` statement. A crash between two of
+/// Rows per `CopyData` message. A crash between two of
 /// them is a crash "during the event `COPY`" (the fault test's stage).
 const CHUNK: usize = 2000;
 
 /// From this many changes a batch's log goes by `COPY` (where one delayed ACK
 /// is small beside the batch, and the log is written beside its derived rows).
 const COPY_FROM: usize = 1000;
+
+/// Whether a batch of `n` changes logs by `COPY` (on a connection of its own,
+/// beside the derived rows), not in its write statement.
+pub(crate) fn by_copy(n: usize) -> bool {
+    n >= COPY_FROM
+}
 
 /// The columns, in the order each tuple carries them.
 const COLUMNS: &str =
@@ -69,7 +78,7 @@ impl EventRows {
     /// Encodes `events` (source, LSNs, position, xid and commit time of each,
     /// its table, operation, key and image as JSON, its unchanged TOAST columns).
     pub(crate) fn of(events: &[&ChangeEvent]) -> EventRows {
-        if events.len() < COPY_FROM {
+        if !by_copy(events.len()) {
             return EventRows::Insert(Box::new(Columns::of(events)));
         }
         // The stream's header goes with the first chunk and its trailer with
@@ -117,6 +126,29 @@ pub(crate) struct Columns {
 }
 
 impl Columns {
+    /// The batch's rows (the first to go), as `$1`-`$11` of [`INSERT`].
+    pub(crate) fn bind<'q, O>(
+        &'q self,
+        q: sqlx::query::QueryScalar<'q, sqlx::Postgres, O, sqlx::postgres::PgArguments>,
+    ) -> sqlx::query::QueryScalar<'q, sqlx::Postgres, O, sqlx::postgres::PgArguments> {
+        q.bind(&self.source)
+            .bind(&self.lsn)
+            .bind(&self.commit_lsn)
+            .bind(&self.seq)
+            .bind(&self.xid)
+            .bind(&self.commit_time)
+            .bind(&self.table)
+            .bind(&self.op)
+            .bind(&self.key)
+            .bind(&self.row)
+            .bind(&self.unchanged)
+    }
+
+    /// How many rows.
+    pub(crate) fn len(&self) -> usize {
+        self.source.len()
+    }
+
     fn of(events: &[&ChangeEvent]) -> Columns {
         Columns {
             source: events.iter().map(|e| e.source.clone()).collect(),
@@ -210,7 +242,7 @@ fn text_array(buf: &mut Vec<u8>, items: &[String]) {
 /// changes logged already are kept as they are (see the module doc).
 pub(crate) async fn append(conn: &mut PgConnection, rows: &EventRows) -> Result<(), StoreError> {
     let (chunks, len) = match rows {
-        EventRows::Insert(columns) => return insert(conn, columns).await,
+        EventRows::Insert(_) => unreachable!("a small batch's log goes in its write statement"),
         EventRows::Copy { chunks, len } => (chunks, *len),
     };
     let mut attempt = conn.begin().await?;
@@ -242,7 +274,7 @@ pub(crate) async fn append(conn: &mut PgConnection, rows: &EventRows) -> Result<
 
 /// Says so when some of a batch's `len` changes were in the log already (only
 /// `added` were new): a batch written again after a crash, by either path.
-fn kept_logged(len: usize, added: u64) {
+pub(crate) fn kept_logged(len: usize, added: u64) {
     let kept = u64::try_from(len).unwrap_or(u64::MAX).saturating_sub(added);
     if kept > 0 {
         tracing::info!(
@@ -253,41 +285,17 @@ fn kept_logged(len: usize, added: u64) {
     }
 }
 
-async fn insert(conn: &mut PgConnection, c: &Columns) -> Result<(), StoreError> {
-    let n = c.source.len();
-    let chunks = n.div_ceil(CHUNK);
-    let mut added = 0;
-    for i in 0..chunks {
-        let r = i * CHUNK..((i + 1) * CHUNK).min(n);
-        if i > 0 {
-            failpoint::hit(Stage::EventLog);
-        }
-        added += sqlx::query(
-            "insert into events (source, lsn, commit_lsn, seq, xid, commit_time, table_name, op, key, row, unchanged)
-             select s, l::pg_lsn, cl::pg_lsn, q, x, ct, t, o, k::jsonb, r::json,
-                    case when u = '' then null else string_to_array(u, ',') end
-               from unnest($1::text[], $2::text[], $3::text[], $4::bigint[], $5::bigint[], $6::timestamptz[],
-                           $7::text[], $8::text[], $9::text[], $10::text[], $11::text[]) as u(s, l, cl, q, x, ct, t, o, k, r, u)
-             on conflict do nothing",
-        )
-        .bind(&c.source[r.clone()])
-        .bind(&c.lsn[r.clone()])
-        .bind(&c.commit_lsn[r.clone()])
-        .bind(&c.seq[r.clone()])
-        .bind(&c.xid[r.clone()])
-        .bind(&c.commit_time[r.clone()])
-        .bind(&c.table[r.clone()])
-        .bind(&c.op[r.clone()])
-        .bind(&c.key[r.clone()])
-        .bind(&c.row[r.clone()])
-        .bind(&c.unchanged[r])
-        .execute(&mut *conn)
-        .await?
-        .rows_affected();
-    }
-    kept_logged(n, added);
-    Ok(())
-}
+/// The insert of a small batch's log rows (`$1`-`$11`, [`Columns::bind`]), as a
+/// CTE of the batch's one write statement (`apply::WRITE`), which counts the
+/// rows it added.
+pub(crate) const INSERT: &str =
+    "insert into events (source, lsn, commit_lsn, seq, xid, commit_time, table_name, op, key, row, unchanged)
+     select s, l::pg_lsn, cl::pg_lsn, q, x, ct, t, o, k::jsonb, r::json,
+            case when u = '' then null else string_to_array(u, ',') end
+       from unnest($1::text[], $2::text[], $3::text[], $4::bigint[], $5::bigint[], $6::timestamptz[],
+                   $7::text[], $8::text[], $9::text[], $10::text[], $11::text[]) as u(s, l, cl, q, x, ct, t, o, k, r, u)
+     on conflict do nothing
+     returning 1";
 
 /// One `COPY` of the encoded chunks into `table`.
 async fn copy(conn: &mut PgConnection, table: &str, chunks: &[Vec<u8>]) -> Result<(), StoreError> {

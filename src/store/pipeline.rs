@@ -382,8 +382,7 @@ impl Store {
         cache.evict_unpinned();
         prepared.epoch = epoch;
         let mut conn = self.pool.acquire().await?;
-        let mut rtx = sqlx::Connection::begin(&mut *conn).await?;
-        apply::index_probes_only(&mut rtx).await?;
+        let mut rtx = sqlx::Connection::begin_with(&mut *conn, apply::BEGIN_PROBES_ONLY).await?;
         if !cache.built() || last_generation.is_none() {
             // Settled above: nothing of this process is uncommitted.
             let (generation, empty): (i64, bool) = sqlx::query_as(
@@ -483,13 +482,14 @@ impl Store {
         outbox: Option<&dyn Outbox>,
     ) -> Result<(ApplyStats, Outcome), StoreError> {
         let events = p.events;
-        // The event-log connection comes from its own pool and is taken
-        // before the lock: only the lock holder logs, so it never waits on
-        // another.
-        let mut log = if events.is_empty() {
-            None
-        } else {
+        // A large batch's event log goes by `COPY` on a connection of its
+        // own pool, taken before the lock: only the lock holder logs, so it
+        // never waits on another. A small one's goes in the batch's write
+        // statement (`apply::write_plan`).
+        let mut log = if super::event_log::by_copy(events.len()) {
             Some(self.log_pool.acquire().await?)
+        } else {
+            None
         };
         let mut tx = self.pool.begin().await?;
         // The event log is written in a transaction of its own, committed
@@ -504,45 +504,42 @@ impl Store {
             generation: None,
             stale: Stale::No,
         };
-        let stats = match log.as_deref_mut() {
-            None => ApplyStats::default(),
-            Some(log) => {
-                let generation = apply::lock(&mut tx).await?;
-                apply::index_probes_only(&mut tx).await?;
-                let valid = {
-                    let st = self.ledger.lock();
-                    st.epoch == p.epoch && st.last_generation == Some(generation - 1)
-                };
-                let how = match &p.plan {
-                    None => "unplanned",
-                    Some(_) if !valid => "rederived",
-                    Some(_) if p.overlapped => "overlapped",
-                    Some(_) => "planned",
-                };
-                metrics::counter!(crate::metrics::WRITES, "plan" => how).increment(1);
-                let (plan, planned) = match p.plan.take() {
-                    Some(plan) if valid => (plan, true),
-                    _ => {
-                        // Derived again from the store, inside this transaction.
-                        let plan =
-                            apply::plan(&mut tx, p.mapper, p.source, events, true, None, None)
-                                .await?;
-                        (plan, false)
-                    }
-                };
-                apply::write_plan(&mut tx, Some(log), &plan).await?;
-                outcome = Outcome::Committed {
-                    generation: Some(generation),
-                    stale: if !planned {
-                        Stale::All
-                    } else if plan.stats.merges > 0 {
-                        Stale::Entries
-                    } else {
-                        Stale::No
-                    },
-                };
-                plan.stats
-            }
+        let stats = if events.is_empty() {
+            ApplyStats::default()
+        } else {
+            let generation = apply::lock_probes_only(&mut tx).await?;
+            let valid = {
+                let st = self.ledger.lock();
+                st.epoch == p.epoch && st.last_generation == Some(generation - 1)
+            };
+            let how = match &p.plan {
+                None => "unplanned",
+                Some(_) if !valid => "rederived",
+                Some(_) if p.overlapped => "overlapped",
+                Some(_) => "planned",
+            };
+            metrics::counter!(crate::metrics::WRITES, "plan" => how).increment(1);
+            let (plan, planned) = match p.plan.take() {
+                Some(plan) if valid => (plan, true),
+                _ => {
+                    // Derived again from the store, inside this transaction.
+                    let plan =
+                        apply::plan(&mut tx, p.mapper, p.source, events, true, None, None).await?;
+                    (plan, false)
+                }
+            };
+            apply::write_plan(&mut tx, log.as_deref_mut(), &plan).await?;
+            outcome = Outcome::Committed {
+                generation: Some(generation),
+                stale: if !planned {
+                    Stale::All
+                } else if plan.stats.merges > 0 {
+                    Stale::Entries
+                } else {
+                    Stale::No
+                },
+            };
+            plan.stats
         };
         failpoint::hit(Stage::Derived);
         if let Some(o) =
