@@ -151,10 +151,22 @@ pub fn install() -> anyhow::Result<PrometheusHandle> {
     Ok(handle)
 }
 
-/// Samples the gauges that need a query, every `every`, until `shutdown`.
-/// A failed sample is logged at debug (the stream's own errors say more) and
-/// leaves the gauge at its last value.
+/// The profile and identity counts are exact (a scan of `profiles` and of
+/// `identities`), so they cost time in proportion to the store: about 50 ms
+/// at 100,000 profiles. Taken every poll interval on two busy cores, that
+/// scan was the burst behind the latency benchmark's p99 (`benches/latency.sh`:
+/// p99 40-75 ms with it, 40-45 ms without). So the next count waits at least
+/// this many times as long as the last one took: at most a thousandth of one
+/// core, every poll interval on a small store, every minute or so at 100,000
+/// profiles.
+const COUNT_SPACING: u32 = 1000;
+
+/// Samples the gauges that need a query, every `every` (the counts no more
+/// often than [`COUNT_SPACING`] allows), until `shutdown`. A failed sample is
+/// logged at debug (the stream's own errors say more) and leaves the gauge at
+/// its last value.
 pub async fn sample(cfg: Config, store: Store, every: Duration, shutdown: CancellationToken) {
+    let mut next_count = tokio::time::Instant::now();
     loop {
         for src in &cfg.sources {
             match crate::source::slot_info(src).await {
@@ -167,13 +179,17 @@ pub async fn sample(cfg: Config, store: Store, every: Duration, shutdown: Cancel
                 Err(e) => tracing::debug!(source = %src.name, error = %e, "cannot sample the slot"),
             }
         }
-        let counts = store.counts().await.map(|c| (c.live, c.identities));
-        match counts {
-            Ok((profiles, identities)) => {
-                metrics::gauge!(PROFILES).set(profiles as f64);
-                metrics::gauge!(IDENTITIES).set(identities as f64);
+        let started = tokio::time::Instant::now();
+        if started >= next_count {
+            let counts = store.counts().await.map(|c| (c.live, c.identities));
+            match counts {
+                Ok((profiles, identities)) => {
+                    metrics::gauge!(PROFILES).set(profiles as f64);
+                    metrics::gauge!(IDENTITIES).set(identities as f64);
+                }
+                Err(e) => tracing::debug!(error = %e, "cannot sample the store"),
             }
-            Err(e) => tracing::debug!(error = %e, "cannot sample the store"),
+            next_count = started + started.elapsed() * COUNT_SPACING;
         }
         tokio::select! {
             () = tokio::time::sleep(every) => {}
