@@ -592,13 +592,13 @@ pub(crate) async fn write_plan(
             event_log::kept_logged(columns.len(), added);
             Ok(())
         }
-        (EventRows::Copy { .. }, None) => {
-            event_log::append(tx, &plan.events).await?;
+        (EventRows::Copy { chunks, len }, None) => {
+            event_log::append(tx, chunks, *len).await?;
             plan.writes.write(tx, None).await.map(drop)
         }
-        (EventRows::Copy { .. }, Some(conn)) => {
+        (EventRows::Copy { chunks, len }, Some(conn)) => {
             let (logged, derived) = tokio::join!(
-                event_log::append(conn, &plan.events),
+                event_log::append(conn, chunks, *len),
                 plan.writes.write(tx, None)
             );
             logged?;

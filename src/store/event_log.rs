@@ -238,13 +238,15 @@ fn text_array(buf: &mut Vec<u8>, items: &[String]) {
     }
 }
 
-/// Appends `rows` to the event log in the open transaction on `conn`;
-/// changes logged already are kept as they are (see the module doc).
-pub(crate) async fn append(conn: &mut PgConnection, rows: &EventRows) -> Result<(), StoreError> {
-    let (chunks, len) = match rows {
-        EventRows::Insert(_) => unreachable!("a small batch's log goes in its write statement"),
-        EventRows::Copy { chunks, len } => (chunks, *len),
-    };
+/// Appends a large batch's `len` rows, encoded in `chunks`
+/// ([`EventRows::Copy`]), to the event log in the open transaction on `conn`;
+/// changes logged already are kept as they are (see the module doc). A small
+/// batch's rows go in its write statement instead ([`INSERT`]).
+pub(crate) async fn append(
+    conn: &mut PgConnection,
+    chunks: &[Vec<u8>],
+    len: usize,
+) -> Result<(), StoreError> {
     let mut attempt = conn.begin().await?;
     match copy(&mut attempt, "events", chunks).await {
         Ok(()) => {
