@@ -154,8 +154,9 @@ pub fn install() -> anyhow::Result<PrometheusHandle> {
 /// The profile and identity counts are exact (a scan of `profiles` and of
 /// `identities`), so they cost time in proportion to the store: about 50 ms
 /// at 100,000 profiles. Taken every poll interval on two busy cores, that
-/// scan was the burst behind the latency benchmark's p99 (`benches/latency.sh`:
-/// p99 40-75 ms with it, 40-45 ms without). So the next count waits at least
+/// scan was one of the bursts in the latency benchmark's p99
+/// (`benches/latency.sh`, same hour: p99 40-75 ms with it, 40-45 ms without;
+/// `docs/design.md`, "Throughput"). So the next count waits at least
 /// this many times as long as the last one took: at most a thousandth of one
 /// core, every poll interval on a small store, every minute or so at 100,000
 /// profiles.

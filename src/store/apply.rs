@@ -1075,7 +1075,7 @@ impl Writes {
 /// CTEs touch disjoint rows (the plan splits new from existing), so running
 /// them in one snapshot is the same as running them in turn. One round trip
 /// instead of up to eight, each a wake-up of the daemon and of the store's
-/// backend: under a steady stream the p50 went from 23-31 ms to 16-19 ms, though the store's
+/// backend: under a steady stream the p50 went from 23-31 ms to 14-24 ms, though the store's
 /// CPU did not (its rows cost more than its round trips; `docs/design.md`,
 /// "Throughput").
 static WRITE: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
