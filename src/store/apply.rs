@@ -1132,7 +1132,10 @@ static WRITE: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
     )
 });
 
-type PgScalar<'q, O> = sqlx::query::QueryScalar<'q, sqlx::Postgres, O, sqlx::postgres::PgArguments>;
+/// The one write statement as it is bound, parameter group by parameter group
+/// ([`ContributionRows::bind`], `event_log::Columns::bind`).
+pub(crate) type PgScalar<'q, O> =
+    sqlx::query::QueryScalar<'q, sqlx::Postgres, O, sqlx::postgres::PgArguments>;
 
 /// `(profile_id, merged_into, agg_state, traits)` as stored.
 type ProfileRow = (

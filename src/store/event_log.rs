@@ -30,6 +30,7 @@
 
 use sqlx::{Connection, PgConnection};
 
+use super::apply::PgScalar;
 use super::StoreError;
 use crate::event::ChangeEvent;
 use crate::failpoint::{self, Stage};
@@ -127,10 +128,7 @@ pub(crate) struct Columns {
 
 impl Columns {
     /// The batch's rows (the first to go), as `$1`-`$11` of [`INSERT`].
-    pub(crate) fn bind<'q, O>(
-        &'q self,
-        q: sqlx::query::QueryScalar<'q, sqlx::Postgres, O, sqlx::postgres::PgArguments>,
-    ) -> sqlx::query::QueryScalar<'q, sqlx::Postgres, O, sqlx::postgres::PgArguments> {
+    pub(crate) fn bind<'q, O>(&'q self, q: PgScalar<'q, O>) -> PgScalar<'q, O> {
         q.bind(&self.source)
             .bind(&self.lsn)
             .bind(&self.commit_lsn)
