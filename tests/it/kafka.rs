@@ -397,16 +397,22 @@ async fn capture_and_two_apply_instances_equal_a_single_process_run() {
     wait_snapshots(&sink, 2).await;
     let mut w = Workload::default();
     w.run(&crm, &shop, 1500, 41, |_| {}).await;
-    // Both apply instances have applied batches before one of them dies.
-    wait_until(
-        "both apply instances at work",
-        Duration::from_secs(60),
-        || async {
-            let busy = |d: &Daemon| d.log_text().matches("batch applied from kafka").count() > 0;
-            busy(&apply_a) && busy(&apply_b)
-        },
-    )
-    .await;
+    // Both apply instances have applied batches before one of them dies. The
+    // changes keep coming until they have: an instance whose partitions were
+    // assigned only after the first changes were consumed (a late rebalance)
+    // has nothing to apply otherwise, and the test failed that way in CI.
+    let busy = |d: &Daemon| d.log_text().contains("batch applied from kafka");
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let mut round = 0;
+    while !(busy(&apply_a) && busy(&apply_b)) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out after 60s waiting for: both apply instances at work"
+        );
+        round += 1;
+        w.run(&crm, &shop, 100, 1000 + round, |_| {}).await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
     apply_a.kill9();
     w.run(&crm, &shop, 1500, 42, |_| {}).await;
     let deadline = std::time::Instant::now() + Duration::from_secs(120);
