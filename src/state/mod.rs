@@ -41,6 +41,9 @@
 //! would cost the size of the state, and the store re-points them in one
 //! statement.
 
+mod compact;
+
+use std::borrow::Borrow;
 use std::collections::{BTreeMap, BTreeSet};
 use std::hash::{BuildHasher, Hash};
 
@@ -53,7 +56,7 @@ use crate::resolve::{AggState, Contribution, ProfileId, RowRef, Winner};
 pub use crate::store::apply::Pins;
 
 /// A profile as the store holds it.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct CachedProfile {
     /// Set once merged into another profile.
     pub merged_into: Option<ProfileId>,
@@ -93,11 +96,17 @@ impl<K: Eq + Hash + Send + 'static, V: Send + 'static> Generations<K, V> {
         self.young_bytes + self.old_bytes
     }
 
-    fn get(&self, k: &K) -> Option<&V> {
+    fn get<Q: Hash + Eq + ?Sized>(&self, k: &Q) -> Option<&V>
+    where
+        K: Borrow<Q>,
+    {
         self.young.get(k).or_else(|| self.old.get(k))
     }
 
-    fn remove(&mut self, k: &K) -> Option<(K, V)> {
+    fn remove<Q: Hash + Eq + ?Sized>(&mut self, k: &Q) -> Option<(K, V)>
+    where
+        K: Borrow<Q>,
+    {
         if let Some((k, v)) = self.young.remove_entry(k) {
             self.young_bytes = self.young_bytes.saturating_sub((self.size)(&k, &v));
             Some((k, v))
@@ -109,16 +118,16 @@ impl<K: Eq + Hash + Send + 'static, V: Send + 'static> Generations<K, V> {
     }
 
     fn insert(&mut self, k: K, v: V) {
-        self.remove(&k);
+        self.remove::<K>(&k);
         self.young_bytes += (self.size)(&k, &v);
         self.young.insert(k, v);
     }
 
     /// Drops the old generation but for the keys in `keep` (moved to the
     /// young one), and makes the young generation old.
-    fn rotate<'a>(&mut self, keep: impl Iterator<Item = &'a K>)
+    fn rotate<'a, Q: Hash + Eq + ?Sized + 'a>(&mut self, keep: impl Iterator<Item = &'a Q>)
     where
-        K: 'a,
+        K: Borrow<Q>,
     {
         for k in keep {
             if let Some((k, v)) = self.old.remove_entry(k) {
@@ -174,9 +183,14 @@ pub struct MergeCache {
     peak: usize,
     /// The store's write generation the entries reflect; None: unknown.
     generation: Option<i64>,
-    contributions: Generations<RowRef, Contribution>,
-    owners: Generations<Ident, ProfileId>,
-    profiles: Generations<ProfileId, CachedProfile>,
+    /// Names interned by the entries' compact form ([`compact`]).
+    names: compact::Names,
+    /// Row key → contribution, both compact.
+    contributions: Generations<Box<[u8]>, Box<[u8]>>,
+    /// Identifier key (compact) → owner.
+    owners: Generations<Box<[u8]>, ProfileId>,
+    /// Profile → compact profile.
+    profiles: Generations<ProfileId, Box<[u8]>>,
     next_profile_id: Option<ProfileId>,
     suppressions: Option<HashSet<Ident>>,
     /// Whether `known` lists every key of the store.
@@ -201,9 +215,10 @@ impl MergeCache {
             budget,
             peak: 0,
             generation: None,
-            contributions: Generations::new(|_, c| contribution_size(c)),
-            owners: Generations::new(|i, _| ident_size(i)),
-            profiles: Generations::new(|_, p| profile_size(p)),
+            names: compact::Names::new(),
+            contributions: Generations::new(|k, v| entry_size(k.len(), v.len())),
+            owners: Generations::new(|k, _| entry_size(k.len(), 0)),
+            profiles: Generations::new(|_, v| entry_size(0, v.len())),
             next_profile_id: None,
             suppressions: None,
             authoritative: false,
@@ -317,11 +332,19 @@ impl MergeCache {
 
     fn rotate(&mut self) {
         metrics::counter!(crate::metrics::CACHE_EVICTIONS).increment(1);
-        let pins = &self.pins;
-        self.contributions
-            .rotate(pins.values().flat_map(|p| p.rows.iter()));
-        self.owners
-            .rotate(pins.values().flat_map(|p| p.idents.iter()));
+        let (pins, names) = (&self.pins, &self.names);
+        let rows: Vec<Box<[u8]>> = pins
+            .values()
+            .flat_map(|p| p.rows.iter())
+            .filter_map(|r| compact::find_row_key(names, r))
+            .collect();
+        let idents: Vec<Box<[u8]>> = pins
+            .values()
+            .flat_map(|p| p.idents.iter())
+            .filter_map(|i| compact::find_ident_key(names, i))
+            .collect();
+        self.contributions.rotate(rows.iter().map(|k| &**k));
+        self.owners.rotate(idents.iter().map(|k| &**k));
         self.profiles
             .rotate(pins.values().flat_map(|p| p.profiles.iter()));
     }
@@ -385,22 +408,36 @@ impl MergeCache {
 
     /// Takes a row's contribution out (a batch's working copy).
     pub fn take_contribution(&mut self, r: &RowRef) -> Option<Contribution> {
-        self.contributions.remove(r).map(|(_, c)| c)
+        let k = compact::find_row_key(&self.names, r)?;
+        let (_, v) = self.contributions.remove::<[u8]>(&k)?;
+        Some(decoded(compact::decode_contribution(
+            &self.names,
+            r.clone(),
+            &v,
+        )))
     }
 
-    /// The cached contribution of a row.
-    pub fn contribution(&self, r: &RowRef) -> Option<&Contribution> {
-        self.contributions.get(r)
+    /// The cached contribution of a row (a copy).
+    pub fn contribution(&self, r: &RowRef) -> Option<Contribution> {
+        let k = compact::find_row_key(&self.names, r)?;
+        let v = self.contributions.get::<[u8]>(&k)?;
+        Some(decoded(compact::decode_contribution(
+            &self.names,
+            r.clone(),
+            v,
+        )))
     }
 
     /// The cached owner of an identifier.
     pub fn owner(&self, i: &Ident) -> Option<ProfileId> {
-        self.owners.get(i).copied()
+        let k = compact::find_ident_key(&self.names, i)?;
+        self.owners.get::<[u8]>(&k).copied()
     }
 
     /// Takes a profile out.
     pub fn take_profile(&mut self, p: ProfileId) -> Option<CachedProfile> {
-        self.profiles.remove(&p).map(|(_, c)| c)
+        let (_, v) = self.profiles.remove(&p)?;
+        Some(decoded(compact::decode_profile(&self.names, &v)))
     }
 
     /// The next profile id, when known.
@@ -423,7 +460,9 @@ impl MergeCache {
         if self.authoritative {
             self.know(hash_of(&c.row));
         }
-        self.contributions.insert(c.row.clone(), c);
+        let k = compact::row_key(&mut self.names, &c.row);
+        let v = compact::encode_contribution(&mut self.names, &c);
+        self.contributions.insert(k, v);
         self.peak = self.peak.max(self.bytes());
     }
 
@@ -432,13 +471,15 @@ impl MergeCache {
         if self.authoritative {
             self.know(hash_of(&i));
         }
-        self.owners.insert(i, p);
+        let k = compact::ident_key(&mut self.names, &i);
+        self.owners.insert(k, p);
         self.peak = self.peak.max(self.bytes());
     }
 
     /// Puts a profile back.
     pub fn put_profile(&mut self, p: ProfileId, c: CachedProfile) {
-        self.profiles.insert(p, c);
+        let v = compact::encode_profile(&mut self.names, &c);
+        self.profiles.insert(p, v);
         self.peak = self.peak.max(self.bytes());
     }
 
@@ -475,75 +516,25 @@ fn hash_of<T: Hash + ?Sized>(t: &T) -> u64 {
     FixedState::with_seed(0x7472_6962_7574_6172).hash_one(t)
 }
 
-// Estimated bytes, as allocated on 64-bit Linux (measured against peak RSS in
-// the 1M-change transaction test): a hash map slot is counted twice over for
-// its load factor, a string's heap block is at least 32 bytes, and a
-// non-empty B-tree map holds a whole node of 11 entries.
+/// An entry that does not decode is a bug of `compact` (its property tests
+/// prove the round trip), never bad input: stop rather than merge on it.
+fn decoded<T>(r: Result<T, compact::Corrupt>) -> T {
+    r.expect("a cache entry decodes to what was encoded (state::compact)")
+}
+
+// Estimated bytes, as allocated on 64-bit Linux: a hash map slot (two words
+// of key and value, a control byte) counted twice over for its load factor,
+// and each boxed slice rounded up to mimalloc's 16-byte size classes.
 const SLOT_FACTOR: usize = 2;
-const BTREE_NODE: usize = 640;
+const SLOT: usize = 2 * std::mem::size_of::<Box<[u8]>>() + 1;
 const KNOWN_KEY: usize = 18;
 
-fn heap(s: &str) -> usize {
-    if s.is_empty() {
-        0
-    } else {
-        ((s.len() + 8).div_ceil(16) * 16).max(32)
-    }
+fn heap(len: usize) -> usize {
+    len.div_ceil(16) * 16
 }
 
-fn row_size(r: &RowRef) -> usize {
-    heap(&r.source) + heap(&r.table) + heap(&r.row_key)
-}
-
-fn value_size(v: &Value) -> usize {
-    match v {
-        Value::String(s) => heap(s),
-        Value::Array(a) => a.len() * 32 + a.iter().map(value_size).sum::<usize>(),
-        Value::Object(o) => map_size(o.iter()),
-        _ => 0,
-    }
-}
-
-fn map_size<'a>(entries: impl ExactSizeIterator<Item = (&'a String, &'a Value)>) -> usize {
-    let nodes = entries.len().div_ceil(11);
-    nodes * BTREE_NODE + entries.map(|(k, v)| heap(k) + value_size(v)).sum::<usize>()
-}
-
-fn ident_heap(i: &Ident) -> usize {
-    heap(&i.0) + heap(&i.1)
-}
-
-fn ident_size(i: &Ident) -> usize {
-    SLOT_FACTOR * (std::mem::size_of::<Ident>() + 8) + ident_heap(i)
-}
-
-fn contribution_size(c: &Contribution) -> usize {
-    SLOT_FACTOR * (std::mem::size_of::<RowRef>() + std::mem::size_of::<Contribution>())
-        // the key's copy of the row and the row itself
-        + 2 * row_size(&c.row)
-        + c.identities.len() * std::mem::size_of::<Ident>()
-        + c.identities.iter().map(ident_heap).sum::<usize>()
-        + map_size(c.fields.iter())
-        + map_size(c.aggs.iter())
-}
-
-fn profile_size(p: &CachedProfile) -> usize {
-    let winners = p.winners.as_ref().map_or(0, |w| {
-        w.len().div_ceil(11) * 11 * (24 + std::mem::size_of::<Winner>())
-            + w.iter()
-                .map(|(k, w)| heap(k) + value_size(&w.value) + row_size(&w.row))
-                .sum::<usize>()
-    });
-    let rows = p.field_rows.as_ref().map_or(0, |r| {
-        r.len().div_ceil(11) * 11 * std::mem::size_of::<RowRef>()
-            + r.iter().map(row_size).sum::<usize>()
-    });
-    SLOT_FACTOR * (8 + std::mem::size_of::<CachedProfile>())
-        + p.aggs.len().div_ceil(11) * BTREE_NODE
-        + p.aggs.keys().map(|k| heap(k)).sum::<usize>()
-        + map_size(p.traits.iter())
-        + winners
-        + rows
+fn entry_size(key: usize, value: usize) -> usize {
+    SLOT_FACTOR * SLOT + heap(key) + heap(value)
 }
 
 #[cfg(test)]
@@ -609,7 +600,8 @@ mod tests {
 
     #[test]
     fn keys_of_a_store_that_started_empty_stay_known_past_the_budget() {
-        let mut c = MergeCache::new(400);
+        // Less than one entry and its key hash.
+        let mut c = MergeCache::new(100);
         c.begin(1);
         c.rebuilt(true);
         assert!(!c.may_hold_row(&row("1")));
@@ -629,7 +621,11 @@ mod tests {
 
     #[test]
     fn past_the_budget_the_oldest_entries_go_first_and_pinned_ones_stay() {
-        let one = contribution_size(&contribution("1"));
+        let one = {
+            let mut c = MergeCache::new(usize::MAX);
+            c.put_contribution(contribution("1"));
+            c.bytes()
+        };
         // Room for four entries (the key hashes are not tracked: not rebuilt).
         let mut c = MergeCache::new(4 * one);
         let has = |c: &MergeCache, k: &str| c.contribution(&row(k)).is_some();

@@ -1258,19 +1258,22 @@ async fn refresh_profiles(
     let mut by_profile: BTreeMap<ProfileId, Vec<Contribution>> = BTreeMap::new();
     let mut to_read: Vec<ProfileId> = Vec::new();
     for p in &stored {
-        let from_cache = cache.filter(|_| log.merges.is_empty()).and_then(|c| {
+        let from_cache = cache.filter(|_| log.merges.is_empty()).and_then(|cache| {
             let rows = known.get(p)?.field_rows.as_ref()?;
-            let mut live: BTreeMap<&RowRef, &Contribution> = BTreeMap::new();
+            let mut live: BTreeMap<&RowRef, Cow<'_, Contribution>> = BTreeMap::new();
             for r in rows {
-                let c = state.contributions.get(r).or_else(|| c.contribution(r))?;
+                let c = match state.contributions.get(r) {
+                    Some(c) => Cow::Borrowed(c),
+                    None => Cow::Owned(cache.contribution(r)?),
+                };
                 if !c.deleted && !c.fields.is_empty() && c.profile_id == Some(*p) {
-                    live.insert(&c.row, c);
+                    live.insert(r, c);
                 }
             }
             for c in in_batch.get(p).into_iter().flatten() {
-                live.insert(&c.row, c);
+                live.insert(&c.row, Cow::Borrowed(*c));
             }
-            Some(live.into_values().cloned().collect::<Vec<_>>())
+            Some(live.into_values().map(Cow::into_owned).collect::<Vec<_>>())
         });
         match from_cache {
             Some(rows) => {
