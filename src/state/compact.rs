@@ -80,15 +80,20 @@ struct Writer<'n> {
     names: &'n mut Names,
 }
 
-impl Writer<'_> {
-    fn uint(&mut self, mut v: u64) {
-        while v >= 0x80 {
-            #[allow(clippy::cast_possible_truncation)]
-            self.buf.push((v as u8) | 0x80);
-            v >>= 7;
-        }
+/// Appends `v` as a LEB128 varint.
+fn put_uint(buf: &mut Vec<u8>, mut v: u64) {
+    while v >= 0x80 {
         #[allow(clippy::cast_possible_truncation)]
-        self.buf.push(v as u8);
+        buf.push((v as u8) | 0x80);
+        v >>= 7;
+    }
+    #[allow(clippy::cast_possible_truncation)]
+    buf.push(v as u8);
+}
+
+impl Writer<'_> {
+    fn uint(&mut self, v: u64) {
+        put_uint(&mut self.buf, v);
     }
 
     fn int(&mut self, v: i64) {
@@ -357,14 +362,7 @@ impl<'a> Reader<'a, '_> {
 fn key(ids: &[u32], rest: &str) -> Box<[u8]> {
     let mut w = Vec::with_capacity(ids.len() * 2 + rest.len());
     for id in ids {
-        let mut v = *id;
-        while v >= 0x80 {
-            #[allow(clippy::cast_possible_truncation)]
-            w.push((v as u8) | 0x80);
-            v >>= 7;
-        }
-        #[allow(clippy::cast_possible_truncation)]
-        w.push(v as u8);
+        put_uint(&mut w, u64::from(*id));
     }
     w.extend_from_slice(rest.as_bytes());
     w.into_boxed_slice()
