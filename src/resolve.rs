@@ -274,7 +274,7 @@ pub fn resolve_fields<'a>(
     contribs: impl IntoIterator<Item = &'a Contribution>,
     strategy: impl Fn(&str) -> Strategy,
 ) -> BTreeMap<String, Winner> {
-    let mut best: BTreeMap<String, &Contribution> = BTreeMap::new();
+    let mut best: BTreeMap<&str, &Contribution> = BTreeMap::new();
     for c in contribs.into_iter().filter(|c| !c.deleted) {
         for field in c.fields.keys() {
             let wins = match best.get(field.as_str()) {
@@ -290,16 +290,16 @@ pub fn resolve_fields<'a>(
                 }
             };
             if wins {
-                best.insert(field.clone(), c);
+                best.insert(field.as_str(), c);
             }
         }
     }
     best.into_iter()
         .map(|(f, c)| {
             (
-                f.clone(),
+                f.to_owned(),
                 Winner {
-                    value: c.fields[&f].clone(),
+                    value: c.fields[f].clone(),
                     row: c.row.clone(),
                     freshness: c.freshness,
                     lsn: c.lsn,

@@ -401,6 +401,8 @@ pub(crate) async fn plan(
     // store holds and those this batch wrote before the truncate.
     let mut expanded: Vec<Cow<'_, ChangeEvent>> = Vec::with_capacity(events.len());
     let mut written: HashMap<&str, BTreeSet<String>> = HashMap::new();
+    // Which rows the batch wrote matters only to a truncate after them.
+    let truncates = events.iter().any(|e| e.op == Op::Truncate);
     for e in events {
         if e.op == Op::Truncate {
             // The table's rows as the store holds them: only once every
@@ -421,7 +423,7 @@ pub(crate) async fn plan(
                 .filter_map(|k| serde_json::from_str::<Map<String, Value>>(k).ok());
             expanded.extend(truncate_as_deletes(e, keys).into_iter().map(Cow::Owned));
         } else {
-            if matches!(e.op, Op::Insert | Op::Update | Op::Snapshot) {
+            if truncates && matches!(e.op, Op::Insert | Op::Update | Op::Snapshot) {
                 written
                     .entry(e.table.as_str())
                     .or_default()
@@ -435,17 +437,20 @@ pub(crate) async fn plan(
     // holds it, from the store for the rest (nothing for keys known to be new).
     let mut state = State::new(mapper);
     let mut existing = Existing::default();
-    let rows: BTreeSet<RowRef> = expanded
+    // Each mapped event's row, its key rendered once.
+    let event_rows: Vec<Option<RowRef>> = expanded
         .iter()
-        .filter(|e| mapper.table(&e.source, &e.table).is_some())
-        .map(|e| RowRef {
-            source: e.source.clone(),
-            table: e.table.clone(),
-            row_key: e.row_key(),
+        .map(|e| {
+            mapper.table(&e.source, &e.table).map(|_| RowRef {
+                source: e.source.clone(),
+                table: e.table.clone(),
+                row_key: e.row_key(),
+            })
         })
         .collect();
+    let rows: BTreeSet<&RowRef> = event_rows.iter().flatten().collect();
     let mut misses: Vec<&RowRef> = Vec::new();
-    for r in &rows {
+    for &r in &rows {
         match cache.as_deref_mut() {
             Some(c) => {
                 if let Some(hit) = c.take_contribution(r) {
@@ -493,12 +498,8 @@ pub(crate) async fn plan(
         .enumerate()
         .filter(|(_, e)| matches!(e.op, Op::Insert | Op::Update | Op::Snapshot))
     {
-        if let Some(m) = mapper.table(&e.source, &e.table) {
-            let prev = state.contributions.get(&RowRef {
-                source: e.source.clone(),
-                table: e.table.clone(),
-                row_key: e.row_key(),
-            });
+        if let (Some(m), Some(row)) = (mapper.table(&e.source, &e.table), &event_rows[i]) {
+            let prev = state.contributions.get(row);
             if let Ok(ids) = m.identities(e, prev.filter(|p| !p.deleted)) {
                 idents.extend(ids.iter().cloned());
                 event_idents[i] = ids;
@@ -1170,15 +1171,15 @@ fn losers_of(
 /// read before the batch wrote anything: the store's rows of those profiles
 /// and of the profiles this batch merged into them, except the rows the batch
 /// holds (its own version of those, in `in_batch`, counts instead).
-async fn field_rows_after(
+async fn field_rows_after<'s>(
     tx: &mut PgConnection,
     state: &State,
     merges: &[(ProfileId, ProfileId)],
     profiles: &[ProfileId],
-    in_batch: &HashMap<ProfileId, Vec<&Contribution>>,
+    in_batch: &HashMap<ProfileId, Vec<&'s Contribution>>,
     guard: &mut Option<&mut dyn ReadGuard>,
-) -> Result<BTreeMap<ProfileId, Vec<Contribution>>, StoreError> {
-    let mut out: BTreeMap<ProfileId, Vec<Contribution>> = BTreeMap::new();
+) -> Result<BTreeMap<ProfileId, Vec<Cow<'s, Contribution>>>, StoreError> {
+    let mut out: BTreeMap<ProfileId, Vec<Cow<'s, Contribution>>> = BTreeMap::new();
     if profiles.is_empty() {
         return Ok(out);
     }
@@ -1192,12 +1193,18 @@ async fn field_rows_after(
             }
             let p = state.live(c.profile_id.unwrap_or_default());
             c.profile_id = Some(p);
-            out.entry(p).or_default().push(c);
+            out.entry(p).or_default().push(Cow::Owned(c));
         }
     }
     for p in profiles {
         let rows = out.entry(*p).or_default();
-        rows.extend(in_batch.get(p).into_iter().flatten().map(|c| (*c).clone()));
+        rows.extend(
+            in_batch
+                .get(p)
+                .into_iter()
+                .flatten()
+                .map(|c| Cow::Borrowed(*c)),
+        );
     }
     Ok(out)
 }
@@ -1255,7 +1262,9 @@ async fn refresh_profiles(
             in_batch.entry(p).or_default().push(c);
         }
     }
-    let mut by_profile: BTreeMap<ProfileId, Vec<Contribution>> = BTreeMap::new();
+    // Borrowed from the batch's slice where it holds the row (no clone of
+    // its fields per profile and batch), owned where read or decoded.
+    let mut by_profile: BTreeMap<ProfileId, Vec<Cow<'_, Contribution>>> = BTreeMap::new();
     let mut to_read: Vec<ProfileId> = Vec::new();
     for p in &stored {
         let from_cache = cache.filter(|_| log.merges.is_empty()).and_then(|cache| {
@@ -1273,7 +1282,7 @@ async fn refresh_profiles(
             for c in in_batch.get(p).into_iter().flatten() {
                 live.insert(&c.row, Cow::Borrowed(*c));
             }
-            Some(live.into_values().map(Cow::into_owned).collect::<Vec<_>>())
+            Some(live.into_values().collect::<Vec<_>>())
         });
         match from_cache {
             Some(rows) => {
@@ -1290,7 +1299,7 @@ async fn refresh_profiles(
                 .get(p)
                 .into_iter()
                 .flatten()
-                .map(|c| (*c).clone())
+                .map(|c| Cow::Borrowed(*c))
                 .collect(),
         );
     }
@@ -1373,23 +1382,23 @@ async fn refresh_profiles(
     let mut upd = ProfileRows::default();
     let full: BTreeSet<ProfileId> = fields_dirty.iter().copied().collect();
     for p in &log.dirty {
-        let Some(st) = state.profiles.get(p) else {
+        let Some(st) = state.profiles.get_mut(p) else {
             continue;
         };
         let old = before.get(p);
-        let live_aggs: BTreeMap<String, AggState> = st
-            .aggs
-            .iter()
-            .filter(|(_, a)| a.n != 0)
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect();
+        // Taken, not cloned: nothing reads a profile's aggregates in `state`
+        // after this (the cache gets them back from `after`).
+        let mut live_aggs = std::mem::take(&mut st.aggs);
+        live_aggs.retain(|_, a| a.n != 0);
+        let st = &*st;
         // The new provenance, or None where this batch did not resolve fields.
         let (t, aggs, winners) = if st.merged_into.is_some() {
             (Map::new(), BTreeMap::new(), Some(BTreeMap::new()))
         } else if full.contains(p) {
-            let winners = resolve_fields(by_profile.get(p).map_or(&[][..], Vec::as_slice), |f| {
-                mapper.strategy(f)
-            });
+            let winners =
+                resolve_fields(by_profile.get(p).into_iter().flatten().map(|c| &**c), |f| {
+                    mapper.strategy(f)
+                });
             let t = traits(&winners, &live_aggs, mapper.aggregates());
             (t, live_aggs, Some(winners))
         } else {
