@@ -493,7 +493,8 @@ impl Store {
         };
         let mut tx = self.pool.begin().await?;
         // The event log is written in a transaction of its own, committed
-        // just before this one: never visible long ahead of the derived rows.
+        // once its `COPY` is done, while the derived rows are still being
+        // written (`apply::write_plan`): before this one, never long ahead.
         let mut log = match log.as_deref_mut() {
             Some(c) => Some(sqlx::Connection::begin(c).await?),
             None => None,
@@ -528,7 +529,7 @@ impl Store {
                     (plan, false)
                 }
             };
-            apply::write_plan(&mut tx, log.as_deref_mut(), &plan).await?;
+            apply::write_plan(&mut tx, log.take(), &plan).await?;
             outcome = Outcome::Committed {
                 generation: Some(generation),
                 stale: if !planned {
@@ -562,10 +563,6 @@ impl Store {
         }
         failpoint::pause(Stage::BeforeCommit).await;
         failpoint::hit(Stage::BeforeCommit);
-        if let Some(l) = log {
-            l.commit().await?;
-            failpoint::hit(Stage::LogCommitted);
-        }
         tx.commit().await?;
         Ok((stats, outcome))
     }

@@ -128,7 +128,7 @@ impl Store {
             after_lsn = last.commit_lsn.to_string();
             after_seq = i64::try_from(last.seq).unwrap_or(i64::MAX);
             events += chunk.len() as u64;
-            apply_in(&mut tx, mapper, source, &chunk, false, None, None).await?;
+            apply_in(&mut tx, mapper, source, &chunk, false, None).await?;
             // The profiles those rows belong to now.
             let tables: Vec<&str> = chunk.iter().map(|e| e.table.as_str()).collect();
             let keys: Vec<String> = chunk.iter().map(ChangeEvent::row_key).collect();
@@ -201,7 +201,7 @@ impl Store {
                     .iter()
                     .position(|e| e.source != src)
                     .map_or(chunk.len(), |n| start + n);
-                apply_in(&mut tx, mapper, &src, &chunk[start..end], true, None, None).await?;
+                apply_in(&mut tx, mapper, &src, &chunk[start..end], true, None).await?;
                 start = end;
             }
         }

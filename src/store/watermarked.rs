@@ -138,7 +138,7 @@ pub async fn apply_read(
     let stats = if events.is_empty() {
         ApplyStats::default()
     } else {
-        apply_in(&mut tx, mapper, source, &events, true, None, None).await?
+        apply_in(&mut tx, mapper, source, &events, true, None).await?
     };
     tx.commit().await?;
     Ok((out, stats))
