@@ -46,3 +46,5 @@ pub mod source;
 pub mod state;
 pub mod status;
 pub mod store;
+#[cfg(test)]
+pub(crate) mod strategies;

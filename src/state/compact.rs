@@ -574,29 +574,7 @@ mod tests {
         ]
     }
 
-    fn number() -> impl Strategy<Value = Number> {
-        prop_oneof![
-            any::<i64>().prop_map(Number::from),
-            any::<u64>().prop_map(Number::from),
-            any::<f64>().prop_filter_map("finite", Number::from_f64),
-        ]
-    }
-
-    fn value() -> impl Strategy<Value = Value> {
-        let leaf = prop_oneof![
-            Just(Value::Null),
-            any::<bool>().prop_map(Value::Bool),
-            number().prop_map(Value::Number),
-            "\\PC{0,24}".prop_map(Value::String),
-        ];
-        leaf.prop_recursive(3, 16, 4, |inner| {
-            prop_oneof![
-                prop::collection::vec(inner.clone(), 0..4).prop_map(Value::Array),
-                prop::collection::btree_map("\\PC{0,6}", inner, 0..4)
-                    .prop_map(|m| Value::Object(m.into_iter().collect())),
-            ]
-        })
-    }
+    use crate::strategies::{json_value as value, number};
 
     fn values() -> impl Strategy<Value = BTreeMap<String, Value>> {
         prop::collection::btree_map(name(), value(), 0..5)

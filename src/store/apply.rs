@@ -1646,6 +1646,7 @@ struct ProfileRows {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::strategies::json_value as value;
     use proptest::prelude::*;
 
     /// The provenance document as it was written through serde before
@@ -1668,24 +1669,6 @@ mod tests {
             })
             .collect();
         serde_json::to_string(&doc).unwrap()
-    }
-
-    fn value() -> impl Strategy<Value = Value> {
-        let leaf = prop_oneof![
-            Just(Value::Null),
-            any::<bool>().prop_map(Value::Bool),
-            any::<i64>().prop_map(Value::from),
-            any::<f64>().prop_filter_map("finite", |f| serde_json::Number::from_f64(f)
-                .map(Value::Number)),
-            "\\PC{0,24}|[\"\\\\\u{0}-\u{1f}\u{7f}é✓]{0,6}".prop_map(Value::String),
-        ];
-        leaf.prop_recursive(3, 16, 4, |inner| {
-            prop_oneof![
-                prop::collection::vec(inner.clone(), 0..4).prop_map(Value::Array),
-                prop::collection::btree_map("\\PC{0,6}", inner, 0..4)
-                    .prop_map(|m| Value::Object(m.into_iter().collect())),
-            ]
-        })
     }
 
     fn winner() -> impl Strategy<Value = Winner> {
