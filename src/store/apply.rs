@@ -11,6 +11,7 @@
 
 use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet};
+use std::io::Write as _;
 
 use foldhash::{HashMap, HashMapExt, HashSet, HashSetExt};
 use serde_json::{Map, Value};
@@ -1556,9 +1557,8 @@ pub(crate) fn provenance_json(winners: &BTreeMap<String, Winner>) -> String {
             f.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true)
                 .as_bytes(),
         );
-        out.extend_from_slice(b"\",\"l\":\"");
-        lsn_text(&mut out, w.lsn);
-        out.extend_from_slice(b"\"}");
+        // Writing into a `Vec` cannot fail.
+        let _ = write!(out, "\",\"l\":\"{}\"}}", w.lsn);
     }
     out.push(b'}');
     String::from_utf8(out).unwrap_or_else(|_| "{}".into())
@@ -1567,28 +1567,6 @@ pub(crate) fn provenance_json(winners: &BTreeMap<String, Winner>) -> String {
 /// `s` as a JSON string, escaped as `serde_json` escapes it.
 fn json_str(out: &mut Vec<u8>, s: &str) {
     let _ = serde_json::to_writer(&mut *out, s);
-}
-
-/// An LSN's text (`HEX/HEX`, upper case, as `Lsn`'s `Display`).
-fn lsn_text(out: &mut Vec<u8>, lsn: Lsn) {
-    fn hex(out: &mut Vec<u8>, v: u64) {
-        const DIGITS: &[u8; 16] = b"0123456789ABCDEF";
-        let mut buf = [0u8; 8];
-        let mut i = buf.len();
-        let mut v = v;
-        loop {
-            i -= 1;
-            buf[i] = DIGITS[(v & 0xF) as usize];
-            v >>= 4;
-            if v == 0 {
-                break;
-            }
-        }
-        out.extend_from_slice(&buf[i..]);
-    }
-    hex(out, lsn.0 >> 32);
-    out.push(b'/');
-    hex(out, lsn.0 & 0xFFFF_FFFF);
 }
 
 /// The stored provenance of `profiles`, as winners by field.
@@ -1707,15 +1685,6 @@ mod tests {
         #[test]
         fn provenance_text_is_serdes(winners in prop::collection::btree_map("\\PC{0,10}|[\"\\\\\u{0}-\u{1f}]{1,3}", winner(), 0..6)) {
             prop_assert_eq!(provenance_json(&winners), provenance_by_serde(&winners));
-        }
-    }
-
-    #[test]
-    fn lsn_text_is_the_display_form() {
-        for v in [0u64, 1, 0xF, 0x10, 0x1_0000_0000, 0x16_B374_D848, u64::MAX] {
-            let mut out = Vec::new();
-            lsn_text(&mut out, Lsn(v));
-            assert_eq!(String::from_utf8(out).unwrap(), Lsn(v).to_string());
         }
     }
 }
