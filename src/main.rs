@@ -16,10 +16,10 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 /// Turns transparent huge pages off for this process. mimalloc asks the kernel
 /// for them (`MADV_HUGEPAGE`) on the memory it reserves; every batch frees and
 /// allocates tens of MB, and a first touch of memory returned to the OS then
-/// faults in and zeroes a whole 2 MiB page. In the 1M backlog that zeroing was
-/// 8 % of the daemon's CPU samples (2 % without huge pages), and the peak RSS
-/// is 20-30 MiB lower without them (docs/design.md, "Throughput", eleventh
-/// session). mimalloc's own switches do not serve: `MIMALLOC_ALLOW_THP=0` is
+/// faults in and zeroes a whole 2 MiB page. In the backlog benchmark that
+/// zeroing was 8 % of the daemon's CPU samples (2 % without huge pages), and
+/// the peak RSS is 20-40 MiB lower without them (docs/design.md,
+/// "Throughput", eleventh session). mimalloc's own switches do not serve: `MIMALLOC_ALLOW_THP=0` is
 /// read before `main` runs, and the crate's `no_thp` feature only drops its
 /// `madvise`, which leaves huge pages on hosts whose THP mode is `always`. The
 /// process flag covers every mapping, including those mimalloc made already.

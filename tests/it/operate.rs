@@ -58,7 +58,7 @@ async fn ready(addr: &str) -> (u16, Value) {
 /// The daemon turns transparent huge pages off for itself (`src/main.rs`:
 /// with them, re-touched allocator memory cost 8 % of its CPU in zeroing 2 MiB
 /// pages). The kernel reports the flag as `THP_enabled` in the process status
-/// (Linux 6.0 on); where it does not, there is nothing to check.
+/// (Linux 5.0 on); where it does not, there is nothing to check.
 #[cfg(target_os = "linux")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_daemon_runs_without_transparent_huge_pages() {
