@@ -272,10 +272,7 @@ impl Store {
             {
                 Ok(_) => {}
                 // Two processes creating the same partition at once: the loser sees a duplicate.
-                Err(e)
-                    if e.as_database_error()
-                        .and_then(|d| d.code())
-                        .is_some_and(|c| c == "42P07" || c == "23505") => {}
+                Err(e) if super::created_concurrently(&e) => {}
                 Err(e) => return Err(e.into()),
             }
             if let Ok(mut p) = self.partitions.lock() {

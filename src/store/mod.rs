@@ -139,13 +139,19 @@ impl Store {
 
     /// Creates the schema if needed and applies pending migrations.
     pub async fn migrate(&self) -> Result<(), StoreError> {
-        // The schema name is validated as [a-z0-9_]+ by the config.
-        sqlx::query(sqlx::AssertSqlSafe(format!(
+        // The schema name is validated as [a-z0-9_]+ by the config. Instances
+        // started together against a new store all get here at once (the
+        // migrations themselves are serialised by sqlx's advisory lock).
+        match sqlx::query(sqlx::AssertSqlSafe(format!(
             "create schema if not exists {}",
             self.schema
         )))
         .execute(&self.pool)
-        .await?;
+        .await
+        {
+            Err(e) if !created_concurrently(&e) => return Err(e.into()),
+            _ => {}
+        }
         MIGRATOR
             .run(&self.pool)
             .await
@@ -178,6 +184,17 @@ impl Store {
     pub fn schema(&self) -> &str {
         &self.schema
     }
+}
+
+/// Whether `e` says that another session created the same object at the same
+/// time: `create … if not exists` looks for the object before it adds it to
+/// the catalog, so two sessions can both find it missing, and the later one
+/// then fails on the catalog's unique index (23505) or with the object's own
+/// duplicate error (42P06 schema, 42P07 table). The object exists either way.
+pub(crate) fn created_concurrently(e: &sqlx::Error) -> bool {
+    e.as_database_error()
+        .and_then(|d| d.code())
+        .is_some_and(|c| matches!(&*c, "23505" | "42P06" | "42P07"))
 }
 
 impl Store {
