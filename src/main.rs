@@ -19,10 +19,11 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 /// faults in and zeroes a whole 2 MiB page. In the backlog benchmark that
 /// zeroing was 8 % of the daemon's CPU samples (2 % without huge pages), and
 /// the peak RSS is 20-40 MiB lower without them (docs/design.md,
-/// "Throughput", eleventh session). mimalloc's own switches do not serve: `MIMALLOC_ALLOW_THP=0` is
-/// read before `main` runs, and the crate's `no_thp` feature only drops its
-/// `madvise`, which leaves huge pages on hosts whose THP mode is `always`. The
-/// process flag covers every mapping, including those mimalloc made already.
+/// "Throughput", eleventh session). mimalloc's own switches do not serve:
+/// `MIMALLOC_ALLOW_THP=0` is read before `main` runs, and the crate's `no_thp`
+/// feature only drops its `madvise`, which leaves huge pages on hosts whose
+/// THP mode is `always`. The process flag covers every mapping, including
+/// those mimalloc made already.
 #[cfg(target_os = "linux")]
 fn no_transparent_huge_pages() {
     // A kernel without the flag refuses it, which leaves the default

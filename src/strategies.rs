@@ -16,11 +16,19 @@ pub(crate) fn number() -> impl Strategy<Value = Number> {
 /// Any JSON value, nested up to three levels (strings of any printable
 /// characters, quotes and backslashes included).
 pub(crate) fn json_value() -> impl Strategy<Value = Value> {
+    json_value_with("\\PC{0,24}")
+}
+
+/// Any JSON value, nested up to three levels, with string values from
+/// `strings` (a writer of JSON text also wants control characters).
+pub(crate) fn json_value_with(
+    strings: impl Strategy<Value = String> + 'static,
+) -> impl Strategy<Value = Value> {
     let leaf = prop_oneof![
         Just(Value::Null),
         any::<bool>().prop_map(Value::Bool),
         number().prop_map(Value::Number),
-        "\\PC{0,24}".prop_map(Value::String),
+        strings.prop_map(Value::String),
     ];
     leaf.prop_recursive(3, 16, 4, |inner| {
         prop_oneof![

@@ -1621,8 +1621,14 @@ struct ProfileRows {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::strategies::json_value as value;
+    use crate::strategies::json_value_with;
     use proptest::prelude::*;
+
+    /// Any JSON value, its strings also made of what JSON text must escape
+    /// (quotes, backslashes, control characters) and of multi-byte characters.
+    fn value() -> impl Strategy<Value = Value> {
+        json_value_with("\\PC{0,24}|[\"\\\\\u{0}-\u{1f}\u{7f}é✓]{0,6}")
+    }
 
     /// The provenance document as it was written through serde before
     /// [`provenance_json`] wrote it directly.
