@@ -92,7 +92,7 @@ pub(crate) async fn contributions_by_profile(
     with_fields: bool,
 ) -> Result<BTreeMap<ProfileId, Vec<Contribution>>, StoreError> {
     let filter = if with_fields {
-        " and c.fields <> '{}'::jsonb"
+        " and c.fields::text <> '{}'"
     } else {
         ""
     };
@@ -1104,11 +1104,11 @@ static WRITE: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
          new_contributions as (
            insert into contributions (source, table_name, row_key, profile_id, deleted, identities, fields, aggs,
                                       version, lsn, seq, freshness, priority, digest)
-           select s, t, k, p, d, i::jsonb, f::jsonb, a::jsonb, v, l::pg_lsn, q, fr, pr, case when d then null else g end
+           select s, t, k, p, d, i::json, f::json, a::json, v, l::pg_lsn, q, fr, pr, case when d then null else g end
              from {new_contributions}),
          old_contributions as (
            update contributions c set
-             profile_id = u.p, deleted = u.d, identities = u.i::jsonb, fields = u.f::jsonb, aggs = u.a::jsonb,
+             profile_id = u.p, deleted = u.d, identities = u.i::json, fields = u.f::json, aggs = u.a::json,
              version = u.v, lsn = u.l::pg_lsn, seq = u.q, freshness = u.fr, priority = u.pr, updated_at = now(),
              -- the same image re-written (a merge re-pointing it) keeps its digest
              digest = case when (u.l::pg_lsn, u.q) = (c.lsn, c.seq)
@@ -1125,10 +1125,10 @@ static WRITE: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
             where i.kind = u.k and i.value = u.v),
          new_profiles as (
            insert into profiles (profile_id, merged_into, traits, agg_state, provenance)
-           select id, m, t::jsonb, a::jsonb, pv::json
+           select id, m, t::jsonb, a::json, pv::json
              from unnest($46::bigint[], $47::bigint[], $48::text[], $49::text[], $50::text[]) as u(id, m, t, a, pv)),
          old_profiles as (
-           update profiles p set merged_into = u.m, traits = u.t::jsonb, agg_state = u.a::jsonb, updated_at = now(),
+           update profiles p set merged_into = u.m, traits = u.t::jsonb, agg_state = u.a::json, updated_at = now(),
              provenance = case when u.pv = 'null' then p.provenance else u.pv::json end
              from unnest($51::bigint[], $52::bigint[], $53::text[], $54::text[], $55::text[]) as u(id, m, t, a, pv)
             where p.profile_id = u.id),
@@ -1335,7 +1335,7 @@ async fn refresh_profiles(
         guard_reads(guard, &read).await?;
         let stored: Vec<(String, String, String, Json<Value>)> = sqlx::query_as(
             "select source, table_name, row_key, aggs -> $2 from contributions
-              where profile_id = any($1) and not deleted and aggs ? $2",
+              where profile_id = any($1) and not deleted and aggs -> $2 is not null",
         )
         .bind(&read)
         .bind(&name)

@@ -58,7 +58,7 @@ impl Store {
         "create temporary table forget_rows on commit drop as
          select source, table_name, row_key from contributions c
           where c.profile_id = $1
-             or exists (select 1 from jsonb_array_elements(c.identities) e
+             or exists (select 1 from json_array_elements(c.identities) e
                           join unnest($2::text[], $3::text[]) as u(k, v) on e ->> 0 = u.k and e ->> 1 = u.v)",
     )
     .bind(profile)

@@ -194,6 +194,45 @@ async fn migrating_an_existing_event_log_keeps_its_changes_and_rebuild_reads_the
     assert_eq!(profiles, "a@x.com=Anna, b@x.com=Bea");
 }
 
+/// A store written while contributions and aggregate state were `jsonb`
+/// keeps them, equal as JSON, through `migrate`, and they are `json` after it.
+#[tokio::test]
+async fn migrating_contributions_to_json_keeps_their_values() {
+    let pg = cluster();
+    let sink = create_db(&pg, "profiles").await;
+    store_before(&sink, 20261205000001).await;
+    exec(
+        &sink,
+        "insert into tributary.profiles (profile_id, traits, agg_state) values
+           (1, '{\"email\": \"a@x.com\", \"order_count\": 2}', '{\"order_count\": {\"n\": 2, \"v\": 2}}');
+         insert into tributary.contributions (source, table_name, row_key, profile_id, identities, fields, aggs, version, lsn, seq, freshness, priority) values
+           ('crm', 'public.contacts', '{\"id\":1}', 1, '[[\"email\", \"a@x.com\"]]', '{\"email\": \"a@x.com\", \"note\": \"\\u00e9 \\\"q\\\"\"}', '{}', 1, '0/10', 0, now(), 0),
+           ('shop', 'public.orders', '{\"id\":7}', 1, '[]', '{}', '{\"order_count\": 1, \"ltv\": 12.50}', 1, '0/20', 0, now(), 0);",
+    )
+    .await;
+    let dump = "select string_agg(format('%s %s %s %s', row_key, identities::jsonb::text, fields::jsonb::text, aggs::jsonb::text), ' | ' order by row_key)
+                  || ' / ' || (select string_agg(agg_state::jsonb::text, ',') from tributary.profiles)
+                  from tributary.contributions";
+    let before: String = scalar(&sink, dump).await;
+    let cfg = contacts_config(&sink, "");
+    let out = run_cmd(&cfg, &["migrate"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let types: String = scalar(
+        &sink,
+        "select string_agg(table_name || '.' || column_name || ' ' || data_type, ', ' order by table_name, column_name)
+           from information_schema.columns
+          where table_schema = 'tributary' and column_name in ('identities', 'fields', 'aggs', 'agg_state', 'traits')
+            and table_name in ('contributions', 'profiles')",
+    )
+    .await;
+    assert_eq!(
+        types,
+        "contributions.aggs json, contributions.fields json, contributions.identities json, profiles.agg_state json, profiles.traits jsonb"
+    );
+    let after: String = scalar(&sink, dump).await;
+    assert_eq!(after, before);
+}
+
 /// A store with the migrations before `version` applied, as an earlier
 /// release left it.
 async fn store_before(sink: &str, version: i64) {

@@ -109,7 +109,7 @@ async fn a_corrupted_store_is_reported_exactly_and_repaired() {
     let (c, email): (i64, String) = {
         let mut conn = sqlx::PgConnection::connect(&sink).await.unwrap();
         sqlx::query_as(sqlx::AssertSqlSafe(format!(
-            "select c.profile_id, e ->> 1 from tributary.contributions c, jsonb_array_elements(c.identities) e
+            "select c.profile_id, e ->> 1 from tributary.contributions c, json_array_elements(c.identities) e
               where not c.deleted and e ->> 0 = 'email' and c.profile_id not in ({a}, {b})
               order by c.profile_id limit 1"
         )))
@@ -128,7 +128,7 @@ async fn a_corrupted_store_is_reported_exactly_and_repaired() {
         delete from tributary.profiles where profile_id = {b};
         update tributary.identities set profile_id = {d} where kind = 'email' and value = '{email}';
         update tributary.profiles set traits = jsonb_set(traits, '{{order_count}}', to_jsonb((traits ->> 'order_count')::int + 1)),
-               agg_state = jsonb_set(agg_state, '{{order_count,n}}', to_jsonb((agg_state -> 'order_count' ->> 'n')::int + 1))
+               agg_state = jsonb_set(agg_state::jsonb, '{{order_count,n}}', to_jsonb((agg_state -> 'order_count' ->> 'n')::int + 1))
          where profile_id = {e};")).await;
 
     let (code, r) = reconcile(&cfg, &[]);
@@ -207,10 +207,10 @@ async fn a_corrupted_store_is_reported_exactly_and_repaired() {
 
     // A change the store missed (its stored image of a row is not the source's)
     // and a row it lost: both found row by row, and repaired from the source.
-    let contact: i64 = pick(&sink, "select min((row_key::jsonb ->> 'id')::bigint) from tributary.contributions where table_name = 'public.contacts' and not deleted and fields ? 'last_name'").await;
+    let contact: i64 = pick(&sink, "select min((row_key::jsonb ->> 'id')::bigint) from tributary.contributions where table_name = 'public.contacts' and not deleted and fields::jsonb ? 'last_name'").await;
     let order: i64 = pick(&sink, "select min((row_key::jsonb ->> 'id')::bigint) from tributary.contributions where table_name = 'public.orders' and not deleted").await;
     exec(&sink, &format!("
-        update tributary.contributions set fields = fields || '{{\"last_name\": \"Stale\"}}', digest = digest + 1
+        update tributary.contributions set fields = fields::jsonb || '{{\"last_name\": \"Stale\"}}', digest = digest + 1
          where table_name = 'public.contacts' and row_key = '{{\"id\":{contact}}}';
         delete from tributary.contributions where table_name = 'public.orders' and row_key = '{{\"id\":{order}}}';")).await;
     let (code, r) = reconcile(&cfg, &[]);
