@@ -1388,122 +1388,248 @@ async fn refresh_profiles(
     guard_reads(guard, &unknown).await?;
     old_winners.extend(stored_provenance(tx, &unknown).await?);
 
+    // What each dirty profile needs, taken out of the batch's maps in order;
+    // then each is refreshed on its own (the work is independent per
+    // profile, so a large batch splits it over the cores); then the results
+    // are written out in the same order.
+    let full: BTreeSet<ProfileId> = fields_dirty.iter().copied().collect();
+    let with_cache = cache.is_some();
+    let inputs: Vec<RefreshInput<'_>> = log
+        .dirty
+        .iter()
+        .filter_map(|p| {
+            let st = state.profiles.get_mut(p)?;
+            // Taken, not cloned: nothing reads a profile's aggregates in `state`
+            // after this (the cache gets them back from `after`).
+            let mut live_aggs = std::mem::take(&mut st.aggs);
+            live_aggs.retain(|_, a| a.n != 0);
+            Some(RefreshInput {
+                profile: *p,
+                merged_into: st.merged_into,
+                live_aggs,
+                old: before.get(p),
+                full: full.contains(p),
+                rows: by_profile.get(p).map_or(&[][..], Vec::as_slice),
+                old_prov: old_winners.remove(p),
+                extra: if with_cache {
+                    known.remove(p).unwrap_or_default()
+                } else {
+                    CachedProfile::default()
+                },
+            })
+        })
+        .collect();
+    let refreshed = refresh_each(inputs, mapper, with_cache);
     let mut ins = ProfileRows::default();
     let mut upd = ProfileRows::default();
-    let full: BTreeSet<ProfileId> = fields_dirty.iter().copied().collect();
-    for p in &log.dirty {
-        let Some(st) = state.profiles.get_mut(p) else {
-            continue;
-        };
-        let old = before.get(p);
-        // Taken, not cloned: nothing reads a profile's aggregates in `state`
-        // after this (the cache gets them back from `after`).
-        let mut live_aggs = std::mem::take(&mut st.aggs);
-        live_aggs.retain(|_, a| a.n != 0);
-        let st = &*st;
-        // The new provenance, or None where this batch did not resolve fields.
-        let (t, aggs, winners) = if st.merged_into.is_some() {
-            (Map::new(), BTreeMap::new(), Some(BTreeMap::new()))
-        } else if full.contains(p) {
-            let winners =
-                resolve_fields(by_profile.get(p).into_iter().flatten().map(|c| &**c), |f| {
-                    mapper.strategy(f)
-                });
-            let t = traits(&winners, &live_aggs, mapper.aggregates());
-            (t, live_aggs, Some(winners))
-        } else {
-            // Only aggregates changed: keep the stored field values.
-            let mut t = old.map(|o| o.traits.clone()).unwrap_or_default();
-            for name in mapper.aggregates().keys() {
-                t.remove(name);
-            }
-            for (name, a) in &live_aggs {
-                if let Some(v) = mapper.aggregates().get(name).and_then(|d| a.value(d.func)) {
-                    t.insert(name.clone(), v);
-                }
-            }
-            (t, live_aggs, None)
-        };
-        let old_prov = old_winners.remove(p);
-        let same_provenance = match &winners {
-            None => true,
-            Some(w) => old_prov
-                .as_ref()
-                .map_or(st.merged_into.is_some(), |o| o == w),
-        };
-        let unchanged = same_provenance
-            && old.is_some_and(|o| {
-                o.traits == t && o.aggs == aggs && o.merged_into == st.merged_into
-            });
-        if !unchanged {
-            let no_traits = Map::new();
-            let old_traits = old.map_or(&no_traits, |o| &o.traits);
-            let mut changed: Map<String, Value> = t
-                .iter()
-                .filter(|(k, v)| old_traits.get(*k) != Some(*v))
-                .map(|(k, v)| (k.clone(), v.clone()))
-                .collect();
-            for k in old_traits.keys().filter(|k| !t.contains_key(*k)) {
-                changed.insert(k.clone(), Value::Null);
-            }
-            if !changed.is_empty() || old.map(|o| o.merged_into) != Some(st.merged_into) {
-                changes.push(ProfileChange {
-                    profile_id: *p,
-                    merged_into: st.merged_into,
-                    changed,
-                    traits: t.clone(),
-                });
-            }
-            let rows = if old.is_some() { &mut upd } else { &mut ins };
-            rows.id.push(*p);
-            rows.merged_into.push(st.merged_into);
-            rows.traits
-                .push(serde_json::to_string(&t).unwrap_or_default());
-            rows.aggs
-                .push(serde_json::to_string(&aggs).unwrap_or_else(|_| "{}".into()));
-            rows.provenance.push(match (&winners, old) {
-                (Some(w), _) => provenance_json(w),
-                // A profile new in the store has no provenance to keep.
-                (None, None) => "{}".to_owned(),
-                (None, Some(_)) => KEEP_PROVENANCE.to_owned(),
-            });
+    for r in refreshed {
+        if let Some(change) = r.change {
+            changes.push(change);
         }
-        if cache.is_some() {
-            let extra = known.remove(p).unwrap_or_default();
-            let new_profile = old.is_none();
-            after.insert(
-                *p,
-                CachedProfile {
-                    merged_into: st.merged_into,
-                    field_rows: if full.contains(p) {
-                        Some(
-                            by_profile
-                                .get(p)
-                                .into_iter()
-                                .flatten()
-                                .map(|c| c.row.clone())
-                                .collect(),
-                        )
-                    } else if new_profile {
-                        Some(BTreeSet::new())
-                    } else {
-                        extra.field_rows
-                    },
-                    winners: match winners {
-                        Some(w) => Some(w),
-                        None if new_profile => Some(BTreeMap::new()),
-                        None => old_prov.or(extra.winners),
-                    },
-                    aggs,
-                    traits: t,
-                },
-            );
+        if let Some(row) = r.row {
+            let rows = if row.new { &mut ins } else { &mut upd };
+            rows.id.push(r.profile);
+            rows.merged_into.push(row.merged_into);
+            rows.traits.push(row.traits);
+            rows.aggs.push(row.aggs);
+            rows.provenance.push(row.provenance);
+        }
+        if let Some(entry) = r.after {
+            after.insert(r.profile, entry);
         }
     }
 
     writes.new_profiles = ins;
     writes.old_profiles = upd;
     Ok((changes, after))
+}
+
+/// What refreshing one dirty profile needs (see [`refresh_one`]).
+struct RefreshInput<'a> {
+    profile: ProfileId,
+    merged_into: Option<ProfileId>,
+    /// Its aggregates as the batch leaves them, empty ones dropped.
+    live_aggs: BTreeMap<String, AggState>,
+    /// The profile as the store holds it (None: new to the store).
+    old: Option<&'a StoredProfile>,
+    /// Whether this batch resolves its fields (else only aggregates changed).
+    full: bool,
+    /// Its live rows with field values, when `full`.
+    rows: &'a [Cow<'a, Contribution>],
+    /// Its stored provenance, when known.
+    old_prov: Option<BTreeMap<String, Winner>>,
+    /// What the cache knew of it beyond the stored row.
+    extra: CachedProfile,
+}
+
+/// One refreshed profile: what to publish, write and cache.
+#[derive(Debug, PartialEq)]
+struct Refreshed {
+    profile: ProfileId,
+    change: Option<ProfileChange>,
+    row: Option<RefreshedRow>,
+    after: Option<CachedProfile>,
+}
+
+/// A profile row to write, its JSON columns rendered.
+#[derive(Debug, PartialEq)]
+struct RefreshedRow {
+    new: bool,
+    merged_into: Option<ProfileId>,
+    traits: String,
+    aggs: String,
+    provenance: String,
+}
+
+/// From this many dirty profiles a batch refreshes them on two threads: the
+/// work is CPU only and independent per profile, and the plan it belongs to
+/// is the chain every write waits for (docs/design.md, "Throughput", twelfth
+/// session). Below it a thread costs more than it saves.
+const PARALLEL_REFRESH_FROM: usize = 512;
+
+/// Refreshes every profile of `inputs`, in order.
+fn refresh_each(
+    inputs: Vec<RefreshInput<'_>>,
+    mapper: &Mapper,
+    with_cache: bool,
+) -> Vec<Refreshed> {
+    refresh_each_from(inputs, mapper, with_cache, PARALLEL_REFRESH_FROM)
+}
+
+/// [`refresh_each`], on two threads from `parallel_from` profiles.
+fn refresh_each_from(
+    inputs: Vec<RefreshInput<'_>>,
+    mapper: &Mapper,
+    with_cache: bool,
+    parallel_from: usize,
+) -> Vec<Refreshed> {
+    if inputs.len() < parallel_from.max(2) {
+        return inputs
+            .into_iter()
+            .map(|i| refresh_one(i, mapper, with_cache))
+            .collect();
+    }
+    let mut first = inputs;
+    let second = first.split_off(first.len() / 2);
+    std::thread::scope(|scope| {
+        let other = scope.spawn(move || {
+            second
+                .into_iter()
+                .map(|i| refresh_one(i, mapper, with_cache))
+                .collect::<Vec<_>>()
+        });
+        let mut out: Vec<Refreshed> = first
+            .into_iter()
+            .map(|i| refresh_one(i, mapper, with_cache))
+            .collect();
+        match other.join() {
+            Ok(rest) => out.extend(rest),
+            Err(panic) => std::panic::resume_unwind(panic),
+        }
+        out
+    })
+}
+
+/// One dirty profile: its traits, aggregates and provenance as the batch
+/// leaves them, the change to publish, the row to write (none when nothing
+/// changed) and its cache entry.
+fn refresh_one(input: RefreshInput<'_>, mapper: &Mapper, with_cache: bool) -> Refreshed {
+    let RefreshInput {
+        profile,
+        merged_into,
+        live_aggs,
+        old,
+        full,
+        rows,
+        old_prov,
+        extra,
+    } = input;
+    // The new provenance, or None where this batch did not resolve fields.
+    let (t, aggs, winners) = if merged_into.is_some() {
+        (Map::new(), BTreeMap::new(), Some(BTreeMap::new()))
+    } else if full {
+        let winners = resolve_fields(rows.iter().map(|c| &**c), |f| mapper.strategy(f));
+        let t = traits(&winners, &live_aggs, mapper.aggregates());
+        (t, live_aggs, Some(winners))
+    } else {
+        // Only aggregates changed: keep the stored field values.
+        let mut t = old.map(|o| o.traits.clone()).unwrap_or_default();
+        for name in mapper.aggregates().keys() {
+            t.remove(name);
+        }
+        for (name, a) in &live_aggs {
+            if let Some(v) = mapper.aggregates().get(name).and_then(|d| a.value(d.func)) {
+                t.insert(name.clone(), v);
+            }
+        }
+        (t, live_aggs, None)
+    };
+    let same_provenance = match &winners {
+        None => true,
+        Some(w) => old_prov.as_ref().map_or(merged_into.is_some(), |o| o == w),
+    };
+    let unchanged = same_provenance
+        && old.is_some_and(|o| o.traits == t && o.aggs == aggs && o.merged_into == merged_into);
+    let mut change = None;
+    let mut row = None;
+    if !unchanged {
+        let no_traits = Map::new();
+        let old_traits = old.map_or(&no_traits, |o| &o.traits);
+        let mut changed: Map<String, Value> = t
+            .iter()
+            .filter(|(k, v)| old_traits.get(*k) != Some(*v))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        for k in old_traits.keys().filter(|k| !t.contains_key(*k)) {
+            changed.insert(k.clone(), Value::Null);
+        }
+        if !changed.is_empty() || old.map(|o| o.merged_into) != Some(merged_into) {
+            change = Some(ProfileChange {
+                profile_id: profile,
+                merged_into,
+                changed,
+                traits: t.clone(),
+            });
+        }
+        row = Some(RefreshedRow {
+            new: old.is_none(),
+            merged_into,
+            traits: serde_json::to_string(&t).unwrap_or_default(),
+            aggs: serde_json::to_string(&aggs).unwrap_or_else(|_| "{}".into()),
+            provenance: match (&winners, old) {
+                (Some(w), _) => provenance_json(w),
+                // A profile new in the store has no provenance to keep.
+                (None, None) => "{}".to_owned(),
+                (None, Some(_)) => KEEP_PROVENANCE.to_owned(),
+            },
+        });
+    }
+    let after = with_cache.then(|| {
+        let new_profile = old.is_none();
+        CachedProfile {
+            merged_into,
+            field_rows: if full {
+                Some(rows.iter().map(|c| c.row.clone()).collect())
+            } else if new_profile {
+                Some(BTreeSet::new())
+            } else {
+                extra.field_rows
+            },
+            winners: match winners {
+                Some(w) => Some(w),
+                None if new_profile => Some(BTreeMap::new()),
+                None => old_prov.or(extra.winners),
+            },
+            aggs,
+            traits: t,
+        }
+    });
+    Refreshed {
+        profile,
+        change,
+        row,
+        after,
+    }
 }
 
 /// Written as a profile's provenance, JSON `null` means "keep the stored one"
@@ -1632,6 +1758,131 @@ mod tests {
 
     /// The provenance document as it was written through serde before
     /// [`provenance_json`] wrote it directly.
+    /// Profiles refreshed on two threads come out as they do on one, in
+    /// the same order: new and stored profiles, fields resolved or only
+    /// aggregates changed, merged ones, unchanged ones, with and without the
+    /// cache.
+    #[test]
+    fn refreshing_on_two_threads_equals_refreshing_on_one() {
+        let cfg = crate::config::Config::parse(
+            r#"
+[sink]
+url = "postgres://t@127.0.0.1/profiles"
+[[source]]
+name = "crm"
+url = "postgres://t@127.0.0.1/crm"
+  [[source.table]]
+  name = "public.contacts"
+  identity = { email = "email" }
+  fields = { email = "email", name = "name" }
+  [source.table.aggregates]
+  order_count = { fn = "count" }
+"#,
+            std::path::Path::new("t.toml"),
+        )
+        .unwrap();
+        let mapper = Mapper::new(&cfg);
+        let n: i64 = 1500;
+        let contribution = |p: i64, name: &str| Contribution {
+            row: RowRef {
+                source: "crm".into(),
+                table: "public.contacts".into(),
+                row_key: format!("{{\"id\":{p}}}"),
+            },
+            profile_id: Some(p),
+            deleted: false,
+            identities: vec![("email".into(), format!("{p}@x"))],
+            fields: BTreeMap::from([
+                ("email".to_owned(), Value::from(format!("{p}@x"))),
+                ("name".to_owned(), Value::from(name)),
+            ]),
+            aggs: BTreeMap::new(),
+            version: Some(p),
+            lsn: Lsn(u64::try_from(p).unwrap()),
+            seq: 0,
+            freshness: chrono::DateTime::from_timestamp(1_700_000_000 + p, 0).unwrap(),
+            priority: 0,
+            digest: None,
+        };
+        let rows: Vec<Vec<Cow<'_, Contribution>>> = (0..n)
+            .map(|p| {
+                vec![Cow::Owned(contribution(
+                    p,
+                    if p % 5 == 0 { "Old" } else { "New" },
+                ))]
+            })
+            .collect();
+        let stored: Vec<StoredProfile> = (0..n)
+            .map(|p| StoredProfile {
+                merged_into: None,
+                aggs: if p % 2 == 0 {
+                    BTreeMap::from([(
+                        "order_count".to_owned(),
+                        AggState {
+                            n: p % 4,
+                            ..AggState::default()
+                        },
+                    )])
+                } else {
+                    BTreeMap::new()
+                },
+                traits: Map::from_iter([
+                    ("email".to_owned(), Value::from(format!("{p}@x"))),
+                    ("name".to_owned(), Value::from("Old")),
+                ]),
+            })
+            .collect();
+        let inputs = |with_cache: bool| -> Vec<RefreshInput<'_>> {
+            (0..n)
+                .map(|p| {
+                    let i = usize::try_from(p).unwrap();
+                    RefreshInput {
+                        profile: p,
+                        merged_into: (p % 11 == 0).then_some(p + 1),
+                        live_aggs: if p % 2 == 0 {
+                            BTreeMap::from([(
+                                "order_count".to_owned(),
+                                AggState {
+                                    n: p % 4,
+                                    ..AggState::default()
+                                },
+                            )])
+                        } else {
+                            BTreeMap::new()
+                        },
+                        old: (p % 7 != 0).then(|| &stored[i]),
+                        full: p % 3 != 0,
+                        rows: &rows[i],
+                        old_prov: (p % 13 == 0).then(BTreeMap::new),
+                        extra: if with_cache && p % 17 == 0 {
+                            CachedProfile {
+                                winners: Some(BTreeMap::new()),
+                                field_rows: Some(BTreeSet::new()),
+                                ..CachedProfile::default()
+                            }
+                        } else {
+                            CachedProfile::default()
+                        },
+                    }
+                })
+                .collect()
+        };
+        for with_cache in [false, true] {
+            let one = refresh_each_from(inputs(with_cache), &mapper, with_cache, usize::MAX);
+            let two = refresh_each_from(inputs(with_cache), &mapper, with_cache, 1);
+            assert_eq!(one.len(), usize::try_from(n).unwrap());
+            assert!(
+                one.iter().any(|r| r.row.is_none()),
+                "some profiles unchanged"
+            );
+            assert!(
+                one.iter().any(|r| r.change.is_some()),
+                "some profiles changed"
+            );
+            assert_eq!(one, two);
+        }
+    }
+
     fn provenance_by_serde(winners: &BTreeMap<String, Winner>) -> String {
         let doc: BTreeMap<&str, ProvenanceEntry<&Value, &str>> = winners
             .iter()
