@@ -30,7 +30,15 @@ OUT_JSON=${OUT_JSON:-./native-backlog.json}
 . "$(dirname "$(readlink -f "$0")")/clusters.sh"
 . "$(dirname "$(readlink -f "$0")")/crm-orders.sh"
 clusters_init native-backlog
-trap clusters_stop EXIT
+tpid=
+# A daemon left running by a failed step would reconnect to the next run's
+# clusters on the same ports and drain them beside that run's daemon: stop it
+# with the clusters.
+cleanup() {
+  [ -n "$tpid" ] && kill -TERM "$tpid" 2>/dev/null && wait "$tpid" 2>/dev/null || true
+  clusters_stop
+}
+trap cleanup EXIT
 start() { # name port
   cluster_start "$1" "$2" "shared_buffers = 512MB" "max_wal_size = 8GB"
 }

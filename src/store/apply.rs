@@ -1812,20 +1812,24 @@ url = "postgres://t@127.0.0.1/crm"
                 ))]
             })
             .collect();
+        // Even profiles count orders (none for every fourth), odd ones none.
+        let order_count = |p: i64| -> BTreeMap<String, AggState> {
+            if p % 2 == 0 {
+                BTreeMap::from([(
+                    "order_count".to_owned(),
+                    AggState {
+                        n: p % 4,
+                        ..AggState::default()
+                    },
+                )])
+            } else {
+                BTreeMap::new()
+            }
+        };
         let stored: Vec<StoredProfile> = (0..n)
             .map(|p| StoredProfile {
                 merged_into: None,
-                aggs: if p % 2 == 0 {
-                    BTreeMap::from([(
-                        "order_count".to_owned(),
-                        AggState {
-                            n: p % 4,
-                            ..AggState::default()
-                        },
-                    )])
-                } else {
-                    BTreeMap::new()
-                },
+                aggs: order_count(p),
                 traits: Map::from_iter([
                     ("email".to_owned(), Value::from(format!("{p}@x"))),
                     ("name".to_owned(), Value::from("Old")),
@@ -1839,17 +1843,7 @@ url = "postgres://t@127.0.0.1/crm"
                     RefreshInput {
                         profile: p,
                         merged_into: (p % 11 == 0).then_some(p + 1),
-                        live_aggs: if p % 2 == 0 {
-                            BTreeMap::from([(
-                                "order_count".to_owned(),
-                                AggState {
-                                    n: p % 4,
-                                    ..AggState::default()
-                                },
-                            )])
-                        } else {
-                            BTreeMap::new()
-                        },
+                        live_aggs: order_count(p),
                         old: (p % 7 != 0).then(|| &stored[i]),
                         full: p % 3 != 0,
                         rows: &rows[i],
