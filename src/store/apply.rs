@@ -1756,8 +1756,6 @@ mod tests {
         json_value_with("\\PC{0,24}|[\"\\\\\u{0}-\u{1f}\u{7f}é✓]{0,6}")
     }
 
-    /// The provenance document as it was written through serde before
-    /// [`provenance_json`] wrote it directly.
     /// Profiles refreshed on two threads come out as they do on one, in
     /// the same order: new and stored profiles, fields resolved or only
     /// aggregates changed, merged ones, unchanged ones, with and without the
@@ -1877,6 +1875,8 @@ url = "postgres://t@127.0.0.1/crm"
         }
     }
 
+    /// The provenance document as it was written through serde before
+    /// [`provenance_json`] wrote it directly.
     fn provenance_by_serde(winners: &BTreeMap<String, Winner>) -> String {
         let doc: BTreeMap<&str, ProvenanceEntry<&Value, &str>> = winners
             .iter()
