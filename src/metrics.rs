@@ -65,6 +65,9 @@ pub const CACHE_BYTES: &str = "tributary_merge_cache_bytes";
 pub const CACHE_EVICTIONS: &str = "tributary_merge_cache_evictions_total";
 /// Rows a batch touched, by where they came from (`hit`, `read`, `new`).
 pub const CACHE_ROWS: &str = "tributary_merge_cache_rows_total";
+/// Identifiers whose owner a batch needed, by where it came from (`hit`,
+/// `carried` by a loaded row of the batch, `read`, `new`).
+pub const CACHE_IDENTIFIERS: &str = "tributary_merge_cache_identifiers_total";
 
 /// Writes with derived rows, by how they were derived: `overlapped` (while
 /// the write before it was still committing), `planned` (in its own turn),
@@ -75,7 +78,13 @@ pub const WRITES: &str = "tributary_sink_writes_total";
 /// The merge-state metrics: exported once the cache is used (not with
 /// `memory_budget_mb = 0`; evictions only once the budget is exceeded), so
 /// they are not in [`ALL`].
-pub const CACHE: &[&str] = &[CACHE_BYTES, CACHE_EVICTIONS, CACHE_ROWS, WRITES];
+pub const CACHE: &[&str] = &[
+    CACHE_BYTES,
+    CACHE_EVICTIONS,
+    CACHE_ROWS,
+    CACHE_IDENTIFIERS,
+    WRITES,
+];
 
 /// Every metric the daemon exports (the dashboard test checks against a scrape).
 pub const ALL: &[&str] = &[
@@ -256,6 +265,10 @@ fn describe() {
     metrics::describe_counter!(
         CACHE_ROWS,
         "Rows a batch touched: hit (memory), read (store), new (no lookup)"
+    );
+    metrics::describe_counter!(
+        CACHE_IDENTIFIERS,
+        "Identifiers whose owner a batch needed: hit (memory), carried (by a row the batch loaded), read (store), new (no lookup)"
     );
     metrics::describe_counter!(
         WRITES,

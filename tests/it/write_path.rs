@@ -497,6 +497,61 @@ async fn a_small_memory_budget_is_honoured_and_the_store_stays_exact() {
     }
 }
 
+/// An update takes its identifiers' owners from the row it updates (a live
+/// row's identifiers all belong to its profile) instead of reading them from
+/// the store. With merges, identifier changes and deletes in the workload,
+/// the store equals one built by a daemon that reads every owner (with
+/// `merge.max_identities` set, which turns the shortcut off), and the
+/// shortcut was taken.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn owners_carried_by_loaded_rows_equal_owners_read_from_the_store() {
+    use crate::faults::{caught_up, Workload};
+    let pg = cluster();
+    let (crm, shop, carried) = two_sources(&pg).await;
+    let read = create_db(&pg, "profiles_read").await;
+    let addr = free_addr();
+    let mut cfg = pipeline_config(&crm, &shop, &carried, "carried");
+    cfg.push_str(&format!("\n[metrics]\nlisten = \"{addr}\"\n"));
+    let carried_cfg = write_config(&cfg);
+    let read_cfg = write_config(
+        &(pipeline_config(&crm, &shop, &read, "read") + "\n[merge]\nmax_identities = 1000000\n"),
+    );
+    let daemons = [Daemon::start(&carried_cfg), Daemon::start(&read_cfg)];
+    for sink in [&carried, &read] {
+        wait_snapshots(sink, 2).await;
+    }
+    let mut w = Workload::default();
+    w.run(&crm, &shop, 3000, 31, |_| {}).await;
+    for sink in [&carried, &read] {
+        wait_until("the store caught up", Duration::from_secs(120), || async {
+            caught_up(&shop, sink, &w).await
+        })
+        .await;
+    }
+    let metrics = scrape(&addr).await;
+    let carried_owners: f64 = metrics
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("tributary_merge_cache_identifiers_total{result=\"carried\"} ")
+        })
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0.0);
+    assert!(
+        carried_owners > 0.0,
+        "no owner was taken from a loaded row:\n{metrics}"
+    );
+    let expected = (profiles(&read).await, provenance(&read).await);
+    assert!(expected.0.len() > 100, "the workload made profiles");
+    assert_eq!(
+        (profiles(&carried).await, provenance(&carried).await),
+        expected,
+        "owners taken from loaded rows"
+    );
+    for d in daemons {
+        assert_eq!(d.stop(), Some(0));
+    }
+}
+
 /// Batches of a busy source are derived while the one before commits
 /// (`store::pipeline`): with small batches and a random workload over both
 /// sources (merges, identifier changes, deletes, orders moving between
