@@ -5,6 +5,9 @@
 #
 #   benches/backlog.sh            # N=1000000
 #   N=100000 benches/backlog.sh   # quicker
+#   PROBE=1 benches/backlog.sh    # also where the time went: CPU per daemon thread
+#                                 # and server process, the store's statements,
+#                                 # tables and WAL (target/bench/backlog-probe.txt)
 #
 # Uses benches/native-backlog.sh (two throwaway clusters; native
 # publication/subscription timed first, then `tributary run` on the same backlog,
@@ -19,6 +22,7 @@ mkdir -p target/bench
 export N=${N:-1000000}
 export TRIBUTARY=$root/target/release/tributary
 export OUT_JSON=$root/target/bench/backlog.json
+export PROBE_OUT=$root/target/bench/backlog-probe.txt
 export RUST_LOG=${RUST_LOG:-info}
 # pg_ctl refuses root; the script runs the servers as `postgres` and needs a
 # directory that user can read for the config and log it writes.

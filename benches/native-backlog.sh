@@ -21,12 +21,16 @@
 #
 # Usage: N=1000000 ./native-backlog.sh        prints rows/s lines and writes $OUT_JSON
 #        TRIBUTARY=target/release/tributary N=1000000 ./native-backlog.sh
+#        PROBE=1 TRIBUTARY=... ./native-backlog.sh  also writes $PROBE_OUT: where the
+#          store's and the daemon's time went during Tributary's drain (see probe_* below)
 set -Eeuo pipefail
 N=${N:-1000000}
 BATCH=${BATCH:-100}
 SRC_PORT=${SRC_PORT:-56532}
 SINK_PORT=${SINK_PORT:-56533}
 OUT_JSON=${OUT_JSON:-./native-backlog.json}
+PROBE=${PROBE:-}
+PROBE_OUT=${PROBE_OUT:-./native-backlog-probe.txt}
 . "$(dirname "$(readlink -f "$0")")/clusters.sh"
 . "$(dirname "$(readlink -f "$0")")/crm-orders.sh"
 clusters_init native-backlog
@@ -39,10 +43,63 @@ cleanup() {
   clusters_stop
 }
 trap cleanup EXIT
-start() { # name port
-  cluster_start "$1" "$2" "shared_buffers = 512MB" "max_wal_size = 8GB"
+start() { # name port [postgresql.conf line..]
+  cluster_start "$1" "$2" "shared_buffers = 512MB" "max_wal_size = 8GB" "${@:3}"
 }
 q() { local port=$1; shift; psql -X -q -v ON_ERROR_STOP=1 -h 127.0.0.1 -p "$port" -U postgres -d postgres -At "$@"; }
+# The probes (PROBE=1), taken around Tributary's drain only. They answer "where
+# did the time go" without a profiler: CPU per daemon thread and per server
+# process (from /proc), the store's statements (pg_stat_statements) and table
+# activity (HOT updates, index scans), and the store's WAL by record type
+# (pg_waldump), which is where rows written, index entries and WAL volume show.
+probe_cpu() { # prints "key ticks" per daemon thread and per server process
+  local t c pm pid
+  for t in /proc/"$tpid"/task/*; do
+    echo "daemon:$(cat "$t/comm" 2>/dev/null):${t##*/} $(awk '{print $14 + $15}' "$t/stat" 2>/dev/null || echo 0)"
+  done
+  for c in src sink; do
+    pm=$(head -1 "$TMP/$c/postmaster.pid")
+    for pid in $(pgrep -P "$pm"); do
+      echo "$c:$pid $(awk '{print $14 + $15}' "/proc/$pid/stat" 2>/dev/null || echo 0)"
+    done
+  done
+}
+probe_start() {
+  psql -X -q -h 127.0.0.1 -p "$SINK_PORT" -U postgres -d profiles -c "create extension if not exists pg_stat_statements" \
+    -c "select pg_stat_statements_reset()" -c "select pg_stat_reset()" >/dev/null || true
+  wal0=$(q "$SINK_PORT" -c "select pg_current_wal_lsn()")
+}
+probe_stop() { # at the end of the drain, before anything else runs
+  local k
+  wal1=$(q "$SINK_PORT" -c "select pg_current_wal_lsn()")
+  probe_cpu >"$TMP/cpu1"
+  while read -r k _; do # what each server process was (they exit with the daemon)
+    case $k in src:* | sink:*) echo "$k $(tr '\0' ' ' <"/proc/${k#*:}/cmdline" 2>/dev/null | awk '{print $2, $3, $4}')" ;; esac
+  done <"$TMP/cpu1" >"$TMP/labels"
+}
+probe_end() { # $1: the drain's seconds; after the daemon stopped (its sessions flushed their statistics)
+  local k label
+  {
+    echo "== CPU during the drain ($1 s), % of one core, busiest first"
+    awk -v s="$1" -v hz="$HZ" 'NR == FNR { a[$1] = $2; next } { d = $2 - a[$1]; if (d > 0) printf "%6.1f %s\n", 100 * d / hz / s, $1 }' \
+      "$TMP/cpu0" "$TMP/cpu1" | sort -rn | head -20 | while read -r pct k; do
+      label=$(awk -v k="$k" '$1 == k { $1 = ""; print }' "$TMP/labels")
+      echo "$pct% $k$label"
+    done
+    echo
+    echo "== the store's statements (pg_stat_statements; time includes waiting for the client)"
+    psql -X -h 127.0.0.1 -p "$SINK_PORT" -U postgres -d profiles -c "select round(total_exec_time::numeric / 1000, 2) as s, calls, rows,
+        left(regexp_replace(query, '\\s+', ' ', 'g'), 100) as statement
+      from pg_stat_statements where dbid = (select oid from pg_database where datname = 'profiles')
+      order by total_exec_time desc limit 12" || true
+    echo "== the store's tables"
+    psql -X -h 127.0.0.1 -p "$SINK_PORT" -U postgres -d profiles -c "select relname, n_tup_ins, n_tup_upd, n_tup_hot_upd, idx_scan
+      from pg_stat_user_tables where n_tup_ins + n_tup_upd > 0 order by relname" || true
+    echo "== the store's WAL during the drain ($wal0 to $wal1), by record type"
+    "${RUNAS[@]}" "$PGBIN/pg_waldump" -p "$TMP/sink/pg_wal" -s "$wal0" -e "$wal1" --stats=record 2>&1 \
+      | grep -v '^first record' | awk 'NR <= 2 || $2 + 0 >= 1000' || true
+  } >"$PROBE_OUT"
+}
 now() { date +%s.%N; }
 # Returns once slot $1 confirmed the source's WAL end ($end_lsn). One session
 # polls inside the server every 50 ms: a psql per poll (a Perl wrapper, a new
@@ -56,7 +113,13 @@ wait_confirmed() {
 }
 
 start src "$SRC_PORT"
-start sink "$SINK_PORT"
+if [ -n "$PROBE" ]; then
+  # Statement statistics on the sink cluster (for native apply too, so both
+  # pay the same small overhead).
+  start sink "$SINK_PORT" "shared_preload_libraries = 'pg_stat_statements'" "pg_stat_statements.track = all"
+else
+  start sink "$SINK_PORT"
+fi
 
 q "$SRC_PORT" -c "$BENCH_SCHEMA" -c "create publication bench for table contacts, orders"
 q "$SINK_PORT" -c "$BENCH_SCHEMA"
@@ -140,16 +203,19 @@ check=$(q "$SINK_PORT" -c "select count(*) from orders where status = 'shipped'"
 [ "$check" = "$((txns * BATCH))" ] || { echo "native apply incomplete: $check shipped orders" >&2; exit 1; }
 
 if [ -n "${TRIBUTARY:-}" ]; then
+  [ -z "$PROBE" ] || probe_start
   t0=$(now)
   src_cpu0=$(cluster_cpu src); sink_cpu0=$(cluster_cpu sink)
   "$TRIBUTARY" run --config "$TMP/tributary.toml" >>"$TMP/tributary.log" 2>&1 &
   tpid=$!
+  [ -z "$PROBE" ] || probe_cpu >"$TMP/cpu0"
   want=$((txns * BATCH))
   wait_confirmed tributary_crm &
   waiter=$!
   finished=
   wait -n -p finished "$waiter" "$tpid" || true
   t1=$(now)
+  [ -z "$PROBE" ] || [ "$finished" != "$waiter" ] || probe_stop
   [ "$finished" = "$waiter" ] || { echo "tributary exited; log tail:" >&2; tail -5 "$TMP/tributary.log" >&2; exit 1; }
   trib_s=$(awk "BEGIN{print $t1 - $t0}")
   trib_cpu=$(proc_cpu "$tpid")
@@ -158,6 +224,7 @@ if [ -n "${TRIBUTARY:-}" ]; then
   [ "$got" = "$want" ] || { echo "tributary store incomplete: $got of $want shipped orders" >&2; exit 1; }
   rss=$(awk '/VmHWM/ {print $2}' /proc/$tpid/status 2>/dev/null || echo 0)
   kill -TERM "$tpid"; wait "$tpid" || true
+  [ -z "$PROBE" ] || probe_end "$trib_s"
 fi
 
 rate() { awk "BEGIN{printf \"%d\", $1 / $2}"; }
@@ -175,6 +242,7 @@ if [ -n "${TRIBUTARY:-}" ]; then
   printf '; tributary: daemon %s s, store %s s, source %s s' "$(secs "$trib_cpu")" "$(secs "$trib_sink_cpu")" "$(secs "$trib_src_cpu")"
 fi
 printf '\n'
+[ -z "$PROBE" ] || [ -z "${TRIBUTARY:-}" ] || echo "probe     written to $PROBE_OUT"
 trib_json=
 if [ -n "${TRIBUTARY:-}" ]; then
   trib_json=",
