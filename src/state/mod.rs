@@ -25,30 +25,34 @@
 //!   at a time.)
 //! - **Absence is known only for a store that started empty.** When the cache
 //!   is (re)built over an empty store, every key the process writes is recorded
-//!   as a 64-bit hash (a few bytes per row, kept across evictions), so a key
-//!   that is not there needs no lookup; otherwise misses are read in one query
-//!   per batch.
+//!   in a Bloom filter of fixed size ([`known`], an eighth of the budget, kept
+//!   across evictions), so a key that was never written needs no lookup (one
+//!   the filter merely may have seen is looked up); otherwise misses are read
+//!   in one query per batch.
 //!
 //! The budget (`sink.memory_budget_mb`) bounds the estimated size of the
 //! cached entries. Entries live in two generations: a write puts what it
 //! touched into the young one; once the young generation holds half of what
 //! the budget leaves for entries, the next write drops the old generation
-//! (but for keys an uncommitted write pinned; the key hashes stay) and the
-//! young one becomes old. So the entries of the last stretch of writes
-//! survive, a full cache costs a map swap instead of a rebuild, and what was
-//! dropped reloads on demand. After a write that merged profiles the next one
+//! (but for keys an uncommitted write pinned; the record of which keys exist
+//! stays) and the young one becomes old. So the entries of the last stretch
+//! of writes survive, a full cache costs a map swap instead of a rebuild, and
+//! what was dropped reloads on demand. After a write that merged profiles the next one
 //! waits for its commit and drops them: re-pointing the loser's rows in memory
 //! would cost the size of the state, and the store re-points them in one
 //! statement.
 
 mod compact;
+mod known;
 
 use std::borrow::Borrow;
 use std::collections::{BTreeMap, BTreeSet};
 use std::hash::{BuildHasher, Hash};
 
 use foldhash::fast::FixedState;
-use foldhash::{HashMap, HashMapExt, HashSet, HashSetExt};
+use foldhash::{HashMap, HashMapExt, HashSet};
+
+use self::known::KnownKeys;
 use serde_json::{Map, Value};
 
 use crate::identity::Ident;
@@ -193,9 +197,9 @@ pub struct MergeCache {
     profiles: Generations<ProfileId, Box<[u8]>>,
     next_profile_id: Option<ProfileId>,
     suppressions: Option<HashSet<Ident>>,
-    /// Whether `known` lists every key of the store.
+    /// Whether `known` holds every key of the store.
     authoritative: bool,
-    known: HashSet<u64>,
+    known: KnownKeys,
     /// The write ledger's epoch the entries match (see `store::pipeline`);
     /// None: not built.
     epoch: Option<u64>,
@@ -222,7 +226,7 @@ impl MergeCache {
             next_profile_id: None,
             suppressions: None,
             authoritative: false,
-            known: HashSet::new(),
+            known: KnownKeys::none(),
             epoch: None,
             built: false,
             pins: BTreeMap::new(),
@@ -243,7 +247,7 @@ impl MergeCache {
 
     /// Forgets everything; to be rebuilt ([`MergeCache::rebuilt`]) for `epoch`.
     pub fn reset(&mut self, epoch: u64) {
-        self.known = HashSet::new();
+        self.known = KnownKeys::none();
         self.drop_entries();
         self.authoritative = false;
         self.suppressions = None;
@@ -318,7 +322,7 @@ impl MergeCache {
     /// left is still past the budget (one write touched more than it), that
     /// goes too.
     pub fn evict_unpinned(&mut self) {
-        let limit = self.budget.saturating_sub(self.known.len() * KNOWN_KEY);
+        let limit = self.budget.saturating_sub(self.known.bytes());
         let young =
             self.contributions.young_bytes + self.owners.young_bytes + self.profiles.young_bytes;
         if young > limit / 2 || self.entry_bytes() > limit {
@@ -363,7 +367,7 @@ impl MergeCache {
         // Unknown until this batch commits.
         self.generation = None;
         if !valid {
-            self.known = HashSet::new();
+            self.known = KnownKeys::none();
             self.drop_entries();
             self.authoritative = false;
             self.suppressions = None;
@@ -376,6 +380,11 @@ impl MergeCache {
     /// contributions and no identities (then every key is known from here on).
     pub fn rebuilt(&mut self, store_empty: bool) {
         self.authoritative = store_empty;
+        self.known = if store_empty {
+            KnownKeys::with_bytes((self.budget / KNOWN_SHARE).min(KNOWN_MAX))
+        } else {
+            KnownKeys::none()
+        };
     }
 
     /// The batch's writes committed at `generation`.
@@ -398,12 +407,12 @@ impl MergeCache {
 
     /// Whether the store may hold this row (false only when that is known).
     pub fn may_hold_row(&self, r: &RowRef) -> bool {
-        !self.authoritative || self.known.contains(&hash_of(r))
+        !self.authoritative || self.known.may_contain(hash_of(r))
     }
 
     /// Whether the store may hold this identifier.
     pub fn may_hold_ident(&self, i: &Ident) -> bool {
-        !self.authoritative || self.known.contains(&hash_of(i))
+        !self.authoritative || self.known.may_contain(hash_of(i))
     }
 
     /// Takes a row's contribution out (a batch's working copy).
@@ -488,20 +497,15 @@ impl MergeCache {
         self.next_profile_id = Some(p);
     }
 
-    /// Records a key the store now holds. The key hashes count against the
-    /// budget too; past half of it, absence is no longer tracked (misses are
-    /// then looked up, as for a store that did not start empty).
+    /// Records a key the store now holds ([`known`]; its fixed size counts
+    /// against the budget).
     fn know(&mut self, h: u64) {
         self.known.insert(h);
-        if self.known.len() * KNOWN_KEY > self.budget / 2 {
-            self.known = HashSet::new();
-            self.authoritative = false;
-        }
     }
 
     /// Estimated bytes held now.
     pub fn bytes(&self) -> usize {
-        self.known.len() * KNOWN_KEY + self.entry_bytes()
+        self.known.bytes() + self.entry_bytes()
     }
 
     /// The largest estimate seen, for the budget test and the metrics.
@@ -527,7 +531,11 @@ fn decoded<T>(r: Result<T, compact::Corrupt>) -> T {
 // and each boxed slice rounded up to mimalloc's 16-byte size classes.
 const SLOT_FACTOR: usize = 2;
 const SLOT: usize = 2 * std::mem::size_of::<Box<[u8]>>() + 1;
-const KNOWN_KEY: usize = 18;
+/// The record of which keys exist ([`known`]) takes an eighth of the budget,
+/// at most 8 MiB: 2 MiB at the default 16 MB, where the 1M backlog's 1.25
+/// million keys leave about one new key in 200 looked up for nothing.
+const KNOWN_SHARE: usize = 8;
+const KNOWN_MAX: usize = 8 << 20;
 
 fn heap(len: usize) -> usize {
     len.div_ceil(16) * 16
@@ -626,7 +634,7 @@ mod tests {
             c.put_contribution(contribution("1"));
             c.bytes()
         };
-        // Room for four entries (the key hashes are not tracked: not rebuilt).
+        // Room for four entries (which keys exist is not tracked: not rebuilt).
         let mut c = MergeCache::new(4 * one);
         let has = |c: &MergeCache, k: &str| c.contribution(&row(k)).is_some();
         c.put_contribution(contribution("1"));
