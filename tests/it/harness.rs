@@ -354,6 +354,17 @@ pub async fn provenance(sink: &str) -> Vec<(serde_json::Value, serde_json::Value
     .expect("read provenance")
 }
 
+/// What two stores built from the same sources must agree on: every live
+/// profile ([`profiles`]) and its provenance ([`provenance`]).
+pub async fn profiles_and_provenance(
+    sink: &str,
+) -> (
+    Vec<(serde_json::Value, serde_json::Value)>,
+    Vec<(serde_json::Value, serde_json::Value)>,
+) {
+    (profiles(sink).await, provenance(sink).await)
+}
+
 /// Waits until `n` sources have completed their initial snapshot in `sink`.
 pub async fn wait_snapshots(sink: &str, n: i64) {
     wait_until("initial snapshots", Duration::from_secs(60), || async {

@@ -480,15 +480,15 @@ async fn a_small_memory_budget_is_honoured_and_the_store_stays_exact() {
         sample("tributary_merge_cache_bytes") <= 1024.0 * 1024.0,
         "the cache holds more than its budget after a commit:\n{metrics}"
     );
-    let expected = (profiles(&none).await, provenance(&none).await);
+    let expected = profiles_and_provenance(&none).await;
     assert!(expected.0.len() > 4000, "the workload made profiles");
     assert_eq!(
-        (profiles(&fits).await, provenance(&fits).await),
+        profiles_and_provenance(&fits).await,
         expected,
         "a cache that holds the whole state"
     );
     assert_eq!(
-        (profiles(&small).await, provenance(&small).await),
+        profiles_and_provenance(&small).await,
         expected,
         "a cache bounded by 1 MiB"
     );
@@ -540,10 +540,10 @@ async fn owners_carried_by_loaded_rows_equal_owners_read_from_the_store() {
         carried_owners > 0.0,
         "no owner was taken from a loaded row:\n{metrics}"
     );
-    let expected = (profiles(&read).await, provenance(&read).await);
+    let expected = profiles_and_provenance(&read).await;
     assert!(expected.0.len() > 100, "the workload made profiles");
     assert_eq!(
-        (profiles(&carried).await, provenance(&carried).await),
+        profiles_and_provenance(&carried).await,
         expected,
         "owners taken from loaded rows"
     );
