@@ -155,7 +155,14 @@ impl Sink {
         }
         let prepared = self
             .store
-            .prepare_after(&self.mapper, source, events, checkpoint, after)
+            .prepare_after(
+                &self.mapper,
+                source,
+                events,
+                checkpoint,
+                after,
+                self.publisher.is_some(),
+            )
             .await?;
         if let Some(p) = placed {
             let _ = p.send(Some(prepared.ticket()));

@@ -221,7 +221,9 @@ impl Store {
         checkpoint: Option<Lsn>,
         outbox: Option<&dyn super::Outbox>,
     ) -> Result<ApplyStats, StoreError> {
-        let prepared = self.prepare(mapper, source, events, checkpoint).await?;
+        let prepared = self
+            .prepare(mapper, source, events, checkpoint, outbox.is_some())
+            .await?;
         self.finish(prepared, outbox).await
     }
 
@@ -296,7 +298,17 @@ pub(crate) async fn apply_in(
     cache: Option<&mut MergeCache>,
 ) -> Result<ApplyStats, StoreError> {
     index_probes_only(tx).await?;
-    let plan = plan(tx, mapper, source, events, record_dead_letters, cache, None).await?;
+    let plan = plan(
+        tx,
+        mapper,
+        source,
+        events,
+        record_dead_letters,
+        false,
+        cache,
+        None,
+    )
+    .await?;
     write_plan(tx, None, &plan).await?;
     Ok(plan.stats)
 }
@@ -339,6 +351,10 @@ pub(crate) struct Plan {
     pub(crate) stats: ApplyStats,
     /// The cache keys the batch touched (pinned until it commits).
     pub(crate) pins: Pins,
+    /// Whether `stats` holds the profile changes to publish (planned for a
+    /// process that publishes them; a plan without them is never handed to
+    /// an outbox, see `pipeline`).
+    pub(crate) publishes: bool,
 }
 
 /// Keys of the merge state a batch touched.
@@ -384,12 +400,14 @@ async fn guard_reads(
 /// `tx` sees the store as committed (a connection of its own, beside earlier
 /// uncommitted writes that `guard` waits for when needed), or is the batch's
 /// own transaction before any of its writes ([`apply_in`]).
+#[allow(clippy::too_many_arguments)]
 pub(crate) async fn plan(
     tx: &mut PgConnection,
     mapper: &Mapper,
     source: &str,
     events: &[ChangeEvent],
     record_dead_letters: bool,
+    publish: bool,
     mut cache: Option<&mut MergeCache>,
     mut guard: Option<&mut dyn ReadGuard>,
 ) -> Result<Plan, StoreError> {
@@ -595,6 +613,7 @@ pub(crate) async fn plan(
         expanded,
         skipped.len(),
         record_dead_letters,
+        publish,
         &mut guard,
     )
     .await?;
@@ -603,6 +622,7 @@ pub(crate) async fn plan(
         writes,
         stats,
         pins,
+        publishes: publish,
     })
 }
 
@@ -711,6 +731,7 @@ async fn derive(
     expanded: Vec<Cow<'_, ChangeEvent>>,
     suppressed: usize,
     record_dead_letters: bool,
+    publish: bool,
     guard: &mut Option<&mut dyn ReadGuard>,
 ) -> Result<(ApplyStats, Writes, Pins), StoreError> {
     let Loaded {
@@ -860,6 +881,7 @@ async fn derive(
         &before,
         &mut known,
         cache.as_deref(),
+        publish,
         &mut writes,
         guard,
     )
@@ -1268,6 +1290,7 @@ async fn refresh_profiles(
     before: &HashMap<ProfileId, StoredProfile>,
     known: &mut HashMap<ProfileId, CachedProfile>,
     cache: Option<&MergeCache>,
+    publish: bool,
     writes: &mut Writes,
     guard: &mut Option<&mut dyn ReadGuard>,
 ) -> Result<(Vec<ProfileChange>, HashMap<ProfileId, CachedProfile>), StoreError> {
@@ -1454,7 +1477,11 @@ async fn refresh_profiles(
             })
         })
         .collect();
-    let refreshed = refresh_each(inputs, mapper, with_cache);
+    let wanted = Wanted {
+        entry: with_cache,
+        change: publish,
+    };
+    let refreshed = refresh_each(inputs, mapper, wanted);
     let mut ins = ProfileRows::default();
     let mut upd = ProfileRows::default();
     for r in refreshed {
@@ -1522,26 +1549,33 @@ struct RefreshedRow {
 /// session). Below it a thread costs more than it saves.
 const PARALLEL_REFRESH_FROM: usize = 512;
 
+/// What a profile's refresh produces beside the row to write.
+#[derive(Clone, Copy)]
+struct Wanted {
+    /// Its cache entry (the batch was planned with the cache).
+    entry: bool,
+    /// The change to publish (the process publishes profile changes): a copy
+    /// of the profile's traits and the traits that changed, per profile and
+    /// batch, for nothing when nobody reads them.
+    change: bool,
+}
+
 /// Refreshes every profile of `inputs`, in order.
-fn refresh_each(
-    inputs: Vec<RefreshInput<'_>>,
-    mapper: &Mapper,
-    with_cache: bool,
-) -> Vec<Refreshed> {
-    refresh_each_from(inputs, mapper, with_cache, PARALLEL_REFRESH_FROM)
+fn refresh_each(inputs: Vec<RefreshInput<'_>>, mapper: &Mapper, wanted: Wanted) -> Vec<Refreshed> {
+    refresh_each_from(inputs, mapper, wanted, PARALLEL_REFRESH_FROM)
 }
 
 /// [`refresh_each`], on two threads from `parallel_from` profiles.
 fn refresh_each_from(
     inputs: Vec<RefreshInput<'_>>,
     mapper: &Mapper,
-    with_cache: bool,
+    wanted: Wanted,
     parallel_from: usize,
 ) -> Vec<Refreshed> {
     if inputs.len() < parallel_from.max(2) {
         return inputs
             .into_iter()
-            .map(|i| refresh_one(i, mapper, with_cache))
+            .map(|i| refresh_one(i, mapper, wanted))
             .collect();
     }
     let mut first = inputs;
@@ -1550,12 +1584,12 @@ fn refresh_each_from(
         let other = scope.spawn(move || {
             second
                 .into_iter()
-                .map(|i| refresh_one(i, mapper, with_cache))
+                .map(|i| refresh_one(i, mapper, wanted))
                 .collect::<Vec<_>>()
         });
         let mut out: Vec<Refreshed> = first
             .into_iter()
-            .map(|i| refresh_one(i, mapper, with_cache))
+            .map(|i| refresh_one(i, mapper, wanted))
             .collect();
         match other.join() {
             Ok(rest) => out.extend(rest),
@@ -1568,7 +1602,7 @@ fn refresh_each_from(
 /// One dirty profile: its traits, aggregates and provenance as the batch
 /// leaves them, the change to publish, the row to write (none when nothing
 /// changed) and its cache entry.
-fn refresh_one(input: RefreshInput<'_>, mapper: &Mapper, with_cache: bool) -> Refreshed {
+fn refresh_one(input: RefreshInput<'_>, mapper: &Mapper, wanted: Wanted) -> Refreshed {
     let RefreshInput {
         profile,
         merged_into,
@@ -1607,7 +1641,7 @@ fn refresh_one(input: RefreshInput<'_>, mapper: &Mapper, with_cache: bool) -> Re
         && old.is_some_and(|o| o.traits == t && o.aggs == aggs && o.merged_into == merged_into);
     let mut change = None;
     let mut row = None;
-    if !unchanged {
+    if !unchanged && wanted.change {
         let no_traits = Map::new();
         let old_traits = old.map_or(&no_traits, |o| &o.traits);
         let mut changed: Map<String, Value> = t
@@ -1626,6 +1660,8 @@ fn refresh_one(input: RefreshInput<'_>, mapper: &Mapper, with_cache: bool) -> Re
                 traits: t.clone(),
             });
         }
+    }
+    if !unchanged {
         row = Some(RefreshedRow {
             new: old.is_none(),
             merged_into,
@@ -1639,7 +1675,7 @@ fn refresh_one(input: RefreshInput<'_>, mapper: &Mapper, with_cache: bool) -> Re
             },
         });
     }
-    let after = with_cache.then(|| {
+    let after = wanted.entry.then(|| {
         let new_profile = old.is_none();
         CachedProfile {
             merged_into,
@@ -1794,7 +1830,8 @@ mod tests {
     /// Profiles refreshed on two threads come out as they do on one, in
     /// the same order: new and stored profiles, fields resolved or only
     /// aggregates changed, merged ones, unchanged ones, with and without the
-    /// cache.
+    /// cache; and, for a process that publishes nothing, without the changes
+    /// and otherwise the same.
     #[test]
     fn refreshing_on_two_threads_equals_refreshing_on_one() {
         let cfg = crate::config::Config::parse(
@@ -1895,8 +1932,12 @@ url = "postgres://t@127.0.0.1/crm"
                 .collect()
         };
         for with_cache in [false, true] {
-            let one = refresh_each_from(inputs(with_cache), &mapper, with_cache, usize::MAX);
-            let two = refresh_each_from(inputs(with_cache), &mapper, with_cache, 1);
+            let wanted = Wanted {
+                entry: with_cache,
+                change: true,
+            };
+            let one = refresh_each_from(inputs(with_cache), &mapper, wanted, usize::MAX);
+            let two = refresh_each_from(inputs(with_cache), &mapper, wanted, 1);
             assert_eq!(one.len(), usize::try_from(n).unwrap());
             assert!(
                 one.iter().any(|r| r.row.is_none()),
@@ -1907,6 +1948,21 @@ url = "postgres://t@127.0.0.1/crm"
                 "some profiles changed"
             );
             assert_eq!(one, two);
+            // For a process that publishes nothing: no change is built, and
+            // the rows and cache entries are the same.
+            let quiet = Wanted {
+                change: false,
+                ..wanted
+            };
+            let mut three = refresh_each_from(inputs(with_cache), &mapper, quiet, 1);
+            assert!(
+                three.iter().all(|r| r.change.is_none()),
+                "a change built for nobody"
+            );
+            for (r, o) in three.iter_mut().zip(&one) {
+                r.change.clone_from(&o.change);
+            }
+            assert_eq!(three, one);
         }
     }
 

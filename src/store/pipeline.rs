@@ -304,15 +304,18 @@ impl Store {
     /// Step one of a write (see the module doc): takes the write's place in
     /// the order and, when the merge state in memory can be trusted, reads
     /// and derives the batch without writing. `events` empty: a checkpoint
-    /// alone.
+    /// alone. `publish`: the write's profile changes will go to an outbox
+    /// (they are computed only then; a plan without them that is finished
+    /// with an outbox is derived again).
     pub async fn prepare<'a>(
         &self,
         mapper: &'a Mapper,
         source: &'a str,
         events: &'a [ChangeEvent],
         checkpoint: Option<Lsn>,
+        publish: bool,
     ) -> Result<Prepared<'a>, StoreError> {
-        self.prepare_after(mapper, source, events, checkpoint, None)
+        self.prepare_after(mapper, source, events, checkpoint, None, publish)
             .await
     }
 
@@ -326,6 +329,7 @@ impl Store {
         events: &'a [ChangeEvent],
         checkpoint: Option<Lsn>,
         after: Option<u64>,
+        publish: bool,
     ) -> Result<Prepared<'a>, StoreError> {
         self.ensure_partitions(events).await?;
         let cache = match (&self.cache, events.is_empty()) {
@@ -409,6 +413,7 @@ impl Store {
             source,
             events,
             true,
+            publish,
             Some(&mut *cache),
             Some(&mut guard),
         )
@@ -513,6 +518,9 @@ impl Store {
                 let st = self.ledger.lock();
                 st.epoch == p.epoch && st.last_generation == Some(generation - 1)
             };
+            // A plan made without the profile changes never reaches an
+            // outbox: derived again, it has them.
+            let valid = valid && (outbox.is_none() || p.plan.as_ref().is_some_and(|p| p.publishes));
             let how = match &p.plan {
                 None => "unplanned",
                 Some(_) if !valid => "rederived",
@@ -524,8 +532,17 @@ impl Store {
                 Some(plan) if valid => (plan, true),
                 _ => {
                     // Derived again from the store, inside this transaction.
-                    let plan =
-                        apply::plan(&mut tx, p.mapper, p.source, events, true, None, None).await?;
+                    let plan = apply::plan(
+                        &mut tx,
+                        p.mapper,
+                        p.source,
+                        events,
+                        true,
+                        outbox.is_some(),
+                        None,
+                        None,
+                    )
+                    .await?;
                     (plan, false)
                 }
             };
