@@ -37,10 +37,10 @@
 //! (but for keys an uncommitted write pinned; the record of which keys exist
 //! stays) and the young one becomes old. So the entries of the last stretch
 //! of writes survive, a full cache costs a map swap instead of a rebuild, and
-//! what was dropped reloads on demand. After a write that merged profiles the next one
-//! waits for its commit and drops them: re-pointing the loser's rows in memory
-//! would cost the size of the state, and the store re-points them in one
-//! statement.
+//! what was dropped reloads on demand. After a write that merged profiles the
+//! next one waits for its commit and drops them: re-pointing the loser's rows
+//! in memory would cost the size of the state, and the store re-points them
+//! in one statement.
 
 mod compact;
 mod known;

@@ -1641,27 +1641,27 @@ fn refresh_one(input: RefreshInput<'_>, mapper: &Mapper, wanted: Wanted) -> Refr
         && old.is_some_and(|o| o.traits == t && o.aggs == aggs && o.merged_into == merged_into);
     let mut change = None;
     let mut row = None;
-    if !unchanged && wanted.change {
-        let no_traits = Map::new();
-        let old_traits = old.map_or(&no_traits, |o| &o.traits);
-        let mut changed: Map<String, Value> = t
-            .iter()
-            .filter(|(k, v)| old_traits.get(*k) != Some(*v))
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect();
-        for k in old_traits.keys().filter(|k| !t.contains_key(*k)) {
-            changed.insert(k.clone(), Value::Null);
-        }
-        if !changed.is_empty() || old.map(|o| o.merged_into) != Some(merged_into) {
-            change = Some(ProfileChange {
-                profile_id: profile,
-                merged_into,
-                changed,
-                traits: t.clone(),
-            });
-        }
-    }
     if !unchanged {
+        if wanted.change {
+            let no_traits = Map::new();
+            let old_traits = old.map_or(&no_traits, |o| &o.traits);
+            let mut changed: Map<String, Value> = t
+                .iter()
+                .filter(|(k, v)| old_traits.get(*k) != Some(*v))
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect();
+            for k in old_traits.keys().filter(|k| !t.contains_key(*k)) {
+                changed.insert(k.clone(), Value::Null);
+            }
+            if !changed.is_empty() || old.map(|o| o.merged_into) != Some(merged_into) {
+                change = Some(ProfileChange {
+                    profile_id: profile,
+                    merged_into,
+                    changed,
+                    traits: t.clone(),
+                });
+            }
+        }
         row = Some(RefreshedRow {
             new: old.is_none(),
             merged_into,
