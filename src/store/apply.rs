@@ -1670,7 +1670,7 @@ fn refresh_one(input: RefreshInput<'_>, mapper: &Mapper, wanted: Wanted) -> Refr
             provenance: match (&winners, old) {
                 (Some(w), _) => provenance_json(w),
                 // A profile new in the store has no provenance to keep.
-                (None, None) => "{}".to_owned(),
+                (None, None) => "[]".to_owned(),
                 (None, Some(_)) => KEEP_PROVENANCE.to_owned(),
             },
         });
@@ -1705,38 +1705,49 @@ fn refresh_one(input: RefreshInput<'_>, mapper: &Mapper, wanted: Wanted) -> Refr
 
 /// Written as a profile's provenance, JSON `null` means "keep the stored one"
 /// (the batch changed only aggregates); it never reaches a stored row, since
-/// a profile new to the store gets `{}`.
+/// a profile new to the store gets `[]`.
 const KEEP_PROVENANCE: &str = "null";
 
-/// One winning field in `profiles.provenance` (read through the
-/// `profile_fields` view).
+/// One group of `profiles.provenance` (read through the `profile_fields`
+/// view): a winning row, the freshness and LSN its values won with, and those
+/// values by field. A profile's fields that won from one row share a group, so
+/// the row is named once, not once per field (migration
+/// `20261206000001_compact_provenance.sql`).
 #[derive(serde::Serialize, serde::Deserialize)]
-struct ProvenanceEntry<V, S> {
-    v: V,
+struct ProvenanceGroup<S: Ord, V> {
     s: S,
     t: S,
     k: S,
     f: chrono::DateTime<chrono::Utc>,
     l: Lsn,
+    v: BTreeMap<S, V>,
 }
 
-/// The `profiles.provenance` document of a profile's winners: the text
-/// `serde_json` makes of them as [`ProvenanceEntry`]s by field, written
-/// directly (through serde it was 4 % of the daemon's CPU on the 1M backlog,
-/// most of it in per-entry formatting machinery; `provenance_text_is_serdes`
-/// proves the two equal).
+/// The `profiles.provenance` document of a profile's winners, grouped by
+/// winning row in the order of each group's first field: the text
+/// `serde_json` makes of [`ProvenanceGroup`]s, written directly (through
+/// serde it was 4 % of the daemon's CPU on the 1M backlog, most of it in
+/// per-entry formatting machinery; `provenance_text_is_serdes` proves the two
+/// equal).
 pub(crate) fn provenance_json(winners: &BTreeMap<String, Winner>) -> String {
-    let mut out = Vec::with_capacity(64 + winners.len() * 160);
-    out.push(b'{');
-    for (i, (field, w)) in winners.iter().enumerate() {
+    // (the group's first winner, the fields it won); a profile has few rows.
+    let mut groups: Vec<(&Winner, Vec<(&str, &Value)>)> = Vec::new();
+    for (field, w) in winners {
+        let same = |g: &&mut (&Winner, Vec<(&str, &Value)>)| {
+            g.0.row == w.row && g.0.freshness == w.freshness && g.0.lsn == w.lsn
+        };
+        match groups.iter_mut().find(same) {
+            Some(g) => g.1.push((field, &w.value)),
+            None => groups.push((w, vec![(field, &w.value)])),
+        }
+    }
+    let mut out = Vec::with_capacity(16 + groups.len() * 128 + winners.len() * 32);
+    out.push(b'[');
+    for (i, (w, values)) in groups.iter().enumerate() {
         if i > 0 {
             out.push(b',');
         }
-        json_str(&mut out, field);
-        out.extend_from_slice(b":{\"v\":");
-        // A `Value` always serialises (its map keys are strings).
-        let _ = serde_json::to_writer(&mut out, &w.value);
-        out.extend_from_slice(b",\"s\":");
+        out.extend_from_slice(b"{\"s\":");
         json_str(&mut out, &w.row.source);
         out.extend_from_slice(b",\"t\":");
         json_str(&mut out, &w.row.table);
@@ -1752,10 +1763,20 @@ pub(crate) fn provenance_json(winners: &BTreeMap<String, Winner>) -> String {
                 .as_bytes(),
         );
         // Writing into a `Vec` cannot fail.
-        let _ = write!(out, "\",\"l\":\"{}\"}}", w.lsn);
+        let _ = write!(out, "\",\"l\":\"{}\",\"v\":{{", w.lsn);
+        for (j, (field, value)) in values.iter().enumerate() {
+            if j > 0 {
+                out.push(b',');
+            }
+            json_str(&mut out, field);
+            out.push(b':');
+            // A `Value` always serialises (its map keys are strings).
+            let _ = serde_json::to_writer(&mut out, value);
+        }
+        out.extend_from_slice(b"}}");
     }
-    out.push(b'}');
-    String::from_utf8(out).unwrap_or_else(|_| "{}".into())
+    out.push(b']');
+    String::from_utf8(out).unwrap_or_else(|_| "[]".into())
 }
 
 /// `s` as a JSON string, escaped as `serde_json` escapes it.
@@ -1763,44 +1784,44 @@ fn json_str(out: &mut Vec<u8>, s: &str) {
     let _ = serde_json::to_writer(&mut *out, s);
 }
 
+/// The winners by field that a `profiles.provenance` document holds.
+fn winners_of(groups: Vec<ProvenanceGroup<String, Value>>) -> BTreeMap<String, Winner> {
+    let mut winners = BTreeMap::new();
+    for g in groups {
+        let row = RowRef {
+            source: g.s,
+            table: g.t,
+            row_key: g.k,
+        };
+        for (field, value) in g.v {
+            let w = Winner {
+                value,
+                row: row.clone(),
+                freshness: g.f,
+                lsn: g.l,
+            };
+            winners.insert(field, w);
+        }
+    }
+    winners
+}
+
 /// The stored provenance of `profiles`, as winners by field.
 pub(crate) async fn stored_provenance(
     tx: &mut PgConnection,
     profiles: &[ProfileId],
 ) -> Result<HashMap<ProfileId, BTreeMap<String, Winner>>, StoreError> {
-    type Doc = BTreeMap<String, ProvenanceEntry<Value, String>>;
     if profiles.is_empty() {
         return Ok(HashMap::new());
     }
-    let rows: Vec<(i64, Json<Doc>)> =
+    let rows: Vec<(i64, Json<Vec<ProvenanceGroup<String, Value>>>)> =
         sqlx::query_as("select profile_id, provenance from profiles where profile_id = any($1)")
             .bind(profiles)
             .fetch_all(&mut *tx)
             .await?;
     Ok(rows
         .into_iter()
-        .map(|(p, doc)| {
-            let winners = doc
-                .0
-                .into_iter()
-                .map(|(field, e)| {
-                    (
-                        field,
-                        Winner {
-                            value: e.v,
-                            row: RowRef {
-                                source: e.s,
-                                table: e.t,
-                                row_key: e.k,
-                            },
-                            freshness: e.f,
-                            lsn: e.l,
-                        },
-                    )
-                })
-                .collect();
-            (p, winners)
-        })
+        .map(|(p, doc)| (p, winners_of(doc.0)))
         .collect())
 }
 
@@ -1966,26 +1987,20 @@ url = "postgres://t@127.0.0.1/crm"
         }
     }
 
-    /// The provenance document as it was written through serde before
-    /// [`provenance_json`] wrote it directly.
-    fn provenance_by_serde(winners: &BTreeMap<String, Winner>) -> String {
-        let doc: BTreeMap<&str, ProvenanceEntry<&Value, &str>> = winners
+    /// Winners as compared after a round trip through the document: where
+    /// each field won, freshness truncated to microseconds as it is stored.
+    /// (Values are compared as text: serde_json may parse a float back a bit
+    /// off.)
+    fn comparable(
+        winners: &BTreeMap<String, Winner>,
+    ) -> BTreeMap<&str, (&RowRef, chrono::DateTime<chrono::Utc>, Lsn)> {
+        winners
             .iter()
             .map(|(field, w)| {
-                (
-                    field.as_str(),
-                    ProvenanceEntry {
-                        v: &w.value,
-                        s: w.row.source.as_str(),
-                        t: w.row.table.as_str(),
-                        k: w.row.row_key.as_str(),
-                        f: chrono::SubsecRound::trunc_subsecs(w.freshness, 6),
-                        l: w.lsn,
-                    },
-                )
+                let f = chrono::SubsecRound::trunc_subsecs(w.freshness, 6);
+                (field.as_str(), (&w.row, f, w.lsn))
             })
-            .collect();
-        serde_json::to_string(&doc).unwrap()
+            .collect()
     }
 
     fn winner() -> impl Strategy<Value = Winner> {
@@ -2016,14 +2031,58 @@ url = "postgres://t@127.0.0.1/crm"
             )
     }
 
+    /// Winners by field, several of them often from one row, as a contact's
+    /// fields all win from its one row.
+    fn winners() -> impl Strategy<Value = BTreeMap<String, Winner>> {
+        let field = "\\PC{0,10}|[\"\\\\\u{0}-\u{1f}]{1,3}";
+        (
+            prop::collection::vec(winner(), 1..4),
+            prop::collection::btree_map(field, (value(), any::<prop::sample::Index>()), 0..6),
+        )
+            .prop_map(|(rows, fields)| {
+                fields
+                    .into_iter()
+                    .map(|(f, (value, i))| {
+                        (
+                            f,
+                            Winner {
+                                value,
+                                ..i.get(&rows).clone()
+                            },
+                        )
+                    })
+                    .collect()
+            })
+    }
+
     proptest! {
         /// Any winners, any names and values (escapes, control characters,
         /// non-ASCII), any time (whole seconds, micro- and nanoseconds, years
-        /// 0-9999) and LSN: the same text as serde gave, so stored documents
-        /// and new ones compare and parse alike.
+        /// 0-9999) and LSN: the document is the text serde gives for its
+        /// groups, names each winning row once, and reads back as the same
+        /// winners.
         #[test]
-        fn provenance_text_is_serdes(winners in prop::collection::btree_map("\\PC{0,10}|[\"\\\\\u{0}-\u{1f}]{1,3}", winner(), 0..6)) {
-            prop_assert_eq!(provenance_json(&winners), provenance_by_serde(&winners));
+        fn provenance_text_is_serdes(winners in winners()) {
+            let text = provenance_json(&winners);
+            let groups: Vec<ProvenanceGroup<String, Value>> = serde_json::from_str(&text).unwrap();
+            // serde's text of the same groups, with the winners' own values
+            let by_serde: Vec<ProvenanceGroup<&str, &Value>> = groups
+                .iter()
+                .map(|g| ProvenanceGroup {
+                    s: g.s.as_str(),
+                    t: g.t.as_str(),
+                    k: g.k.as_str(),
+                    f: g.f,
+                    l: g.l,
+                    v: g.v.keys().map(|f| (f.as_str(), &winners[f].value)).collect(),
+                })
+                .collect();
+            prop_assert_eq!(serde_json::to_string(&by_serde).unwrap(), text.as_str());
+            let rows: BTreeSet<(&RowRef, chrono::DateTime<chrono::Utc>, Lsn)> =
+                winners.values().map(|w| (&w.row, w.freshness, w.lsn)).collect();
+            prop_assert_eq!(groups.len(), rows.len());
+            let read = winners_of(groups);
+            prop_assert_eq!(comparable(&read), comparable(&winners));
         }
     }
 }

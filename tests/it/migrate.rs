@@ -150,6 +150,43 @@ async fn migrating_an_existing_store_keeps_its_field_provenance() {
     assert_eq!(after, before);
 }
 
+/// A store whose provenance documents name the winning row once per field
+/// (as the daemon wrote them before) reads the same `profile_fields` after
+/// `migrate`, and each document then names each winning row once.
+#[tokio::test]
+async fn migrating_provenance_to_one_group_per_row_keeps_profile_fields() {
+    let pg = cluster();
+    let sink = create_db(&pg, "profiles").await;
+    store_before(&sink, 20261206000001).await;
+    let crm = r#""s":"crm","t":"public.contacts","k":"{\"id\":1}","f":"2026-11-30T10:00:00.123456Z","l":"0/16B3748""#;
+    exec(
+        &sink,
+        &format!(
+            r#"insert into tributary.profiles (profile_id, traits, provenance) values
+                 (1, '{{"email": "a@x.com", "first_name": "Ann", "phone": "+1"}}',
+                  '{{"email":{{"v":"a@x.com",{crm}}},"first_name":{{"v":"Ann",{crm}}},
+                     "phone":{{"v":"+1","s":"shop","t":"public.accounts","k":"{{\"id\":7}}","f":"2026-11-30T11:00:00Z","l":"1/0"}}}}'),
+                 (2, '{{}}', '{{}}');"#
+        ),
+    )
+    .await;
+    let dump = "select string_agg(format('%s %s %s %s %s %s %s %s', profile_id, field, value::text, source, table_name,
+                  row_key, freshness, lsn), ' | ' order by profile_id, field) from tributary.profile_fields";
+    let before: String = scalar(&sink, dump).await;
+    assert_eq!(before.matches(" | ").count(), 2, "{before}");
+    let cfg = contacts_config(&sink, "");
+    let out = run_cmd(&cfg, &["migrate"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let after: String = scalar(&sink, dump).await;
+    assert_eq!(after, before);
+    let groups: String = scalar(
+        &sink,
+        "select string_agg(format('%s:%s', profile_id, json_array_length(provenance)), ' ' order by profile_id) from tributary.profiles",
+    )
+    .await;
+    assert_eq!(groups, "1:2 2:0");
+}
+
 /// A store whose event log was written as `jsonb` keeps every logged change
 /// through `migrate` (the row becomes `json`, equal as JSON), and `rebuild`
 /// reads the migrated log in the order it was first applied.
