@@ -1784,8 +1784,11 @@ fn json_str(out: &mut Vec<u8>, s: &str) {
     let _ = serde_json::to_writer(&mut *out, s);
 }
 
+/// A `profiles.provenance` document as read.
+type ProvenanceDoc = Vec<ProvenanceGroup<String, Value>>;
+
 /// The winners by field that a `profiles.provenance` document holds.
-fn winners_of(groups: Vec<ProvenanceGroup<String, Value>>) -> BTreeMap<String, Winner> {
+fn winners_of(groups: ProvenanceDoc) -> BTreeMap<String, Winner> {
     let mut winners = BTreeMap::new();
     for g in groups {
         let row = RowRef {
@@ -1814,7 +1817,7 @@ pub(crate) async fn stored_provenance(
     if profiles.is_empty() {
         return Ok(HashMap::new());
     }
-    let rows: Vec<(i64, Json<Vec<ProvenanceGroup<String, Value>>>)> =
+    let rows: Vec<(i64, Json<ProvenanceDoc>)> =
         sqlx::query_as("select profile_id, provenance from profiles where profile_id = any($1)")
             .bind(profiles)
             .fetch_all(&mut *tx)
@@ -2064,7 +2067,7 @@ url = "postgres://t@127.0.0.1/crm"
         #[test]
         fn provenance_text_is_serdes(winners in winners()) {
             let text = provenance_json(&winners);
-            let groups: Vec<ProvenanceGroup<String, Value>> = serde_json::from_str(&text).unwrap();
+            let groups: ProvenanceDoc = serde_json::from_str(&text).unwrap();
             // serde's text of the same groups, with the winners' own values
             let by_serde: Vec<ProvenanceGroup<&str, &Value>> = groups
                 .iter()
