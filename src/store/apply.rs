@@ -298,17 +298,11 @@ pub(crate) async fn apply_in(
     cache: Option<&mut MergeCache>,
 ) -> Result<ApplyStats, StoreError> {
     index_probes_only(tx).await?;
-    let plan = plan(
-        tx,
-        mapper,
-        source,
-        events,
-        record_dead_letters,
-        false,
-        cache,
-        None,
-    )
-    .await?;
+    let plan_for = PlanFor {
+        dead_letters: record_dead_letters,
+        publish: false,
+    };
+    let plan = plan(tx, mapper, source, events, plan_for, cache, None).await?;
     write_plan(tx, None, &plan).await?;
     Ok(plan.stats)
 }
@@ -395,19 +389,27 @@ async fn guard_reads(
     }
 }
 
+/// What a plan is made for, beside its batch.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct PlanFor {
+    /// Rows that cannot be mapped are recorded in `dead_letters` (a replay
+    /// counts them without recording them again).
+    pub(crate) dead_letters: bool,
+    /// The write goes to an outbox: its profile changes are computed.
+    pub(crate) publish: bool,
+}
+
 /// Reads the slice of state `events` touch (from the cache where it holds
 /// it), runs the pure core and computes every row to write; writes nothing.
 /// `tx` sees the store as committed (a connection of its own, beside earlier
 /// uncommitted writes that `guard` waits for when needed), or is the batch's
 /// own transaction before any of its writes ([`apply_in`]).
-#[allow(clippy::too_many_arguments)]
 pub(crate) async fn plan(
     tx: &mut PgConnection,
     mapper: &Mapper,
     source: &str,
     events: &[ChangeEvent],
-    record_dead_letters: bool,
-    publish: bool,
+    plan_for: PlanFor,
     mut cache: Option<&mut MergeCache>,
     mut guard: Option<&mut dyn ReadGuard>,
 ) -> Result<Plan, StoreError> {
@@ -612,8 +614,7 @@ pub(crate) async fn plan(
         },
         expanded,
         skipped.len(),
-        record_dead_letters,
-        publish,
+        plan_for,
         &mut guard,
     )
     .await?;
@@ -622,7 +623,7 @@ pub(crate) async fn plan(
         writes,
         stats,
         pins,
-        publishes: publish,
+        publishes: plan_for.publish,
     })
 }
 
@@ -723,15 +724,13 @@ async fn suppressed_among(
 /// computes what to write: contributions, identities, profiles, dead letters.
 /// With a cache, the slice goes back into it as the batch leaves it, and the
 /// keys it touched are returned to be pinned.
-#[allow(clippy::too_many_arguments)]
 async fn derive(
     tx: &mut PgConnection,
     mapper: &Mapper,
     loaded: Loaded<'_>,
     expanded: Vec<Cow<'_, ChangeEvent>>,
     suppressed: usize,
-    record_dead_letters: bool,
-    publish: bool,
+    plan_for: PlanFor,
     guard: &mut Option<&mut dyn ReadGuard>,
 ) -> Result<(ApplyStats, Writes, Pins), StoreError> {
     let Loaded {
@@ -881,7 +880,7 @@ async fn derive(
         &before,
         &mut known,
         cache.as_deref(),
-        publish,
+        plan_for.publish,
         &mut writes,
         guard,
     )
@@ -889,7 +888,7 @@ async fn derive(
     stats.profile_changes = changes;
 
     // 7. Dead letters: the stream goes on.
-    if record_dead_letters && !dead.is_empty() {
+    if plan_for.dead_letters && !dead.is_empty() {
         stats.dead = dead
             .iter()
             .map(|(e, err)| DeadLetter {

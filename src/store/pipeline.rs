@@ -407,13 +407,16 @@ impl Store {
             in_flight: cache.pinned_profiles(),
             settled,
         };
+        let plan_for = apply::PlanFor {
+            dead_letters: true,
+            publish,
+        };
         let planned = apply::plan(
             &mut rtx,
             mapper,
             source,
             events,
-            true,
-            publish,
+            plan_for,
             Some(&mut *cache),
             Some(&mut guard),
         )
@@ -532,17 +535,13 @@ impl Store {
                 Some(plan) if valid => (plan, true),
                 _ => {
                     // Derived again from the store, inside this transaction.
-                    let plan = apply::plan(
-                        &mut tx,
-                        p.mapper,
-                        p.source,
-                        events,
-                        true,
-                        outbox.is_some(),
-                        None,
-                        None,
-                    )
-                    .await?;
+                    let plan_for = apply::PlanFor {
+                        dead_letters: true,
+                        publish: outbox.is_some(),
+                    };
+                    let plan =
+                        apply::plan(&mut tx, p.mapper, p.source, events, plan_for, None, None)
+                            .await?;
                     (plan, false)
                 }
             };
