@@ -1642,24 +1642,7 @@ fn refresh_one(input: RefreshInput<'_>, mapper: &Mapper, wanted: Wanted) -> Refr
     let mut row = None;
     if !unchanged {
         if wanted.change {
-            let no_traits = Map::new();
-            let old_traits = old.map_or(&no_traits, |o| &o.traits);
-            let mut changed: Map<String, Value> = t
-                .iter()
-                .filter(|(k, v)| old_traits.get(*k) != Some(*v))
-                .map(|(k, v)| (k.clone(), v.clone()))
-                .collect();
-            for k in old_traits.keys().filter(|k| !t.contains_key(*k)) {
-                changed.insert(k.clone(), Value::Null);
-            }
-            if !changed.is_empty() || old.map(|o| o.merged_into) != Some(merged_into) {
-                change = Some(ProfileChange {
-                    profile_id: profile,
-                    merged_into,
-                    changed,
-                    traits: t.clone(),
-                });
-            }
+            change = change_of(profile, old, merged_into, &t);
         }
         row = Some(RefreshedRow {
             new: old.is_none(),
@@ -1700,6 +1683,34 @@ fn refresh_one(input: RefreshInput<'_>, mapper: &Mapper, wanted: Wanted) -> Refr
         row,
         after,
     }
+}
+
+/// The change to publish for a profile refreshed to `traits` (and
+/// `merged_into`) from `old`: the traits that changed (`null` for one
+/// removed) and a copy of them all; none when neither moved.
+fn change_of(
+    profile: ProfileId,
+    old: Option<&StoredProfile>,
+    merged_into: Option<ProfileId>,
+    traits: &Map<String, Value>,
+) -> Option<ProfileChange> {
+    let no_traits = Map::new();
+    let old_traits = old.map_or(&no_traits, |o| &o.traits);
+    let mut changed: Map<String, Value> = traits
+        .iter()
+        .filter(|(k, v)| old_traits.get(*k) != Some(*v))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    for k in old_traits.keys().filter(|k| !traits.contains_key(*k)) {
+        changed.insert(k.clone(), Value::Null);
+    }
+    let moved = old.map(|o| o.merged_into) != Some(merged_into);
+    (!changed.is_empty() || moved).then(|| ProfileChange {
+        profile_id: profile,
+        merged_into,
+        changed,
+        traits: traits.clone(),
+    })
 }
 
 /// Written as a profile's provenance, JSON `null` means "keep the stored one"
