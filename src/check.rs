@@ -76,7 +76,7 @@ pub async fn run_checks(cfg: &Config) -> Vec<CheckResult> {
 }
 
 async fn check_source(src: &SourceConfig, c: &mut Checks) -> Result<(), sqlx::Error> {
-    let mut conn = match PgConnection::connect_with(&src.conn.pg_options()).await {
+    let mut conn = match PgConnection::connect_with(&src.conn.source_options()).await {
         Ok(conn) => {
             c.pass("connect", src.conn.to_string());
             conn

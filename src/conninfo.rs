@@ -46,6 +46,16 @@ impl FromStr for SslMode {
     }
 }
 
+/// The `search_path` of every session Tributary opens on a source, replication
+/// or SQL. A user who can create functions in a schema on the default path
+/// (`"$user", public`) could otherwise plant an overload that matches a call's
+/// argument types better than the built-in (`hashtextextended(text, integer)`
+/// for a literal `0`, `to_json(bigint)` for the polymorphic `to_json`) and have
+/// it run as the replication role (CVE-2018-1058). Tributary names every user
+/// table with its schema, so it needs nothing but `pg_catalog`; `pg_temp` is
+/// put last so that it is never searched first.
+pub const SOURCE_SEARCH_PATH: &str = "pg_catalog,pg_temp";
+
 /// A parsed `postgres://user:password@host:port/dbname?sslmode=...` URL.
 #[derive(Clone, PartialEq, Eq)]
 pub struct ConnInfo {
@@ -179,6 +189,15 @@ impl ConnInfo {
             o = o.ssl_root_cert(ca);
         }
         o
+    }
+
+    /// [`ConnInfo::pg_options`] for a session on a source: names resolve in
+    /// [`SOURCE_SEARCH_PATH`] only, so that no function or operator a database
+    /// user planted in a schema of the default path is ever called by the
+    /// replication role (see `SOURCE_SEARCH_PATH`).
+    pub fn source_options(&self) -> PgConnectOptions {
+        self.pg_options()
+            .options([("search_path", SOURCE_SEARCH_PATH)])
     }
 
     /// The same server and role, another database (used by `check` and `demo`).

@@ -29,7 +29,7 @@ use sha2::Digest;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::conninfo::{ConnInfo, SslMode};
+use crate::conninfo::{ConnInfo, SslMode, SOURCE_SEARCH_PATH};
 use crate::event::Lsn;
 
 /// Microseconds between the Unix epoch and PostgreSQL's epoch (2000-01-01).
@@ -223,6 +223,7 @@ impl PgConn {
         replication: bool,
         cert: Option<Vec<u8>>,
     ) -> Result<(), PgWireError> {
+        let search_path = format!("-c search_path={SOURCE_SEARCH_PATH}");
         let mut params = vec![
             ("user", info.user.as_str()),
             ("database", info.dbname.as_str()),
@@ -234,6 +235,9 @@ impl PgConn {
             ("DateStyle", "ISO, YMD"),
             ("extra_float_digits", "3"),
             ("IntervalStyle", "iso_8601"),
+            // Nothing a database user planted on the default search path is
+            // ever resolved by this session (`conninfo::SOURCE_SEARCH_PATH`).
+            ("options", search_path.as_str()),
         ];
         if replication {
             params.push(("replication", "database"));

@@ -126,9 +126,10 @@ pub(crate) fn query_err(src: &SourceConfig, what: &str) -> impl FnOnce(sqlx::Err
     }
 }
 
-/// An ordinary (non-replication) connection to the source.
+/// An ordinary (non-replication) connection to the source, with the locked
+/// search path (`crate::conninfo::SOURCE_SEARCH_PATH`).
 pub async fn query_conn(src: &SourceConfig) -> Result<PgConnection, SourceError> {
-    PgConnection::connect_with(&src.conn.pg_options())
+    PgConnection::connect_with(&src.conn.source_options())
         .await
         .map_err(query_err(src, &format!("connect to {}", src.conn)))
 }

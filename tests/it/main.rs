@@ -9,6 +9,7 @@ mod docs;
 mod faults;
 mod forget;
 mod harness;
+mod hostile_source;
 mod kafka;
 mod large;
 mod merge;
