@@ -60,6 +60,27 @@ pub enum MapError {
     MissingColumn(String),
 }
 
+impl MapError {
+    /// The reason without any value from the row: what logs at INFO and above
+    /// may say (the full text, values included, goes to `dead_letters` only).
+    pub fn redacted(&self) -> String {
+        match self {
+            MapError::NoIdentity(cols) => format!("row has no identifier: all of {cols:?} are NULL"),
+            MapError::Identity(IdentError::NotScalar { kind, .. }) => {
+                format!("identity {kind}: value is not a string or number")
+            }
+            MapError::Identity(IdentError::Unparsable { kind, rule, .. }) => {
+                format!("identity {kind}: value is not a valid {kind} after normalisation ({rule:?})")
+            }
+            MapError::Version { column, .. } => format!("version column {column}: value is not an integer"),
+            MapError::AggregateInput { name, column, .. } => {
+                format!("aggregate {name}: column {column} value is not a number")
+            }
+            MapError::MergeLimit { .. } | MapError::MissingColumn(_) => self.to_string(),
+        }
+    }
+}
+
 /// One table's mapping, ready to apply.
 #[derive(Debug, Clone)]
 pub struct TableMapping {

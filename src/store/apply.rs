@@ -838,13 +838,14 @@ async fn derive(
         suppressed,
         ..Default::default()
     };
-    let mut dead: Vec<(&ChangeEvent, String)> = Vec::new();
+    // (event, the reason in full for the table, the reason without values for logs)
+    let mut dead: Vec<(&ChangeEvent, String, String)> = Vec::new();
     for e in &expanded {
         match state.apply(mapper, e) {
             Ok(Outcome::Applied) => stats.applied += 1,
             Ok(Outcome::Stale) => stats.stale += 1,
             Ok(Outcome::Unmapped) => {}
-            Err(err) => dead.push((e, err.to_string())),
+            Err(err) => dead.push((e, err.to_string(), err.redacted())),
         }
     }
     stats.dead_letters = dead.len();
@@ -891,7 +892,7 @@ async fn derive(
     if plan_for.dead_letters && !dead.is_empty() {
         stats.dead = dead
             .iter()
-            .map(|(e, err)| DeadLetter {
+            .map(|(e, err, _)| DeadLetter {
                 source: e.source.clone(),
                 table: e.table.clone(),
                 lsn: e.commit_lsn,
@@ -900,22 +901,23 @@ async fn derive(
             })
             .collect();
         // One WARN per batch (nothing per row above DEBUG); the rows and their
-        // reasons are in the table.
-        for (e, err) in &dead {
+        // reasons are in the table. Nothing from a row is logged above DEBUG:
+        // the WARN's reason is the redacted one (no identifier, no value).
+        for (e, err, _) in &dead {
             tracing::debug!(source = %e.source, table = %e.table, lsn = %e.commit_lsn, error = %err, "row sent to dead_letters");
         }
-        let (first, reason) = &dead[0];
+        let (first, _, reason) = &dead[0];
         tracing::warn!(source = %first.source, rows = dead.len(), first_table = %first.table, first_lsn = %first.commit_lsn,
             first_error = %reason, "rows sent to dead_letters; the stream goes on");
         writes.dead = DeadRows {
-            source: dead.iter().map(|(e, _)| e.source.clone()).collect(),
-            lsn: dead.iter().map(|(e, _)| e.commit_lsn.to_string()).collect(),
-            table: dead.iter().map(|(e, _)| e.table.clone()).collect(),
+            source: dead.iter().map(|(e, ..)| e.source.clone()).collect(),
+            lsn: dead.iter().map(|(e, ..)| e.commit_lsn.to_string()).collect(),
+            table: dead.iter().map(|(e, ..)| e.table.clone()).collect(),
             row: dead
                 .iter()
-                .map(|(e, _)| serde_json::to_string(&e.row).unwrap_or_default())
+                .map(|(e, ..)| serde_json::to_string(&e.row).unwrap_or_default())
                 .collect(),
-            error: dead.iter().map(|(_, err)| err.clone()).collect(),
+            error: dead.iter().map(|(_, err, _)| err.clone()).collect(),
         };
     }
 

@@ -1,5 +1,6 @@
 //! Rows that cannot be mapped go to dead_letters with the reason; the rest of
-//! the stream (even the same transaction) applies, and `status` counts them.
+//! the stream (even the same transaction) applies, and `status` counts them;
+//! the log says which table and why, never the row's values.
 
 use std::time::Duration;
 
@@ -83,5 +84,25 @@ async fn bad_rows_become_dead_letters_and_the_stream_goes_on() {
     let doc: serde_json::Value =
         serde_json::from_slice(&out.stdout).unwrap_or_else(|_| panic!("{}", text(&out)));
     assert_eq!(doc["dead_letters"], 3, "{doc}");
+    let log = daemon.log.clone();
     assert_eq!(daemon.stop(), Some(0));
+
+    // The WARN names the table, LSN and reason, never the row's values: no
+    // identifier or other row data in the log at INFO or above.
+    let log = std::fs::read_to_string(log).unwrap();
+    let above_debug: Vec<&str> = log
+        .lines()
+        .filter(|l| !l.contains(" DEBUG ") && !l.contains(" TRACE "))
+        .collect();
+    assert!(
+        above_debug
+            .iter()
+            .any(|l| l.contains("rows sent to dead_letters") && l.contains("public.contacts")),
+        "no WARN for the dead letters:\n{log}"
+    );
+    let leaks: Vec<&&str> = above_debug
+        .iter()
+        .filter(|l| l.contains("not-an-email") || l.contains("Bad"))
+        .collect();
+    assert!(leaks.is_empty(), "row data logged above DEBUG: {leaks:#?}");
 }
