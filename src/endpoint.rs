@@ -5,7 +5,10 @@
 //! Readiness is what a load balancer or an orchestrator should act on: a
 //! source that is snapshotting, reconnecting or failed, or a store that does
 //! not answer within two seconds, makes the daemon unready. The body says
-//! which, so a `curl` at 3 a.m. names the part to look at.
+//! which, so a `curl` at 3 a.m. names the part to look at. The store is asked
+//! on a connection of its own, at most once a second however many requests
+//! come (`store::Probe`): the endpoint is unauthenticated, and a flood of
+//! requests must not take the connections the apply path writes with.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -21,7 +24,7 @@ use metrics_exporter_prometheus::PrometheusHandle;
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
-use crate::store::Store;
+use crate::store::{Probe, Store};
 
 /// How long `/readyz` waits for the store.
 const STORE_TIMEOUT: Duration = Duration::from_secs(2);
@@ -65,7 +68,7 @@ impl Health {
 struct AppState {
     metrics: PrometheusHandle,
     health: Arc<Health>,
-    store: Store,
+    store: Arc<Probe>,
 }
 
 /// Binds `listen` (an error names the key) and serves until `shutdown`.
@@ -87,7 +90,7 @@ pub async fn serve(
         .with_state(AppState {
             metrics,
             health,
-            store,
+            store: Arc::new(store.probe()),
         });
     tracing::info!(%listen, "serving /metrics, /healthz and /readyz");
     Ok(tokio::spawn(async move {
@@ -120,11 +123,7 @@ async fn render_metrics(State(s): State<AppState>) -> impl IntoResponse {
 
 async fn readyz(State(s): State<AppState>) -> impl IntoResponse {
     let sources = s.health.sources();
-    let store = match tokio::time::timeout(STORE_TIMEOUT, s.store.ping()).await {
-        Ok(Ok(_)) => Ok(()),
-        Ok(Err(e)) => Err(e.to_string()),
-        Err(_) => Err(format!("no answer within {}s", STORE_TIMEOUT.as_secs())),
-    };
+    let store = s.store.check(STORE_TIMEOUT).await;
     let ready = store.is_ok() && sources.values().all(|on| *on);
     let body = json!({
         "ready": ready,

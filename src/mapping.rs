@@ -65,14 +65,20 @@ impl MapError {
     /// may say (the full text, values included, goes to `dead_letters` only).
     pub fn redacted(&self) -> String {
         match self {
-            MapError::NoIdentity(cols) => format!("row has no identifier: all of {cols:?} are NULL"),
+            MapError::NoIdentity(cols) => {
+                format!("row has no identifier: all of {cols:?} are NULL")
+            }
             MapError::Identity(IdentError::NotScalar { kind, .. }) => {
                 format!("identity {kind}: value is not a string or number")
             }
             MapError::Identity(IdentError::Unparsable { kind, rule, .. }) => {
-                format!("identity {kind}: value is not a valid {kind} after normalisation ({rule:?})")
+                format!(
+                    "identity {kind}: value is not a valid {kind} after normalisation ({rule:?})"
+                )
             }
-            MapError::Version { column, .. } => format!("version column {column}: value is not an integer"),
+            MapError::Version { column, .. } => {
+                format!("version column {column}: value is not an integer")
+            }
             MapError::AggregateInput { name, column, .. } => {
                 format!("aggregate {name}: column {column} value is not a number")
             }

@@ -911,7 +911,10 @@ async fn derive(
             first_error = %reason, "rows sent to dead_letters; the stream goes on");
         writes.dead = DeadRows {
             source: dead.iter().map(|(e, ..)| e.source.clone()).collect(),
-            lsn: dead.iter().map(|(e, ..)| e.commit_lsn.to_string()).collect(),
+            lsn: dead
+                .iter()
+                .map(|(e, ..)| e.commit_lsn.to_string())
+                .collect(),
             table: dead.iter().map(|(e, ..)| e.table.clone()).collect(),
             row: dead
                 .iter()

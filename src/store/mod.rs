@@ -24,8 +24,8 @@ use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use sqlx::postgres::PgPoolOptions;
-use sqlx::PgPool;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{Connection, PgConnection, PgPool};
 
 use crate::config::SinkConfig;
 
@@ -101,6 +101,77 @@ pub struct Store {
     cache: Option<Arc<tokio::sync::Mutex<crate::state::MergeCache>>>,
     /// The order of this process's writes (see `pipeline`).
     ledger: Arc<pipeline::Ledger>,
+    /// How [`Probe`] connects: the pool's options under its own application name.
+    probe_opts: PgConnectOptions,
+}
+
+/// Readiness probes of the store (`/readyz`) on a connection of their own,
+/// never one of the pool's: a flood of probes must not take connections the
+/// apply path waits for. One probe runs at a time, and an answer younger than
+/// [`Probe::FRESH`] is given again without asking the store, so any number of
+/// requests costs the store at most one `select 1` per second.
+#[derive(Debug)]
+pub struct Probe {
+    opts: PgConnectOptions,
+    conn: tokio::sync::Mutex<Option<PgConnection>>,
+    last: Mutex<Option<(std::time::Instant, Result<(), String>)>>,
+}
+
+impl Probe {
+    /// How long an answer is given again.
+    pub const FRESH: Duration = Duration::from_secs(1);
+
+    fn fresh(&self) -> Option<Result<(), String>> {
+        let last = self
+            .last
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        last.as_ref()
+            .filter(|(at, _)| at.elapsed() < Self::FRESH)
+            .map(|(_, r)| r.clone())
+    }
+
+    /// Whether the store answers a trivial query within `within` (connecting
+    /// first if the probe's connection is gone); the error says why not.
+    pub async fn check(&self, within: Duration) -> Result<(), String> {
+        if let Some(r) = self.fresh() {
+            return r;
+        }
+        let started = std::time::Instant::now();
+        let Ok(mut conn) = tokio::time::timeout(within, self.conn.lock()).await else {
+            return Err(format!("no answer within {}s", within.as_secs()));
+        };
+        // Another request may have probed while this one waited.
+        if let Some(r) = self.fresh() {
+            return r;
+        }
+        let left = within.saturating_sub(started.elapsed());
+        let asked = tokio::time::timeout(left, async {
+            if conn.is_none() {
+                *conn = Some(PgConnection::connect_with(&self.opts).await?);
+            }
+            match conn.as_mut() {
+                Some(c) => sqlx::query("select 1").execute(c).await.map(|_| ()),
+                None => Ok(()),
+            }
+        })
+        .await;
+        let r = match asked {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err(format!("no answer within {}s", within.as_secs())),
+        };
+        if r.is_err() {
+            // A connection cut mid-query is not reused.
+            *conn = None;
+        }
+        *self
+            .last
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) =
+            Some((std::time::Instant::now(), r.clone()));
+        r
+    }
 }
 
 impl Store {
@@ -110,6 +181,9 @@ impl Store {
             .conn
             .pg_options()
             .options([("search_path", cfg.schema.as_str())]);
+        let probe_opts = opts
+            .clone()
+            .application_name(&format!("{} readyz", cfg.conn.application_name));
         let log_pool = PgPoolOptions::new()
             .max_connections(2)
             .acquire_timeout(Duration::from_secs(cfg.conn.connect_timeout_s.max(1) * 3))
@@ -134,7 +208,17 @@ impl Store {
                 )))
             }),
             ledger: Arc::default(),
+            probe_opts,
         })
+    }
+
+    /// A readiness probe on a connection of its own (see [`Probe`]).
+    pub fn probe(&self) -> Probe {
+        Probe {
+            opts: self.probe_opts.clone(),
+            conn: tokio::sync::Mutex::new(None),
+            last: Mutex::new(None),
+        }
     }
 
     /// Creates the schema if needed and applies pending migrations.
@@ -165,14 +249,6 @@ impl Store {
             (now.year(), now.month() - 1)
         };
         self.create_partitions_from(y, m, 5).await
-    }
-
-    /// Answers a trivial query (readiness).
-    pub async fn ping(&self) -> Result<(), sqlx::Error> {
-        sqlx::query("select 1")
-            .execute(&self.pool)
-            .await
-            .map(|_| ())
     }
 
     /// The underlying pool: only `src/store/` speaks the store's SQL.

@@ -42,3 +42,34 @@ fn demo_runs_and_shows_unified_profiles() {
         );
     }
 }
+
+/// The demo's clusters (and the tests') trust every connection they accept,
+/// so they must accept only local ones: TCP on loopback, and `pg_hba.conf`
+/// rules for loopback addresses and the Unix socket alone.
+#[tokio::test]
+async fn the_throwaway_clusters_accept_only_local_connections() {
+    let pg = cluster();
+    let url = pg.url("postgres");
+    assert_eq!(
+        scalar::<String>(&url, "show listen_addresses").await,
+        "127.0.0.1"
+    );
+    let foreign: Vec<String> = {
+        use sqlx::Connection;
+        let mut c = sqlx::PgConnection::connect(&url).await.unwrap();
+        sqlx::query_scalar(
+            "select type || ' ' || coalesce(address, '') || '/' || coalesce(netmask, '')
+               from pg_hba_file_rules
+              where type <> 'local'
+                and not (address in ('127.0.0.1', '::1')
+                         and netmask in ('255.255.255.255', 'ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff'))",
+        )
+        .fetch_all(&mut c)
+        .await
+        .unwrap()
+    };
+    assert!(
+        foreign.is_empty(),
+        "rules for non-local clients: {foreign:?}"
+    );
+}

@@ -46,7 +46,10 @@ async fn no_session_resolves_a_function_a_source_user_planted() {
     // resolves to: the test would prove nothing if they were not.
     exec(&src, "select hashtextextended('x', 0), to_json(1::bigint)").await;
     let planted: i64 = scalar(&src, "select count(*) from hostile_calls").await;
-    assert_eq!(planted, 2, "the overloads are not what a default session calls");
+    assert_eq!(
+        planted, 2,
+        "the overloads are not what a default session calls"
+    );
     exec(&src, "truncate hostile_calls").await;
 
     let cfg = write_config(&format!(
@@ -72,11 +75,15 @@ normalize = "email"
     let daemon = Daemon::start(&cfg);
     wait_snapshots(&sink, 1).await;
     exec(&src, "update people set note = 'changed' where id = 7").await;
-    wait_until("snapshot and stream applied", Duration::from_secs(60), || async {
-        traits_of(&sink, "email", "p7@x.com")
-            .await
-            .is_some_and(|t| t["note"] == json!("changed"))
-    })
+    wait_until(
+        "snapshot and stream applied",
+        Duration::from_secs(60),
+        || async {
+            traits_of(&sink, "email", "p7@x.com")
+                .await
+                .is_some_and(|t| t["note"] == json!("changed"))
+        },
+    )
     .await;
 
     // Every command that reads the source: check, a table re-snapshot, reconcile, status.
@@ -84,14 +91,25 @@ normalize = "email"
     assert!(out.status.success(), "check: {}", text(&out));
     let out = run_cmd(
         &cfg,
-        &["--json", "snapshot", "--source", "hostile", "--table", "public.people"],
+        &[
+            "--json",
+            "snapshot",
+            "--source",
+            "hostile",
+            "--table",
+            "public.people",
+        ],
     );
     assert!(out.status.success(), "snapshot: {}", text(&out));
     let out = run_cmd(&cfg, &["--json", "reconcile", "--wait-secs", "60"]);
     let report: Value = serde_json::from_slice(&out.stdout)
         .unwrap_or_else(|e| panic!("reconcile: {e}: {}", text(&out)));
     assert_eq!(
-        (out.status.code(), report["drift_count"].clone(), report["rows_checked"].clone()),
+        (
+            out.status.code(),
+            report["drift_count"].clone(),
+            report["rows_checked"].clone()
+        ),
         (Some(0), json!(0), json!(50)),
         "{report}"
     );
@@ -99,10 +117,15 @@ normalize = "email"
     assert!(out.status.success(), "status: {}", text(&out));
     assert_eq!(daemon.stop(), Some(0));
 
-    let calls: Vec<(String, String)> = sqlx_rows(&src, "select fn, caller from hostile_calls").await;
+    let calls: Vec<(String, String)> =
+        sqlx_rows(&src, "select fn, caller from hostile_calls").await;
     assert!(calls.is_empty(), "planted functions were called: {calls:?}");
     assert_eq!(
-        scalar::<i64>(&sink, "select count(*) from tributary.profiles where merged_into is null").await,
+        scalar::<i64>(
+            &sink,
+            "select count(*) from tributary.profiles where merged_into is null"
+        )
+        .await,
         50
     );
 }

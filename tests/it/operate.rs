@@ -393,3 +393,88 @@ async fn every_metric_moves_during_a_live_stream_and_readyz_follows_the_store() 
     .await;
     assert_eq!(daemon.stop(), Some(0));
 }
+
+/// `/readyz` has no authentication, so anyone who reaches it can send it as
+/// many requests as they like: they must not take the store connections the
+/// apply path writes with. The store's statement log shows who asked it
+/// `select 1`: only the probe's own session, at most once a second.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_readyz_requests_costs_the_store_one_probe_a_second() {
+    let sources = cluster();
+    let store = cluster_with(tributary::cluster::ClusterOptions {
+        extra_conf: vec![
+            "log_statement = 'all'".into(),
+            "log_line_prefix = 'app=%a '".into(),
+        ],
+        ..Default::default()
+    });
+    let (crm, shop, sink) = sources_and_store(&sources, &store).await;
+    let addr = free_addr();
+    let cfg = write_config(&format!(
+        "{}\n[metrics]\nlisten = \"{addr}\"\n",
+        pipeline_config(&crm, &shop, &sink, "flood")
+    ));
+    let daemon = Daemon::start(&cfg);
+    wait_until("/readyz", Duration::from_secs(60), || async {
+        ready(&addr).await.0 == 200
+    })
+    .await;
+    let log_path = store.data_dir().parent().unwrap().join("server.log");
+    let before = std::fs::read_to_string(&log_path).unwrap().len();
+
+    // 32 clients asking as fast as they can for 3 s, while a change streams.
+    let started = std::time::Instant::now();
+    let flood = Duration::from_secs(3);
+    let clients: Vec<_> = (0..32)
+        .map(|_| {
+            let addr = addr.clone();
+            tokio::spawn(async move {
+                let mut ok = 0u32;
+                while started.elapsed() < flood {
+                    if http_get(&addr, "/readyz").await.0 == 200 {
+                        ok += 1;
+                    }
+                }
+                ok
+            })
+        })
+        .collect();
+    exec(
+        &crm,
+        "insert into contacts (id, email, first_name) values (1, 'flood@x.com', 'Flood')",
+    )
+    .await;
+    let mut answered = 0;
+    for c in clients {
+        answered += c.await.unwrap();
+    }
+    let secs = started.elapsed().as_secs_f64();
+    wait_until(
+        "the change applied during the flood",
+        Duration::from_secs(30),
+        || async { traits_of(&sink, "email", "flood@x.com").await.is_some() },
+    )
+    .await;
+    assert!(
+        answered > 200,
+        "the flood was too thin to prove anything: {answered} answers"
+    );
+
+    let log = std::fs::read_to_string(&log_path).unwrap();
+    let probes: Vec<&str> = log[before..]
+        .lines()
+        .filter(|l| l.trim_end().ends_with(": select 1"))
+        .collect();
+    assert!(
+        probes
+            .iter()
+            .all(|l| l.starts_with("app=tributary readyz ")),
+        "a probe ran on another session than the probe's own: {probes:#?}"
+    );
+    assert!(
+        !probes.is_empty() && probes.len() as f64 <= secs + 2.0,
+        "{} probes reached the store for {answered} requests in {secs:.1} s",
+        probes.len()
+    );
+    assert_eq!(daemon.stop(), Some(0));
+}
