@@ -248,11 +248,14 @@ async fn check_publication(
     let p = crate::source::quote_ident(&src.publication);
     let row = sqlx::query(
         "select p.pubinsert and p.pubupdate and p.pubdelete and p.pubtruncate as all_ops,
-                p.pubowner = r.oid or r.rolsuper as owned
+                p.pubowner = r.oid or r.rolsuper as owned, p.pubviaroot as via_root,
+                exists (select 1 from pg_class c where c.relkind = 'p'
+                           and c.oid = any(select to_regclass(t)::oid from unnest($2::text[]) t)) as partitioned
            from pg_publication p, pg_roles r
           where p.pubname = $1 and r.rolname = current_user",
     )
     .bind(&src.publication)
+    .bind(src.tables.iter().map(|t| t.qualified.clone()).collect::<Vec<_>>())
     .fetch_optional(&mut *conn)
     .await?;
     let tables = src
@@ -285,12 +288,30 @@ async fn check_publication(
                     "{} missing and the role cannot create it (needs CREATE on the database and ownership of the tables)",
                     src.publication
                 ),
-                format!("as the tables' owner: CREATE PUBLICATION {p} FOR TABLE {tables}"),
+                format!("as the tables' owner: CREATE PUBLICATION {p} FOR TABLE {tables} WITH (publish_via_partition_root = true)"),
             );
         }
         return Ok(());
     };
     let (all_ops, owned): (bool, bool) = (row.get("all_ops"), row.get("owned"));
+    if row.get::<bool, _>("partitioned") && !row.get::<bool, _>("via_root") {
+        // Changes of a partitioned table would arrive under its partitions'
+        // names, which no mapping names.
+        let fix = format!("ALTER PUBLICATION {p} SET (publish_via_partition_root = true)");
+        if owned {
+            c.pass(
+                "publication_partitions",
+                format!("{} publishes partitions under their own names; run will set publish_via_partition_root", src.publication),
+            );
+        } else {
+            c.fail(
+                "publication_partitions",
+                format!("{} publishes a mapped partitioned table under its partitions' names", src.publication),
+                format!("as the publication's owner: {fix}"),
+            );
+            return Ok(());
+        }
+    }
     let present: Vec<String> = sqlx::query_scalar(
         "select schemaname || '.' || tablename from pg_publication_tables where pubname = $1",
     )

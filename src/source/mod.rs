@@ -160,8 +160,11 @@ pub async fn ensure_publication(src: &SourceConfig) -> Result<(), SourceError> {
             .await
             .map_err(query_err(src, "look up publication"))?;
     if !exists {
+        // A partitioned table's changes are published under its own name, not
+        // its leaf partitions' (which no mapping names: they would be dropped,
+        // and the publication would never list the table itself).
         let sql = format!(
-            "create publication {} for table {}",
+            "create publication {} for table {} with (publish_via_partition_root = true)",
             quote_ident(&src.publication),
             tables.join(", ")
         );
@@ -171,6 +174,35 @@ pub async fn ensure_publication(src: &SourceConfig) -> Result<(), SourceError> {
             .map_err(query_err(src, "create publication"))?;
         tracing::info!(source = %src.name, publication = %src.publication, "created publication");
     } else {
+        // An existing publication that publishes a mapped partitioned table
+        // under its partitions' names is switched to the table's own name.
+        let (via_root, partitioned): (bool, Vec<String>) = (
+            sqlx::query_scalar("select pubviaroot from pg_publication where pubname = $1")
+                .bind(&src.publication)
+                .fetch_one(&mut conn)
+                .await
+                .map_err(query_err(src, "read publish_via_partition_root"))?,
+            sqlx::query_scalar(
+                "select n.nspname || '.' || c.relname from pg_class c join pg_namespace n on n.oid = c.relnamespace
+                  where c.relkind = 'p' and n.nspname || '.' || c.relname = any($1)",
+            )
+            .bind(src.tables.iter().map(|t| t.qualified.clone()).collect::<Vec<_>>())
+            .fetch_all(&mut conn)
+            .await
+            .map_err(query_err(src, "look up partitioned tables"))?,
+        );
+        if !via_root && !partitioned.is_empty() {
+            let sql = format!(
+                "alter publication {} set (publish_via_partition_root = true)",
+                quote_ident(&src.publication)
+            );
+            sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
+                .execute(&mut conn)
+                .await
+                .map_err(query_err(src, "set publish_via_partition_root on the publication"))?;
+            tracing::info!(source = %src.name, publication = %src.publication, tables = ?partitioned,
+                "publication now publishes partitioned tables under their own names");
+        }
         let present: Vec<String> = sqlx::query_scalar(
             "select schemaname || '.' || tablename from pg_publication_tables where pubname = $1",
         )

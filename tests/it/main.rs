@@ -24,5 +24,6 @@ mod schema;
 mod secrets;
 mod snapshot;
 mod tls;
+mod unusual_sources;
 mod wal;
 mod write_path;
