@@ -306,7 +306,10 @@ async fn check_publication(
         } else {
             c.fail(
                 "publication_partitions",
-                format!("{} publishes a mapped partitioned table under its partitions' names", src.publication),
+                format!(
+                    "{} publishes a mapped partitioned table under its partitions' names",
+                    src.publication
+                ),
                 format!("as the publication's owner: {fix}"),
             );
             return Ok(());

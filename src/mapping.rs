@@ -35,8 +35,8 @@ pub enum MapError {
         /// Value as JSON.
         value: String,
     },
-    /// An aggregate input that is not a number (sum) or not comparable (max/min).
-    #[error("aggregate {name}: column {column} value {value} is not a number")]
+    /// An aggregate input that is not a finite number (sum) or not comparable (max/min).
+    #[error("aggregate {name}: column {column} value {value} is not a finite number")]
     AggregateInput {
         /// Aggregate.
         name: String,
@@ -80,7 +80,7 @@ impl MapError {
                 format!("version column {column}: value is not an integer")
             }
             MapError::AggregateInput { name, column, .. } => {
-                format!("aggregate {name}: column {column} value is not a number")
+                format!("aggregate {name}: column {column} value is not a finite number")
             }
             MapError::MergeLimit { .. } | MapError::MissingColumn(_) => self.to_string(),
         }
@@ -256,8 +256,12 @@ impl TableMapping {
                     if v.is_null() {
                         continue;
                     }
-                    let numeric =
-                        v.is_number() || v.as_str().is_some_and(|s| s.parse::<f64>().is_ok());
+                    // NaN and ±Infinity (numeric and float columns have them) are
+                    // not numbers a sum can hold: one would turn every later sum
+                    // into nothing. They go to dead_letters like any non-number.
+                    let numeric = v.is_number()
+                        || v.as_str()
+                            .is_some_and(|s| s.parse::<f64>().is_ok_and(f64::is_finite));
                     if func == AggFn::Sum && !numeric {
                         return Err(MapError::AggregateInput {
                             name: name.clone(),

@@ -117,11 +117,16 @@ pub struct AggState {
 fn num_add(a: Option<&Number>, b: &Value, sign: i64) -> Option<Number> {
     let b_num = match b {
         Value::Number(n) => n.clone(),
-        Value::String(s) => s
+        Value::String(s) => match s
             .parse::<i64>()
             .map(Number::from)
             .ok()
-            .or_else(|| s.parse::<f64>().ok().and_then(Number::from_f64))?,
+            .or_else(|| s.parse::<f64>().ok().and_then(Number::from_f64))
+        {
+            Some(n) => n,
+            // Not a finite number ("NaN", "Infinity"): the sum stays.
+            None => return a.cloned(),
+        },
         _ => return a.cloned(),
     };
     let a = a.cloned().unwrap_or_else(|| Number::from(0));
@@ -132,7 +137,9 @@ fn num_add(a: Option<&Number>, b: &Value, sign: i64) -> Option<Number> {
     }
     #[allow(clippy::cast_precision_loss)]
     let r = a.as_f64().unwrap_or(0.0) + b_num.as_f64().unwrap_or(0.0) * sign as f64;
-    Number::from_f64(r)
+    // A sum that leaves the finite range keeps its last value rather than
+    // becoming nothing (the mapping already refuses non-finite inputs).
+    Number::from_f64(r).or(Some(a))
 }
 
 /// Total order on JSON scalars for max/min: numbers < strings < others, numbers
@@ -753,4 +760,34 @@ pub fn truncate_as_deletes(
             ..ev.clone()
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    /// A sum is never reset: not by an input that is not a finite number
+    /// (PostgreSQL's numeric and float columns send "NaN", "Infinity" and
+    /// "-Infinity"), not by a total that leaves the finite range.
+    #[test]
+    fn a_sum_is_never_reset_by_a_value_that_is_not_a_finite_number() {
+        let sum = Number::from(100);
+        for bad in ["NaN", "Infinity", "-Infinity", "inf", "nan"] {
+            for sign in [1, -1] {
+                assert_eq!(
+                    num_add(Some(&sum), &json!(bad), sign),
+                    Some(sum.clone()),
+                    "{bad}"
+                );
+            }
+        }
+        let big = Number::from_f64(f64::MAX).unwrap();
+        assert_eq!(num_add(Some(&big), &json!(f64::MAX), 1), Some(big.clone()));
+        assert_eq!(
+            num_add(Some(&sum), &json!("2.5"), 1),
+            Number::from_f64(102.5)
+        );
+        assert_eq!(num_add(Some(&sum), &json!("7"), -1), Some(Number::from(93)));
+    }
 }

@@ -199,7 +199,10 @@ pub async fn ensure_publication(src: &SourceConfig) -> Result<(), SourceError> {
             sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
                 .execute(&mut conn)
                 .await
-                .map_err(query_err(src, "set publish_via_partition_root on the publication"))?;
+                .map_err(query_err(
+                    src,
+                    "set publish_via_partition_root on the publication",
+                ))?;
             tracing::info!(source = %src.name, publication = %src.publication, tables = ?partitioned,
                 "publication now publishes partitioned tables under their own names");
         }
