@@ -93,14 +93,13 @@ async fn check_source(src: &SourceConfig, c: &mut Checks) -> Result<(), sqlx::Er
     let version: i32 = sqlx::query_scalar("select current_setting('server_version_num')::int")
         .fetch_one(&mut conn)
         .await?;
-    if version >= 100_000 {
-        c.pass("server_version", format!("{}", version / 10_000));
-    } else {
-        c.fail(
+    match crate::source::supported_server(&src.name, version) {
+        Ok(()) => c.pass("server_version", crate::source::server_major_of(version)),
+        Err(e) => c.fail(
             "server_version",
-            format!("{version}"),
-            "PostgreSQL 10 or newer is needed for pgoutput",
-        );
+            crate::source::server_major_of(version),
+            e.to_string(),
+        ),
     }
     let wal_level: String = sqlx::query_scalar("select current_setting('wal_level')")
         .fetch_one(&mut conn)

@@ -61,6 +61,17 @@ pub enum SourceError {
         /// Current setting.
         wal_level: String,
     },
+    /// The server is older than Tributary supports.
+    #[error(
+        "source {source_name}: PostgreSQL {version} is not supported; {}",
+        server_version_fix()
+    )]
+    ServerVersion {
+        /// Source name.
+        source_name: String,
+        /// `server_version_num` / 10000 (or 100 before 10).
+        version: String,
+    },
     /// The slot the checkpoint refers to is gone: changes may have been lost.
     #[error(
         "source {source_name}: replication slot {slot} is missing, but the store has a checkpoint at {checkpoint}; \
@@ -100,9 +111,42 @@ impl SourceError {
             SourceError::Query { error, .. } => crate::retry::sqlx_error(error),
             SourceError::Decode { .. }
             | SourceError::WalLevel { .. }
+            | SourceError::ServerVersion { .. }
             | SourceError::SlotLost { .. }
             | SourceError::SlotInvalidated { .. } => crate::retry::Action::Stop,
         }
+    }
+}
+
+/// The oldest PostgreSQL major version a source may run. `run` needs pgoutput's
+/// protocol version 2 (large transactions streamed while in progress) and its
+/// `messages` option (the heartbeats that move an idle source's slot), both
+/// new in 14; `check` and `run` refuse anything older with the same words.
+pub const MIN_SERVER_MAJOR: i32 = 14;
+
+fn server_version_fix() -> String {
+    format!("Tributary needs PostgreSQL {MIN_SERVER_MAJOR} or newer (pgoutput protocol version 2 and its messages option); upgrade the server")
+}
+
+/// `server_version_num` as a major version for messages (`150004` → `15`, `90624` → `9.6`).
+pub fn server_major_of(version_num: i32) -> String {
+    if version_num >= 100_000 {
+        (version_num / 10_000).to_string()
+    } else {
+        format!("{}.{}", version_num / 10_000, version_num / 100 % 100)
+    }
+}
+
+/// Whether a source server of `server_version_num` is supported; the error
+/// names the fix. The one rule `check` and `run` both apply.
+pub fn supported_server(source_name: &str, version_num: i32) -> Result<(), SourceError> {
+    if version_num >= MIN_SERVER_MAJOR * 10_000 {
+        Ok(())
+    } else {
+        Err(SourceError::ServerVersion {
+            source_name: source_name.to_owned(),
+            version: server_major_of(version_num),
+        })
     }
 }
 
@@ -138,10 +182,13 @@ pub async fn query_conn(src: &SourceConfig) -> Result<PgConnection, SourceError>
 /// does not exist; adds mapped tables an existing publication lacks.
 pub async fn ensure_publication(src: &SourceConfig) -> Result<(), SourceError> {
     let mut conn = query_conn(src).await?;
-    let wal_level: String = sqlx::query_scalar("select current_setting('wal_level')")
-        .fetch_one(&mut conn)
-        .await
-        .map_err(query_err(src, "read wal_level"))?;
+    let (wal_level, version_num): (String, i32) = sqlx::query_as(
+        "select current_setting('wal_level'), current_setting('server_version_num')::int",
+    )
+    .fetch_one(&mut conn)
+    .await
+    .map_err(query_err(src, "read wal_level and server_version_num"))?;
+    supported_server(&src.name, version_num)?;
     if wal_level != "logical" {
         return Err(SourceError::WalLevel {
             source_name: src.name.clone(),
@@ -388,33 +435,18 @@ impl Replication {
         Ok(())
     }
 
-    /// Major version of the server (from the startup parameters).
-    pub fn server_major(&self) -> u32 {
-        self.conn
-            .params
-            .get("server_version")
-            .and_then(|v| v.split(['.', ' ']).next())
-            .and_then(|m| m.parse().ok())
-            .unwrap_or(0)
-    }
-
-    /// `START_REPLICATION` from `from` (the stored checkpoint). On PostgreSQL 14+
-    /// pgoutput protocol version 2 with `streaming 'on'`: large transactions
-    /// arrive in chunks while in progress instead of being spilled by the server
-    /// and sent at commit; older servers get version 1.
+    /// `START_REPLICATION` from `from` (the stored checkpoint), pgoutput
+    /// protocol version 2 with `streaming 'on'`: large transactions arrive in
+    /// chunks while in progress instead of being spilled by the server and sent
+    /// at commit ([`MIN_SERVER_MAJOR`] is the first version that has it).
     pub async fn start(
         &mut self,
         slot: &str,
         publication: &str,
         from: Lsn,
     ) -> Result<(), SourceError> {
-        let proto = if self.server_major() >= 14 {
-            "proto_version '2', streaming 'on'"
-        } else {
-            "proto_version '1'"
-        };
         let sql = format!(
-            "START_REPLICATION SLOT {} LOGICAL {from} ({proto}, publication_names {}, messages 'true')",
+            "START_REPLICATION SLOT {} LOGICAL {from} (proto_version '2', streaming 'on', publication_names {}, messages 'true')",
             quote_ident(slot),
             quote_literal(&quote_ident(publication))
         );
@@ -422,7 +454,7 @@ impl Replication {
             .start_replication(&sql)
             .await
             .map_err(|e| self.wire(e))?;
-        tracing::info!(source = %self.source, slot, from = %from, protocol = if self.server_major() >= 14 { 2 } else { 1 }, "streaming");
+        tracing::info!(source = %self.source, slot, from = %from, protocol = 2, "streaming");
         Ok(())
     }
 
@@ -471,5 +503,29 @@ impl Replication {
     /// Closes the connection.
     pub async fn close(self) {
         self.conn.close().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `check` and `run` apply this one rule: the same servers refused, with
+    /// the same words and the same fix, and `run` stops instead of retrying.
+    #[test]
+    fn check_and_run_refuse_the_same_servers_with_the_same_fix() {
+        for ok in [140_000, 140_013, 150_004, 170_000] {
+            assert!(supported_server("crm", ok).is_ok(), "{ok}");
+        }
+        for (old, shown) in [(130_011, "13"), (100_023, "10"), (90_624, "9.6")] {
+            let e = supported_server("crm", old).unwrap_err();
+            let text = e.to_string();
+            assert!(
+                text.contains(&format!("PostgreSQL {shown} is not supported"))
+                    && text.contains("PostgreSQL 14 or newer"),
+                "{text}"
+            );
+            assert_eq!(e.action(), crate::retry::Action::Stop);
+        }
     }
 }
