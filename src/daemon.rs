@@ -313,6 +313,7 @@ impl SourceCtx {
                         row: key.clone(),
                         key,
                         unchanged: Vec::new(),
+                        unreadable: Vec::new(),
                         lsn: created.consistent_point,
                         commit_lsn: created.consistent_point,
                         seq: rows + i as u64,

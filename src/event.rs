@@ -102,6 +102,13 @@ pub struct ChangeEvent {
     /// "same as before", never NULL.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub unchanged: Vec<String>,
+    /// Columns whose value could not be read as the server sent it (bytes that
+    /// are not UTF-8 from a `SQL_ASCII` database, JSON nested deeper than the
+    /// parser allows), each with why. `row` holds a stand-in (the text with
+    /// bad bytes replaced, the JSON as a string); a mapping that reads such a
+    /// column sends the row to `dead_letters` instead of storing the stand-in.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub unreadable: Vec<(String, String)>,
     /// WAL position of the change record itself (several changes may share one).
     pub lsn: Lsn,
     /// LSN of the commit record of the transaction that carried this change

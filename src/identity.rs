@@ -29,7 +29,22 @@ pub enum IdentError {
         /// The normalisation applied.
         rule: Normalize,
     },
+    /// Longer than the store's index on identifiers can hold.
+    #[error("identity {kind}: value is {bytes} bytes, longer than the {MAX_STORED_KEY_BYTES} the store's index holds")]
+    TooLong {
+        /// Identity kind.
+        kind: String,
+        /// Its length in bytes.
+        bytes: usize,
+    },
 }
+
+/// The longest identifier value or row key the store takes. A B-tree entry
+/// holds at most about 2,700 bytes (a third of a page) and the store indexes
+/// both, so anything longer would fail the whole write; refusing it here sends
+/// the row to `dead_letters` instead. Whether PostgreSQL would have compressed
+/// it below the limit does not matter: the rule is the same for every value.
+pub const MAX_STORED_KEY_BYTES: usize = 2000;
 
 /// Normalises a column value into an identifier value; `Ok(None)` for NULL.
 pub fn normalize(kind: &str, rule: Normalize, v: &Value) -> Result<Option<String>, IdentError> {
@@ -56,6 +71,12 @@ pub fn normalize(kind: &str, rule: Normalize, v: &Value) -> Result<Option<String
         let (local, domain) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
         local.is_empty() || domain.is_empty() || out.chars().any(char::is_whitespace)
     };
+    if out.len() > MAX_STORED_KEY_BYTES {
+        return Err(IdentError::TooLong {
+            kind: kind.to_owned(),
+            bytes: out.len(),
+        });
+    }
     if out.is_empty() || bad_email {
         return Err(IdentError::Unparsable {
             kind: kind.to_owned(),

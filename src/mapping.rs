@@ -58,6 +58,46 @@ pub enum MapError {
     /// A mapped column is absent from the row image (dropped or renamed upstream).
     #[error("mapped column {0} is missing from the row")]
     MissingColumn(String),
+    /// A value the store cannot hold (see [`MapError::unstorable_value`]).
+    #[error("column {column}: {why}")]
+    Unstorable {
+        /// Column.
+        column: String,
+        /// What the store cannot hold about it.
+        why: String,
+    },
+}
+
+/// `\u0000` anywhere in a JSON value (a string or a key): PostgreSQL's `json`
+/// type accepts the escape, its `jsonb` (profile traits) and `text` do not.
+pub fn holds_nul(v: &Value) -> bool {
+    match v {
+        Value::String(s) => s.contains('\0'),
+        Value::Array(a) => a.iter().any(holds_nul),
+        Value::Object(m) => m.iter().any(|(k, v)| k.contains('\0') || holds_nul(v)),
+        _ => false,
+    }
+}
+
+impl MapError {
+    /// The error for a mapped value the store cannot hold, if `v` is one.
+    fn unstorable_value(column: &str, v: &Value) -> Option<MapError> {
+        holds_nul(v).then(|| MapError::Unstorable {
+            column: column.to_owned(),
+            why: "the value contains \\u0000, which the store's jsonb cannot hold".to_owned(),
+        })
+    }
+
+    /// The error for a row key longer than the store's indexes hold.
+    pub fn key_too_long(bytes: usize) -> MapError {
+        MapError::Unstorable {
+            column: "(row key)".to_owned(),
+            why: format!(
+                "the row key is {bytes} bytes, longer than the {} the store's index holds",
+                crate::identity::MAX_STORED_KEY_BYTES
+            ),
+        }
+    }
 }
 
 impl MapError {
@@ -82,7 +122,10 @@ impl MapError {
             MapError::AggregateInput { name, column, .. } => {
                 format!("aggregate {name}: column {column} value is not a finite number")
             }
-            MapError::MergeLimit { .. } | MapError::MissingColumn(_) => self.to_string(),
+            MapError::Identity(IdentError::TooLong { .. })
+            | MapError::MergeLimit { .. }
+            | MapError::MissingColumn(_)
+            | MapError::Unstorable { .. } => self.to_string(),
         }
     }
 }
@@ -231,6 +274,9 @@ impl TableMapping {
                 None => prev.and_then(|p| p.fields.get(field).cloned()),
             };
             if let Some(v) = v.filter(|v| !v.is_null()) {
+                if let Some(e) = MapError::unstorable_value(col, &v) {
+                    return Err(e);
+                }
                 fields.insert(field.clone(), v);
             }
         }
@@ -255,6 +301,9 @@ impl TableMapping {
                         .ok_or_else(|| MapError::MissingColumn(col.clone()))?;
                     if v.is_null() {
                         continue;
+                    }
+                    if let Some(e) = MapError::unstorable_value(col, v) {
+                        return Err(e);
                     }
                     // NaN and ±Infinity (numeric and float columns have them) are
                     // not numbers a sum can hold: one would turn every later sum

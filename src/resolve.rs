@@ -563,6 +563,22 @@ impl State {
             table: ev.table.clone(),
             row_key: ev.row_key(),
         };
+        if let Some((column, why)) = ev
+            .unreadable
+            .iter()
+            .find(|(c, _)| ev.key.contains_key(c) || mapping.mapped.contains(c))
+        {
+            // The row holds a stand-in for a value it reads: the row's last
+            // good word stays until the source sends one it can read.
+            return Err(MapError::Unstorable {
+                column: column.clone(),
+                why: why.clone(),
+            });
+        }
+        if row.row_key.len() > crate::identity::MAX_STORED_KEY_BYTES {
+            // Never stored, so there is nothing of it to withdraw either.
+            return Err(MapError::key_too_long(row.row_key.len()));
+        }
         // Taken out rather than cloned (a contribution owns its strings and
         // maps); a path that does not replace it leaves the slot empty, and
         // it is put back.
@@ -757,6 +773,7 @@ pub fn truncate_as_deletes(
             row: key.clone(),
             key,
             unchanged: Vec::new(),
+            unreadable: Vec::new(),
             ..ev.clone()
         })
         .collect()

@@ -122,6 +122,11 @@ pub fn value(prefix: &str, e: &ChangeEvent, now_ms: i64) -> String {
     );
     source.insert("commit_lsn".into(), json!(e.commit_lsn.to_string()));
     source.insert("seq".into(), json!(e.seq));
+    if !e.unreadable.is_empty() {
+        // Columns the capture could not read (the apply role dead-letters the
+        // row as the capture would have).
+        source.insert("unreadable".into(), json!(e.unreadable));
+    }
     json!({
         "before": before,
         "after": after,
@@ -185,6 +190,7 @@ pub fn decode(key: Option<&[u8]>, value: &[u8]) -> Result<ChangeEvent, String> {
         key,
         row,
         unchanged,
+        unreadable: serde_json::from_value(src["unreadable"].clone()).unwrap_or_default(),
         lsn: crate::event::Lsn(src["lsn"].as_u64().ok_or("source.lsn missing")?),
         commit_lsn,
         seq: src["seq"].as_u64().ok_or("source.seq missing")?,
@@ -212,6 +218,7 @@ mod tests {
             key: serde_json::from_str(r#"{"id": 7}"#).unwrap(),
             row,
             unchanged: vec!["bio".into()],
+            unreadable: Vec::new(),
             lsn: Lsn(0x16E_8A58),
             commit_lsn: Lsn(0x16E_8A40),
             seq: 3,

@@ -522,7 +522,14 @@ pub enum Decoded {
 }
 
 /// A tuple split into (key columns, row image without unchanged values, unchanged columns).
-type Image = (Map<String, Value>, Map<String, Value>, Vec<String>);
+/// (key columns, row image without unchanged values, unchanged columns,
+/// unreadable columns with why).
+type Image = (
+    Map<String, Value>,
+    Map<String, Value>,
+    Vec<String>,
+    Vec<(String, String)>,
+);
 
 struct OpenTxn {
     xid: u32,
@@ -617,11 +624,11 @@ impl Decoder {
                 prefix, content, ..
             } => vec![Decoded::Message { prefix, content }],
             Message::Insert { relation, new } => {
-                let (key, row, unchanged) = self.image(relation, &new)?;
-                vec![self.change(sx, lsn, relation, Op::Insert, (key, row, unchanged))?]
+                let image = self.image(relation, &new)?;
+                vec![self.change(sx, lsn, relation, Op::Insert, image)?]
             }
             Message::Update { relation, old, new } => {
-                let (key, row, unchanged) = self.image(relation, &new)?;
+                let (key, row, unchanged, unreadable) = self.image(relation, &new)?;
                 let old_key = match &old {
                     Some(old) => Some(self.image(relation, old)?.0),
                     None => None,
@@ -634,16 +641,34 @@ impl Decoder {
                             lsn,
                             relation,
                             Op::Delete,
-                            (old_key.clone(), old_key, Vec::new()),
+                            (old_key.clone(), old_key, Vec::new(), Vec::new()),
                         )?,
-                        self.change(sx, lsn, relation, Op::Insert, (key, row, unchanged))?,
+                        self.change(
+                            sx,
+                            lsn,
+                            relation,
+                            Op::Insert,
+                            (key, row, unchanged, unreadable),
+                        )?,
                     ],
-                    _ => vec![self.change(sx, lsn, relation, Op::Update, (key, row, unchanged))?],
+                    _ => vec![self.change(
+                        sx,
+                        lsn,
+                        relation,
+                        Op::Update,
+                        (key, row, unchanged, unreadable),
+                    )?],
                 }
             }
             Message::Delete { relation, old } => {
-                let (key, row, _) = self.image(relation, &old)?;
-                vec![self.change(sx, lsn, relation, Op::Delete, (key, row, Vec::new()))?]
+                let (key, row, _, unreadable) = self.image(relation, &old)?;
+                vec![self.change(
+                    sx,
+                    lsn,
+                    relation,
+                    Op::Delete,
+                    (key, row, Vec::new(), unreadable),
+                )?]
             }
             Message::Truncate { relations, .. } => {
                 let mut out = Vec::new();
@@ -653,7 +678,7 @@ impl Decoder {
                         lsn,
                         relation,
                         Op::Truncate,
-                        (Map::new(), Map::new(), Vec::new()),
+                        (Map::new(), Map::new(), Vec::new(), Vec::new()),
                     )?);
                 }
                 out
@@ -677,6 +702,7 @@ impl Decoder {
         let mut key = Map::new();
         let mut row = Map::new();
         let mut unchanged = Vec::new();
+        let mut unreadable = Vec::new();
         for (col, v) in rel.columns.iter().zip(tuple) {
             let json = match v {
                 TupleValue::Null => Value::Null,
@@ -684,10 +710,13 @@ impl Decoder {
                     unchanged.push(col.name.clone());
                     continue;
                 }
-                TupleValue::Text(b) => value::text_to_json(
-                    col.type_oid,
-                    std::str::from_utf8(b).map_err(|_| DecodeError::Utf8("column value"))?,
-                ),
+                TupleValue::Text(b) => {
+                    let (json, why) = value::bytes_to_json(col.type_oid, b);
+                    if let Some(why) = why {
+                        unreadable.push((col.name.clone(), why.to_owned()));
+                    }
+                    json
+                }
                 TupleValue::Binary(b) => {
                     Value::String(b.iter().map(|x| format!("{x:02x}")).collect())
                 }
@@ -698,7 +727,7 @@ impl Decoder {
             }
             row.insert(col.name.clone(), json);
         }
-        Ok((key, row, unchanged))
+        Ok((key, row, unchanged, unreadable))
     }
 
     fn change(
@@ -709,7 +738,7 @@ impl Decoder {
         op: Op,
         image: Image,
     ) -> Result<Decoded, DecodeError> {
-        let (key, row, unchanged) = image;
+        let (key, row, unchanged, unreadable) = image;
         let table = self
             .relations
             .get(&relation)
@@ -732,6 +761,7 @@ impl Decoder {
             key,
             row,
             unchanged,
+            unreadable,
             lsn,
             commit_lsn,
             seq,

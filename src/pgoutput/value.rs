@@ -50,6 +50,34 @@ fn array_element(type_oid: u32) -> Option<u32> {
     })
 }
 
+/// Why a column's bytes could not be read as sent (see `ChangeEvent::unreadable`).
+pub const NOT_UTF8: &str = "bytes that are not UTF-8 (a SQL_ASCII database?)";
+/// Why a `json`/`jsonb` value could not be read.
+pub const TOO_DEEP: &str = "JSON nested deeper than the 128 levels the parser allows";
+
+/// [`text_to_json`] of raw column bytes, and why the value is only a stand-in
+/// when it could not be read as sent: bytes that are not UTF-8 (kept with the
+/// bad bytes replaced), JSON nested too deep to parse safely (kept as a string).
+pub fn bytes_to_json(type_oid: u32, bytes: &[u8]) -> (Value, Option<&'static str>) {
+    match std::str::from_utf8(bytes) {
+        Ok(text) if matches!(type_oid, oid::JSON | oid::JSONB) => {
+            match serde_json::from_str::<Value>(text) {
+                Ok(v) => (v, None),
+                // The limit keeps a hostile value from overflowing the stack.
+                Err(e) if e.to_string().contains("recursion limit") => {
+                    (Value::String(text.to_owned()), Some(TOO_DEEP))
+                }
+                Err(_) => (text_to_json(type_oid, text), None),
+            }
+        }
+        Ok(text) => (text_to_json(type_oid, text), None),
+        Err(_) => (
+            Value::String(String::from_utf8_lossy(bytes).into_owned()),
+            Some(NOT_UTF8),
+        ),
+    }
+}
+
 /// Converts one text-format value of type `type_oid` to JSON.
 pub fn text_to_json(type_oid: u32, text: &str) -> Value {
     match type_oid {

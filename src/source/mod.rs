@@ -375,12 +375,25 @@ pub struct Replication {
 impl Replication {
     /// Opens a logical replication connection.
     pub async fn connect(src: &SourceConfig) -> Result<Replication, SourceError> {
-        let conn = PgConn::connect(&src.conn, true)
-            .await
-            .map_err(|error| SourceError::Wire {
-                source_name: src.name.clone(),
-                error,
-            })?;
+        let mut conn =
+            PgConn::connect(&src.conn, true)
+                .await
+                .map_err(|error| SourceError::Wire {
+                    source_name: src.name.clone(),
+                    error,
+                })?;
+        if conn.params.get("server_encoding").map(String::as_str) == Some("SQL_ASCII") {
+            // pgoutput converts values to the client's encoding, and from
+            // SQL_ASCII that means checking them: one value that is not UTF-8
+            // would end the stream at the same place on every reconnect. As
+            // sent, such a value fails only its row (a dead letter).
+            conn.simple_query("SET client_encoding = 'SQL_ASCII'")
+                .await
+                .map_err(|error| SourceError::Wire {
+                    source_name: src.name.clone(),
+                    error,
+                })?;
+        }
         Ok(Replication {
             source: src.name.clone(),
             conn,

@@ -23,7 +23,7 @@ use sqlx::{PgConnection, Row};
 use super::{query_err, quote_ident, quote_literal, SourceConfig, SourceError};
 use crate::config::TableConfig;
 use crate::event::{ChangeEvent, Lsn, Op};
-use crate::pgoutput::value::{oid, text_to_json};
+use crate::pgoutput::value::{bytes_to_json, oid};
 
 /// Rows read outside the stream carry positions from here on inside their
 /// watermark, so that they never share an identity with a streamed change.
@@ -49,6 +49,9 @@ pub struct TableReader {
     table: TableConfig,
     /// Its columns, in table order.
     pub columns: Vec<Column>,
+    /// The encoding [`TableReader::select`] asks values in: `UTF8`, or
+    /// `SQL_ASCII` (the bytes as stored) when the database is `SQL_ASCII`.
+    bytes_as: &'static str,
 }
 
 /// Sets the session up like the stream's: UTC, ISO dates, exact floats.
@@ -99,10 +102,22 @@ impl TableReader {
                 key: r.get("key"),
             })
             .collect();
+        // A SQL_ASCII database stores whatever bytes it was given: its text
+        // is read as those bytes (and what is not UTF-8 fails only its row);
+        // any other encoding is converted to UTF-8 by the server.
+        let encoding: String = sqlx::query_scalar("select current_setting('server_encoding')")
+            .fetch_one(&mut *conn)
+            .await
+            .map_err(query_err(src, "read server_encoding"))?;
         Ok(TableReader {
             source: src.name.clone(),
             table: t.clone(),
             columns,
+            bytes_as: if encoding == "SQL_ASCII" {
+                "SQL_ASCII"
+            } else {
+                "UTF8"
+            },
         })
     }
 
@@ -115,12 +130,23 @@ impl TableReader {
         )
     }
 
-    /// `select <every column as text> from <table>`, to be followed by a filter.
+    /// `select <every column's text, as bytes> from <table>`, to be followed by
+    /// a filter. Bytes, not text: a `SQL_ASCII` database can hold text that is
+    /// not UTF-8, and converting it for a UTF-8 client would fail the whole
+    /// read; as bytes, such a value fails only its own row (a dead letter).
+    /// (`convert_to` a target of `SQL_ASCII` returns the text's bytes as they
+    /// are stored; `textsend` would convert them to the client's encoding.)
     pub fn select(&self) -> String {
         let cols = self
             .columns
             .iter()
-            .map(|c| format!("{}::text", quote_ident(&c.name)))
+            .map(|c| {
+                format!(
+                    "pg_catalog.convert_to({}::text, '{}')",
+                    quote_ident(&c.name),
+                    self.bytes_as
+                )
+            })
             .collect::<Vec<_>>()
             .join(", ");
         format!("select {cols} from {}", self.relation())
@@ -190,9 +216,18 @@ impl TableReader {
     ) -> Result<ChangeEvent, sqlx::Error> {
         let mut key = Map::new();
         let mut row = Map::new();
+        let mut unreadable = Vec::new();
         for (i, c) in self.columns.iter().enumerate() {
-            let v = r.try_get::<Option<String>, _>(i)?;
-            let json = v.map_or(Value::Null, |text| text_to_json(c.type_oid, &text));
+            let json = match r.try_get::<Option<&[u8]>, _>(i)? {
+                None => Value::Null,
+                Some(bytes) => {
+                    let (json, why) = bytes_to_json(c.type_oid, bytes);
+                    if let Some(why) = why {
+                        unreadable.push((c.name.clone(), why.to_owned()));
+                    }
+                    json
+                }
+            };
             if c.key {
                 key.insert(c.name.clone(), json.clone());
             }
@@ -205,6 +240,7 @@ impl TableReader {
             key,
             row,
             unchanged: Vec::new(),
+            unreadable,
             lsn: at_lsn,
             commit_lsn: at_lsn,
             seq,
@@ -240,7 +276,7 @@ pub const STORE_DIGEST: &str = "(select (sum(hashtextextended(coalesce(k || '=' 
    from jsonb_each_text($img::jsonb) as e(k, v))";
 
 /// SQL giving the text that `jsonb_each_text` renders of the JSON value
-/// [`text_to_json`] makes of the column. Where the two could differ (exotic
+/// [`text_to_json`](crate::pgoutput::value::text_to_json) makes of the column. Where the two could differ (exotic
 /// values), the digests differ and the row is compared in full: a false
 /// alarm costs a read, never a missed drift.
 fn text_expr(name: &str, type_oid: u32) -> String {
@@ -286,7 +322,7 @@ fn array_like(type_oid: u32) -> bool {
     )
 }
 
-/// SQL giving the jsonb value that [`text_to_json`] makes of the column's text.
+/// SQL giving the jsonb value that [`text_to_json`](crate::pgoutput::value::text_to_json) makes of the column's text.
 /// Where the two could differ (exotic values), the digests differ and the row
 /// is compared in full: a false alarm costs a read, never a missed drift.
 fn json_expr(name: &str, type_oid: u32) -> String {

@@ -191,6 +191,7 @@ mod tests {
                 .unwrap()
                 .clone(),
             unchanged: vec![],
+            unreadable: Vec::new(),
             lsn: Lsn(i),
             commit_lsn: Lsn::ZERO,
             seq: i,

@@ -916,10 +916,7 @@ async fn derive(
                 .map(|(e, ..)| e.commit_lsn.to_string())
                 .collect(),
             table: dead.iter().map(|(e, ..)| e.table.clone()).collect(),
-            row: dead
-                .iter()
-                .map(|(e, ..)| serde_json::to_string(&e.row).unwrap_or_default())
-                .collect(),
+            row: dead.iter().map(|(e, ..)| dead_letter_row(&e.row)).collect(),
             error: dead.iter().map(|(_, err, _)| err.clone()).collect(),
         };
     }
@@ -1139,11 +1136,40 @@ impl Writes {
     }
 }
 
+/// A dead letter's row as `dead_letters.row` (`jsonb`) can hold it: a `\u0000`
+/// (which only a `json` column can send, and which may be why the row is
+/// there) is kept as the six characters of its escape.
+fn dead_letter_row(row: &Map<String, Value>) -> String {
+    fn visible(v: &mut Value) {
+        match v {
+            Value::String(s) => *s = s.replace('\0', "\\u0000"),
+            Value::Array(a) => a.iter_mut().for_each(visible),
+            Value::Object(m) => {
+                *m = std::mem::take(m)
+                    .into_iter()
+                    .map(|(k, mut v)| {
+                        visible(&mut v);
+                        (k.replace('\0', "\\u0000"), v)
+                    })
+                    .collect();
+            }
+            _ => {}
+        }
+    }
+    let text = serde_json::to_string(row).unwrap_or_default();
+    if !text.contains("\\u0000") {
+        return text;
+    }
+    let mut v = Value::Object(row.clone());
+    visible(&mut v);
+    serde_json::to_string(&v).unwrap_or_default()
+}
+
 /// A batch's writes as one statement of data-modifying CTEs: the event log
-/// (`$1`-`$11`, empty arrays when it is written on its own connection),
-/// contributions new (`$12`-`$25`, a plain `INSERT`) and existing (`$26`-`$39`,
-/// one set-based `UPDATE`), identifiers new and existing (`$40`-`$45`),
-/// profiles new and existing (`$46`-`$55`), dead letters (`$56`-`$60`). The
+/// (`$1`-`$12`, empty arrays when it is written on its own connection),
+/// contributions new (`$13`-`$26`, a plain `INSERT`) and existing (`$27`-`$40`,
+/// one set-based `UPDATE`), identifiers new and existing (`$41`-`$46`),
+/// profiles new and existing (`$47`-`$56`), dead letters (`$57`-`$61`). The
 /// CTEs touch disjoint rows (the plan splits new from existing), so running
 /// them in one snapshot is the same as running them in turn. One round trip
 /// instead of up to eight, each a wake-up of the daemon and of the store's
@@ -1179,28 +1205,28 @@ static WRITE: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
            where c.source = u.s and c.table_name = u.t and c.row_key = u.k),
          new_identities as (
            insert into identities (kind, value, profile_id)
-           select * from unnest($40::text[], $41::text[], $42::bigint[])),
+           select * from unnest($41::text[], $42::text[], $43::bigint[])),
          old_identities as (
            update identities i set profile_id = u.p
-             from unnest($43::text[], $44::text[], $45::bigint[]) as u(k, v, p)
+             from unnest($44::text[], $45::text[], $46::bigint[]) as u(k, v, p)
             where i.kind = u.k and i.value = u.v),
          new_profiles as (
            insert into profiles (profile_id, merged_into, traits, agg_state, provenance)
            select id, m, t::jsonb, a::json, pv::json
-             from unnest($46::bigint[], $47::bigint[], $48::text[], $49::text[], $50::text[]) as u(id, m, t, a, pv)),
+             from unnest($47::bigint[], $48::bigint[], $49::text[], $50::text[], $51::text[]) as u(id, m, t, a, pv)),
          old_profiles as (
            update profiles p set merged_into = u.m, traits = u.t::jsonb, agg_state = u.a::json, updated_at = now(),
              provenance = case when u.pv = 'null' then p.provenance else u.pv::json end
-             from unnest($51::bigint[], $52::bigint[], $53::text[], $54::text[], $55::text[]) as u(id, m, t, a, pv)
+             from unnest($52::bigint[], $53::bigint[], $54::text[], $55::text[], $56::text[]) as u(id, m, t, a, pv)
             where p.profile_id = u.id),
          dead as (
            insert into dead_letters (source, lsn, table_name, row, error)
            select s, l::pg_lsn, t, r::jsonb, e
-             from unnest($56::text[], $57::text[], $58::text[], $59::text[], $60::text[]) as u(s, l, t, r, e))
+             from unnest($57::text[], $58::text[], $59::text[], $60::text[], $61::text[]) as u(s, l, t, r, e))
          select count(*) from ev",
         events = event_log::INSERT,
-        new_contributions = contributions(12),
-        old_contributions = contributions(26),
+        new_contributions = contributions(13),
+        old_contributions = contributions(27),
     )
 });
 

@@ -51,8 +51,8 @@ pub(crate) fn by_copy(n: usize) -> bool {
 
 /// The columns, in the order each tuple carries them.
 const COLUMNS: &str =
-    "source, lsn, commit_lsn, seq, xid, commit_time, table_name, op, key, row, unchanged";
-const FIELDS: i16 = 11;
+    "source, lsn, commit_lsn, seq, xid, commit_time, table_name, op, key, row, unchanged, unreadable";
+const FIELDS: i16 = 12;
 
 /// Binary `COPY` header: signature, flags, header-extension length.
 const HEADER: &[u8] = b"PGCOPY\n\xff\r\n\0\0\0\0\0\0\0\0\0";
@@ -124,10 +124,12 @@ pub(crate) struct Columns {
     key: Vec<String>,
     row: Vec<String>,
     unchanged: Vec<String>,
+    /// `''` for none, else the JSON of `ChangeEvent::unreadable`.
+    unreadable: Vec<String>,
 }
 
 impl Columns {
-    /// The batch's rows (the first to go), as `$1`-`$11` of [`INSERT`].
+    /// The batch's rows (the first to go), as `$1`-`$12` of [`INSERT`].
     pub(crate) fn bind<'q, O>(&'q self, q: PgScalar<'q, O>) -> PgScalar<'q, O> {
         q.bind(&self.source)
             .bind(&self.lsn)
@@ -140,6 +142,7 @@ impl Columns {
             .bind(&self.key)
             .bind(&self.row)
             .bind(&self.unchanged)
+            .bind(&self.unreadable)
     }
 
     /// How many rows.
@@ -166,6 +169,16 @@ impl Columns {
                 .map(|e| serde_json::to_string(&e.row).unwrap_or_default())
                 .collect(),
             unchanged: events.iter().map(|e| e.unchanged.join(",")).collect(),
+            unreadable: events
+                .iter()
+                .map(|e| {
+                    if e.unreadable.is_empty() {
+                        String::new()
+                    } else {
+                        serde_json::to_string(&e.unreadable).unwrap_or_default()
+                    }
+                })
+                .collect(),
         }
     }
 }
@@ -194,6 +207,16 @@ fn encode(buf: &mut Vec<u8>, e: &ChangeEvent) {
         buf.extend_from_slice(&(-1i32).to_be_bytes());
     } else {
         text_array(buf, &e.unchanged);
+    }
+    if e.unreadable.is_empty() {
+        buf.extend_from_slice(&(-1i32).to_be_bytes());
+    } else {
+        let at = buf.len();
+        buf.extend_from_slice(&[0; 4]);
+        buf.push(JSONB_VERSION);
+        let _ = serde_json::to_writer(&mut *buf, &e.unreadable);
+        let len = i32::try_from(buf.len() - at - 4).unwrap_or(i32::MAX);
+        buf[at..at + 4].copy_from_slice(&len.to_be_bytes());
     }
 }
 
@@ -285,15 +308,17 @@ pub(crate) fn kept_logged(len: usize, added: u64) {
     }
 }
 
-/// The insert of a small batch's log rows (`$1`-`$11`, [`Columns::bind`]), as a
+/// The insert of a small batch's log rows (`$1`-`$12`, [`Columns::bind`]), as a
 /// CTE of the batch's one write statement (`apply::WRITE`), which counts the
 /// rows it added.
 pub(crate) const INSERT: &str =
-    "insert into events (source, lsn, commit_lsn, seq, xid, commit_time, table_name, op, key, row, unchanged)
+    "insert into events (source, lsn, commit_lsn, seq, xid, commit_time, table_name, op, key, row, unchanged, unreadable)
      select s, l::pg_lsn, cl::pg_lsn, q, x, ct, t, o, k::jsonb, r::json,
-            case when u = '' then null else string_to_array(u, ',') end
+            case when u = '' then null else string_to_array(u, ',') end,
+            case when ur = '' then null else ur::jsonb end
        from unnest($1::text[], $2::text[], $3::text[], $4::bigint[], $5::bigint[], $6::timestamptz[],
-                   $7::text[], $8::text[], $9::text[], $10::text[], $11::text[]) as u(s, l, cl, q, x, ct, t, o, k, r, u)
+                   $7::text[], $8::text[], $9::text[], $10::text[], $11::text[], $12::text[])
+            as u(s, l, cl, q, x, ct, t, o, k, r, u, ur)
      on conflict do nothing
      returning 1";
 

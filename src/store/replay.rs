@@ -77,6 +77,10 @@ fn event_of(r: &sqlx::postgres::PgRow) -> Result<ChangeEvent, sqlx::Error> {
         unchanged: r
             .try_get::<Option<Vec<String>>, _>("unchanged")?
             .unwrap_or_default(),
+        unreadable: r
+            .try_get::<Option<Json<Vec<(String, String)>>>, _>("unreadable")?
+            .map(|j| j.0)
+            .unwrap_or_default(),
         lsn: lsn.parse().unwrap_or_default(),
         commit_lsn: commit_lsn.parse().unwrap_or_default(),
         seq: u64::try_from(r.try_get::<i64, _>("seq")?).unwrap_or(0),
@@ -86,7 +90,7 @@ fn event_of(r: &sqlx::postgres::PgRow) -> Result<ChangeEvent, sqlx::Error> {
 }
 
 const EVENT_COLUMNS: &str =
-    "source, table_name, op, key, row, unchanged, lsn::text as lsn, commit_lsn::text as commit_lsn, seq, xid, commit_time";
+    "source, table_name, op, key, row, unchanged, unreadable, lsn::text as lsn, commit_lsn::text as commit_lsn, seq, xid, commit_time";
 
 impl Store {
     /// Re-applies the logged events of `source` from `from` (to `to`), then

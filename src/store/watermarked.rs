@@ -126,6 +126,7 @@ pub async fn apply_read(
             key: k.clone(),
             row: k,
             unchanged: Vec::new(),
+            unreadable: Vec::new(),
             lsn: marks.high,
             commit_lsn: marks.high,
             seq,

@@ -76,6 +76,7 @@ fn ev(source: &str, table: &str, op: Op, row: Value, clock: u64) -> ChangeEvent 
         key,
         row,
         unchanged: vec![],
+        unreadable: Vec::new(),
         lsn: Lsn(clock * 100),
         commit_lsn: Lsn(clock * 100),
         seq: 0,

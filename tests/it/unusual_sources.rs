@@ -1,5 +1,5 @@
 //! Sources that do ordinary but less common things: a partitioned table,
-//! values a sum cannot hold.
+//! values a sum or the store cannot hold.
 
 use std::time::Duration;
 
@@ -176,4 +176,123 @@ publication = "nan_pub"
         4
     );
     assert_eq!(daemon.stop(), Some(0));
+}
+
+/// Values that once stopped a source for good become dead letters, and the
+/// rows after them apply: a `\u0000` inside a `json` value (the store's `jsonb`
+/// cannot hold it), JSON nested deeper than the parser allows, bytes that are
+/// not UTF-8 from a `SQL_ASCII` database, and a key or an identifier longer
+/// than the store's indexes can hold.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn values_the_store_cannot_hold_become_dead_letters_and_the_stream_goes_on() {
+    let pg = cluster();
+    let admin = pg.url("postgres");
+    exec(&admin, "create database legacy encoding 'SQL_ASCII' lc_collate 'C' lc_ctype 'C' template template0").await;
+    let src = pg.url("legacy");
+    let sink = create_db(&pg, "profiles").await;
+    exec(
+        &src,
+        "create table people (id text primary key, email text, doc json, note text)",
+    )
+    .await;
+    // One bad row of each kind before the snapshot, one of each streamed.
+    let bad_rows = |base: u32| {
+        let deep = format!("{}1{}", "[".repeat(200), "]".repeat(200));
+        format!(
+            "insert into people values ('{a}', 'nul{a}@x.com', '{{\"k\": \"a\\u0000b\"}}', 'fine');
+             insert into people values ('{b}', 'deep{b}@x.com', '{deep}', 'fine');
+             insert into people values ('{c}', 'latin{c}@x.com', '{{}}', E'caf\\xe9');
+             insert into people values (repeat('k', 5000) || '{d}', 'key{d}@x.com', '{{}}', 'fine');
+             insert into people values ('{e}', repeat('x', 3000) || '{e}@x.com', '{{}}', 'fine');
+             insert into people values ('{f}', 'good{f}@x.com', '{{\"ok\": true}}', 'fine');",
+            a = base + 1,
+            b = base + 2,
+            c = base + 3,
+            d = base + 4,
+            e = base + 5,
+            f = base + 6,
+        )
+    };
+    exec(&src, &bad_rows(0)).await;
+    let cfg = write_config(&format!(
+        r#"
+[sink]
+url = "{sink}"
+batch_max_wait_ms = 20
+
+[[source]]
+name = "legacy"
+url = "{src}"
+slot = "legacy_slot"
+publication = "legacy_pub"
+  [[source.table]]
+  name = "public.people"
+  identity = {{ email = "email" }}
+  fields = {{ doc = "doc", note = "note" }}
+
+[identity.email]
+normalize = "email"
+"#
+    ));
+    let mut daemon = Daemon::start(&cfg);
+    let until_applied = |email: &'static str, daemon: &Daemon| {
+        let (sink, log) = (sink.clone(), daemon.log.clone());
+        async move {
+            let deadline = std::time::Instant::now() + Duration::from_secs(60);
+            while traits_of(&sink, "email", email).await.is_none() {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "{email} never applied:\n{}",
+                    std::fs::read_to_string(&log).unwrap_or_default()
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    };
+    until_applied("good6@x.com", &daemon).await;
+    exec(&src, &bad_rows(10)).await;
+    until_applied("good16@x.com", &daemon).await;
+    assert!(daemon.alive(), "{}", daemon.log_text());
+    let reasons: Vec<String> = {
+        use sqlx::Connection;
+        let mut c = sqlx::PgConnection::connect(&sink).await.unwrap();
+        sqlx::query_scalar("select error from tributary.dead_letters order by id")
+            .fetch_all(&mut c)
+            .await
+            .unwrap()
+    };
+    assert_eq!(reasons.len(), 10, "{reasons:#?}");
+    for want in ["\\u0000", "nested", "UTF-8", "key", "identity"] {
+        assert_eq!(
+            reasons.iter().filter(|r| r.contains(want)).count(),
+            2,
+            "{want}: {reasons:#?}"
+        );
+    }
+    let live = "select count(*) from tributary.profiles where merged_into is null";
+    assert_eq!(
+        scalar::<i64>(&sink, live).await,
+        2,
+        "only the good rows made profiles"
+    );
+    assert_eq!(daemon.stop(), Some(0));
+
+    // The event log keeps what could not be read, so a rebuild from it
+    // refuses the same rows instead of storing their stand-ins.
+    let out = run_cmd(&cfg, &["rebuild"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(
+        scalar::<i64>(&sink, live).await,
+        2,
+        "a rebuild stored a stand-in"
+    );
+    assert_eq!(
+        scalar::<i64>(
+            &sink,
+            "select count(*) from tributary.events where unreadable is not null"
+        )
+        .await,
+        4,
+        "the log names the unreadable columns"
+    );
 }
