@@ -61,6 +61,32 @@ pub enum SourceError {
         /// Current setting.
         wal_level: String,
     },
+    /// The publication was dropped (or recreated) while the slot streamed
+    /// through it: the server cannot decode the WAL written since.
+    #[error(
+        "source {source_name}: {message} (it was dropped while Tributary streamed through it); the server cannot \
+         decode the changes written since through this slot, so they cannot be read. To re-snapshot the source: \
+         DELETE FROM tributary.checkpoints WHERE source = '{source_name}'; then start tributary run again (it \
+         recreates the publication and the slot)"
+    )]
+    PublicationDropped {
+        /// Source name.
+        source_name: String,
+        /// The server's words (`publication "x" does not exist`).
+        message: String,
+    },
+    /// A mapped column is generated: pgoutput does not publish it.
+    #[error("source {source_name}: {}", generated_column_text(.table, .column, .expression))]
+    GeneratedColumn {
+        /// Source name.
+        source_name: String,
+        /// `schema.table`.
+        table: String,
+        /// The column.
+        column: String,
+        /// What it is computed from.
+        expression: String,
+    },
     /// The server is older than Tributary supports.
     #[error(
         "source {source_name}: PostgreSQL {version} is not supported; {}",
@@ -112,10 +138,62 @@ impl SourceError {
             SourceError::Decode { .. }
             | SourceError::WalLevel { .. }
             | SourceError::ServerVersion { .. }
+            | SourceError::PublicationDropped { .. }
+            | SourceError::GeneratedColumn { .. }
             | SourceError::SlotLost { .. }
             | SourceError::SlotInvalidated { .. } => crate::retry::Action::Stop,
         }
     }
+}
+
+/// Why a mapped generated column is refused, and the fix: the words `check`
+/// prints and `run` stops with.
+pub fn generated_column_text(table: &str, column: &str, expression: &str) -> String {
+    format!(
+        "{column} of {table} is a generated column ({expression}); logical replication does not publish \
+         generated columns, so every streamed change would lack it: map the columns it is computed from instead"
+    )
+}
+
+/// The mapped columns of `src` that are generated, as the error `run` stops
+/// with (`check` prints the same words).
+pub async fn generated_columns(
+    conn: &mut PgConnection,
+    src: &SourceConfig,
+) -> Result<Vec<SourceError>, sqlx::Error> {
+    let mut out = Vec::new();
+    for t in &src.tables {
+        let rows: Vec<(String, String)> = sqlx::query_as(
+            "select a.attname::text, pg_get_expr(d.adbin, d.adrelid)
+               from pg_attribute a
+               join pg_attrdef d on d.adrelid = a.attrelid and d.adnum = a.attnum
+              where a.attrelid = to_regclass($1) and a.attgenerated <> '' and a.attname = any($2)
+              order by a.attnum",
+        )
+        .bind(format!(
+            "{}.{}",
+            quote_ident(&t.schema),
+            quote_ident(&t.name)
+        ))
+        .bind(
+            t.mapped_columns()
+                .into_iter()
+                .map(str::to_owned)
+                .collect::<Vec<_>>(),
+        )
+        .fetch_all(&mut *conn)
+        .await?;
+        out.extend(
+            rows.into_iter()
+                .map(|(column, expression)| SourceError::GeneratedColumn {
+                    source_name: src.name.clone(),
+                    table: t.qualified.clone(),
+                    column,
+                    expression,
+                }),
+        );
+    }
+    Ok(out)
 }
 
 /// The oldest PostgreSQL major version a source may run. `run` needs pgoutput's
@@ -189,6 +267,14 @@ pub async fn ensure_publication(src: &SourceConfig) -> Result<(), SourceError> {
     .await
     .map_err(query_err(src, "read wal_level and server_version_num"))?;
     supported_server(&src.name, version_num)?;
+    if let Some(e) = generated_columns(&mut conn, src)
+        .await
+        .map_err(query_err(src, "look up generated columns"))?
+        .into_iter()
+        .next()
+    {
+        return Err(e);
+    }
     if wal_level != "logical" {
         return Err(SourceError::WalLevel {
             source_name: src.name.clone(),
@@ -404,6 +490,16 @@ impl Replication {
     }
 
     fn wire(&self, error: PgWireError) -> SourceError {
+        if let PgWireError::Server(e) = &error {
+            // pgoutput looks the publication up by name in the catalog as of
+            // each change: once dropped, every later change fails to decode.
+            if e.code == "42704" && e.message.starts_with("publication ") {
+                return SourceError::PublicationDropped {
+                    source_name: self.source.clone(),
+                    message: e.message.clone(),
+                };
+            }
+        }
         SourceError::Wire {
             source_name: self.source.clone(),
             error,

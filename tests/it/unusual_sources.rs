@@ -296,3 +296,139 @@ normalize = "email"
         "the log names the unreadable columns"
     );
 }
+
+fn people_config(sink: &str, src: &str, tag: &str, fields: &str) -> String {
+    format!(
+        r#"
+[sink]
+url = "{sink}"
+batch_max_wait_ms = 20
+
+[[source]]
+name = "crm"
+url = "{src}"
+slot = "{tag}_slot"
+publication = "{tag}_pub"
+  [[source.table]]
+  name = "public.people"
+  identity = {{ email = "email" }}
+  fields = {{ {fields} }}
+
+[identity.email]
+normalize = "email"
+"#
+    )
+}
+
+/// Waits for the daemon to exit by itself and returns its code and log.
+async fn exits_by_itself(mut daemon: Daemon, within: Duration) -> (Option<i32>, String) {
+    let deadline = std::time::Instant::now() + within;
+    while daemon.alive() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the daemon is still running (retrying?):\n{}",
+            daemon.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let log = daemon.log_text();
+    (daemon.stop(), log)
+}
+
+/// PostgreSQL (before 18) does not publish generated columns: a mapped one
+/// would be in the snapshot and missing from every streamed change. `check`
+/// fails on it and `run` stops before it creates anything, with one message.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mapped_generated_column_is_refused_by_check_and_run_alike() {
+    let pg = cluster();
+    let src = create_db(&pg, "crm").await;
+    let sink = create_db(&pg, "profiles").await;
+    exec(
+        &src,
+        "create table people (id bigint primary key, email text, first text, last text,
+                              full_name text generated always as (first || ' ' || last) stored)",
+    )
+    .await;
+    let cfg = write_config(&people_config(
+        &sink,
+        &src,
+        "gen",
+        "first = \"first\", full_name = \"full_name\"",
+    ));
+    let out = run_cmd(&cfg, &["check"]);
+    let check = text(&out);
+    assert!(!out.status.success(), "{check}");
+    let want = "full_name of public.people is a generated column";
+    assert!(
+        check.contains(want) && check.contains("map the columns it is computed from"),
+        "{check}"
+    );
+    let daemon = Daemon::start(&cfg);
+    let (code, log) = exits_by_itself(daemon, Duration::from_secs(30)).await;
+    assert_ne!(code, Some(0), "{log}");
+    assert!(log.contains(want), "{log}");
+    assert_eq!(
+        scalar::<i64>(&src, "select count(*) from pg_replication_slots").await,
+        0,
+        "run created a slot before refusing"
+    );
+}
+
+/// The slot dropped by someone else while the daemon streams, or the
+/// publication dropped: the WAL since the checkpoint cannot be read through
+/// them any more. The daemon stops (no retry loop) and says how to go on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slot_or_publication_dropped_behind_the_daemon_stops_it_with_the_fix() {
+    let pg = cluster();
+    for (tag, drop) in [
+        ("slot", "select pg_terminate_backend(active_pid) from pg_replication_slots where active_pid is not null;
+                  select pg_drop_replication_slot('slot_slot')"),
+        ("pub", "drop publication pub_pub"),
+    ] {
+        let src = create_db(&pg, &format!("crm_{tag}")).await;
+        let sink = create_db(&pg, &format!("profiles_{tag}")).await;
+        exec(&src, "create table people (id bigint primary key, email text, note text)").await;
+        let cfg = write_config(&people_config(&sink, &src, tag, "note = \"note\""));
+        let daemon = Daemon::start(&cfg);
+        exec(&src, &format!("insert into people values (1, 'one-{tag}@x.com', 'a')")).await;
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while traits_of(&sink, "email", &format!("one-{tag}@x.com")).await.is_none() {
+            assert!(std::time::Instant::now() < deadline, "{tag}: not streaming:\n{}", daemon.log_text());
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        // The daemon reconnects at once after a terminated walsender: drop
+        // the slot between two of its attempts.
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            let r = {
+                use sqlx::Connection;
+                let mut c = sqlx::PgConnection::connect(&src).await.unwrap();
+                sqlx::raw_sql(sqlx::AssertSqlSafe(drop.to_owned())).execute(&mut c).await
+            };
+            match r {
+                Ok(_) => break,
+                Err(e) if std::time::Instant::now() < deadline => {
+                    let _ = e;
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                Err(e) => panic!("{tag}: {e}"),
+            }
+        }
+        exec(&src, &format!("insert into people values (2, 'two-{tag}@x.com', 'b')")).await;
+        let (code, log) = exits_by_itself(daemon, Duration::from_secs(30)).await;
+        assert_ne!(code, Some(0), "{log}");
+        assert!(
+            log.contains("DELETE FROM tributary.checkpoints WHERE source = 'crm'"),
+            "{tag}: the error does not name the fix:\n{log}"
+        );
+        // The fix works: the re-snapshot brings the row the gap hid.
+        exec(&sink, "DELETE FROM tributary.checkpoints WHERE source = 'crm'").await;
+        let daemon = Daemon::start(&cfg);
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while traits_of(&sink, "email", &format!("two-{tag}@x.com")).await.is_none() {
+            assert!(std::time::Instant::now() < deadline, "{tag}: the fix did not work:\n{}", daemon.log_text());
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert_eq!(daemon.stop(), Some(0));
+    }
+}
