@@ -40,6 +40,29 @@ use crate::store::{Store, StoreError};
 /// How often a status update is sent when nothing else prompts one.
 const STATUS_INTERVAL: Duration = Duration::from_secs(10);
 
+/// How often a status update is sent while the loop does not read the stream
+/// (it waits on the store, or has as much in flight as it takes): the server
+/// drops a connection that sends nothing for `wal_sender_timeout` (60 s by
+/// default, often lowered), and it would then send everything again.
+const REPLY_EVERY: Duration = Duration::from_secs(1);
+
+/// Awaits `work` (a write, the settling of what is in flight) while keeping
+/// the replication connection alive: a status update at `flushed`, which
+/// acknowledges nothing new, every [`REPLY_EVERY`].
+async fn keeping_alive<T>(
+    rep: &mut Replication,
+    flushed: Lsn,
+    work: impl std::future::Future<Output = Result<T, LoopError>>,
+) -> Result<T, LoopError> {
+    tokio::pin!(work);
+    loop {
+        tokio::select! {
+            out = &mut work => return out,
+            () = tokio::time::sleep(REPLY_EVERY) => rep.send_status(flushed).await?,
+        }
+    }
+}
+
 /// Batches of one source in flight at once: one commits while the next is
 /// derived (see `store::pipeline`); they commit in order.
 const IN_FLIGHT: usize = 2;
@@ -380,20 +403,27 @@ impl SourceCtx {
             }
             // A due batch waiting for the one in flight is started when that one
             // completes, not by the timer (which would fire at once, in a loop).
-            let idle_tick = if heartbeat_every.is_zero() {
+            let reading = p.batch.len() < max;
+            // Not reading, the loop sees no keepalive request: it answers unasked.
+            let status_every = if reading {
                 STATUS_INTERVAL
             } else {
-                heartbeat_every.min(STATUS_INTERVAL)
+                REPLY_EVERY
+            };
+            let idle_tick = if heartbeat_every.is_zero() {
+                status_every
+            } else {
+                heartbeat_every.min(status_every)
             };
             let deadline = match p.deadline {
-                Some(d) if p.inflight.len() < IN_FLIGHT => d,
+                Some(d) if p.inflight.len() < IN_FLIGHT => d.min(Instant::now() + status_every),
                 _ => Instant::now() + idle_tick,
             };
-            let reading = p.batch.len() < max;
             tokio::select! {
                 biased;
                 () = self.shutdown.cancelled() => {
-                    p.settle(self).await?;
+                    let flushed = p.flushed;
+                    keeping_alive(rep, flushed, p.settle(self)).await?;
                     rep.send_status(p.flushed).await?;
                     tracing::info!(source = %self.src.name, lsn = %p.flushed, "stopped cleanly");
                     return Ok(());
@@ -474,7 +504,7 @@ impl SourceCtx {
                     }
                 },
                 () = tokio::time::sleep_until(deadline) => {
-                    if rep.since_status() >= STATUS_INTERVAL {
+                    if rep.since_status() >= status_every {
                         rep.send_status(p.flushed).await?;
                     }
                     // An idle source gets a heartbeat in its own WAL (fire and forget:
@@ -513,7 +543,8 @@ impl SourceCtx {
         let io = |e: std::io::Error| {
             LoopError::Other(anyhow::Error::new(e).context("read back a spilled transaction"))
         };
-        p.settle(self).await?;
+        let flushed = p.flushed;
+        keeping_alive(rep, flushed, p.settle(self)).await?;
         let started = std::time::Instant::now();
         let total = txn.len();
         let mut chunks = txn
@@ -532,16 +563,26 @@ impl SourceCtx {
                 }
             }
             let last = next.is_empty();
-            self.sink
-                .write(&self.src.name, &chunk, last.then_some(end))
-                .await?;
+            let write = async {
+                self.sink
+                    .write(&self.src.name, &chunk, last.then_some(end))
+                    .await
+                    .map_err(LoopError::from)
+            };
+            keeping_alive(rep, p.flushed, write).await?;
             // Status updates between chunks keep the connection alive (the
             // server counts them as replies) without acknowledging anything new.
             rep.send_status(if last { end } else { p.flushed }).await?;
         }
         if seq == 0 && stamp.is_some() || total == 0 {
             // Nothing survived (all subtransactions aborted): just move the checkpoint.
-            self.sink.write(&self.src.name, &[], Some(end)).await?;
+            let write = async {
+                self.sink
+                    .write(&self.src.name, &[], Some(end))
+                    .await
+                    .map_err(LoopError::from)
+            };
+            keeping_alive(rep, p.flushed, write).await?;
             rep.send_status(end).await?;
         }
         p.flushed = end;

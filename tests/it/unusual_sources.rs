@@ -432,3 +432,83 @@ async fn a_slot_or_publication_dropped_behind_the_daemon_stops_it_with_the_fix()
         assert_eq!(daemon.stop(), Some(0));
     }
 }
+
+/// While the daemon waits on the store (a large transaction's chunks, a
+/// batch in flight), it still tells the source it is alive, so a short
+/// `wal_sender_timeout` never drops the connection and makes the server send
+/// everything again. The store is held still for three times the timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_short_wal_sender_timeout_survives_a_store_that_stalls() {
+    let pg = cluster();
+    let src = create_db(&pg, "crm").await;
+    let sink = create_db(&pg, "profiles").await;
+    exec(
+        &pg.url("postgres"),
+        "alter system set wal_sender_timeout = '2s'",
+    )
+    .await;
+    exec(&pg.url("postgres"), "select pg_reload_conf()").await;
+    exec(
+        &src,
+        "create table people (id bigint primary key, email text, note text)",
+    )
+    .await;
+    let cfg = write_config(
+        &people_config(&sink, &src, "ka", "note = \"note\"").replace(
+            "batch_max_wait_ms = 20",
+            "batch_max_wait_ms = 20\nbatch_max_events = 100",
+        ),
+    );
+    let daemon = Daemon::start(&cfg);
+    exec(&src, "insert into people values (0, 'zero@x.com', 'a')").await;
+    wait_until("streaming", Duration::from_secs(30), || async {
+        traits_of(&sink, "email", "zero@x.com").await.is_some()
+    })
+    .await;
+    let walsender = "select pid from pg_stat_replication where application_name = 'tributary'";
+    let pid_before: i32 = scalar(&src, walsender).await;
+
+    // Hold the store still: the daemon's writes wait on the lock.
+    let holder = {
+        let sink = sink.clone();
+        tokio::spawn(async move {
+            use sqlx::Connection;
+            let mut c = sqlx::PgConnection::connect(&sink).await.unwrap();
+            sqlx::raw_sql("begin; lock table tributary.contributions in exclusive mode; select pg_sleep(6); commit")
+                .execute(&mut c)
+                .await
+                .unwrap();
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // A transaction larger than a batch, then small ones behind it.
+    exec(
+        &src,
+        "insert into people select g, 'big' || g || '@x.com', 'b' from generate_series(1, 500) g",
+    )
+    .await;
+    for i in 0..20 {
+        exec(
+            &src,
+            &format!(
+                "insert into people values ({}, 'small{i}@x.com', 'c')",
+                1000 + i
+            ),
+        )
+        .await;
+    }
+    holder.await.unwrap();
+    wait_until("everything applied", Duration::from_secs(60), || async {
+        traits_of(&sink, "email", "small19@x.com").await.is_some()
+            && traits_of(&sink, "email", "big500@x.com").await.is_some()
+    })
+    .await;
+    let pid_after: i32 = scalar(&src, walsender).await;
+    let log = daemon.log_text();
+    assert_eq!(
+        pid_before, pid_after,
+        "the server dropped the replication connection:\n{log}"
+    );
+    assert!(!log.contains("reconnecting"), "{log}");
+    assert_eq!(daemon.stop(), Some(0));
+}
