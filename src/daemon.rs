@@ -388,8 +388,20 @@ impl SourceCtx {
         let mut last_data = Instant::now();
         let mut heartbeat: Option<tokio::task::JoinHandle<()>> = None;
         let io = |e: std::io::Error| {
-            LoopError::Other(anyhow::Error::new(e).context("spill a large transaction to disk"))
+            LoopError::Other(anyhow::Error::new(e).context(format!(
+                "spill a large transaction to {} (sink.spill_dir): free space there or point \
+                 sink.spill_dir at a larger disk; nothing was acknowledged, so the transaction \
+                 is received again and applied once it fits",
+                spill.display()
+            )))
         };
+        match crate::source::spill::remove_stale(&spill, &self.src.name) {
+            Ok(0) => {}
+            Ok(n) => {
+                tracing::info!(source = %self.src.name, files = n, dir = %spill.display(), "removed spill files of an earlier run");
+            }
+            Err(e) => return Err(io(e)),
+        }
         loop {
             if let Some(end) = p.end {
                 let due = p.batch.len() >= max || p.deadline.is_some_and(|d| d <= Instant::now());

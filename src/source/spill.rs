@@ -13,6 +13,39 @@ use std::path::Path;
 
 use crate::event::ChangeEvent;
 
+/// Spill files of `source` are named `tributary-txn-<source>-<random>.jsonl`
+/// (source names never hold a `-`, so one source's prefix is no other's).
+fn prefix(source: &str) -> String {
+    format!("tributary-txn-{source}-")
+}
+
+fn ev_source(mem: &[ChangeEvent]) -> String {
+    mem.first().map(|e| e.source.clone()).unwrap_or_default()
+}
+
+/// Removes the spill files `source` left in `dir` (a run killed while it held a
+/// large transaction leaves its file behind; the transaction is received
+/// again). Call before the source's stream starts, when it holds none. Returns
+/// how many were removed.
+pub fn remove_stale(dir: &Path, source: &str) -> std::io::Result<usize> {
+    let prefix = prefix(source);
+    let mut removed = 0;
+    let entries = match std::fs::read_dir(dir) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+        other => other?,
+    };
+    for entry in entries {
+        let entry = entry?;
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        if name.starts_with(&prefix) && name.ends_with(".jsonl") {
+            std::fs::remove_file(entry.path())?;
+            removed += 1;
+        }
+    }
+    Ok(removed)
+}
+
 /// Buffer of one transaction's changes.
 #[derive(Debug)]
 pub struct TxnBuffer {
@@ -90,7 +123,7 @@ impl TxnBuffer {
         self.mem.push(ev);
         if self.mem_bytes > self.budget {
             let tmp = tempfile::Builder::new()
-                .prefix("tributary-txn-")
+                .prefix(&prefix(&ev_source(&self.mem)))
                 .suffix(".jsonl")
                 .tempfile_in(dir)?;
             let mut w = BufWriter::with_capacity(1 << 20, tmp.reopen()?);

@@ -512,3 +512,107 @@ async fn a_short_wal_sender_timeout_survives_a_store_that_stalls() {
     assert!(!log.contains("reconnecting"), "{log}");
     assert_eq!(daemon.stop(), Some(0));
 }
+
+/// Spill files: a run killed while it held a large transaction leaves its
+/// file behind, and the next start removes it (another source's stays). A
+/// full spill disk is a clear error that names `sink.spill_dir`, the daemon
+/// retries, and once there is room the transaction arrives whole.
+/// The full disk is a small tmpfs, which needs root (as CI runs); elsewhere
+/// that half is skipped with a note.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spill_files_of_a_killed_run_are_removed_and_a_full_spill_disk_loses_nothing() {
+    let pg = cluster();
+    let src = create_db(&pg, "crm").await;
+    let sink = create_db(&pg, "profiles").await;
+    exec(
+        &src,
+        "create table people (id bigint primary key, email text, note text)",
+    )
+    .await;
+    let spill = tempfile::tempdir().unwrap();
+    let stale = spill.path().join("tributary-txn-crm-killed.jsonl");
+    let other = spill.path().join("tributary-txn-crm_2-live.jsonl");
+    std::fs::write(&stale, "{}\n").unwrap();
+    std::fs::write(&other, "{}\n").unwrap();
+    let mounted = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=128k", "tmpfs"])
+        .arg(spill.path())
+        .status()
+        .is_ok_and(|s| s.success());
+    // Unmounted however the test ends, before the directory is removed.
+    struct Unmount(std::path::PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount").arg(&self.0).status();
+        }
+    }
+    let _unmount = mounted.then(|| Unmount(spill.path().to_owned()));
+    if mounted {
+        // The tmpfs hides the files written before it: write them again.
+        std::fs::write(&stale, "{}\n").unwrap();
+        std::fs::write(&other, "{}\n").unwrap();
+    } else {
+        eprintln!("cannot mount a tmpfs here (not root?): the full-disk half is skipped");
+    }
+    let cfg = write_config(
+        &people_config(&sink, &src, "sp", "note = \"note\"").replace(
+            "batch_max_wait_ms = 20",
+            &format!(
+                "batch_max_wait_ms = 20\nmax_txn_memory_mb = 1\nspill_dir = \"{}\"",
+                spill.path().display()
+            ),
+        ),
+    );
+    let mut daemon = Daemon::start(&cfg);
+    exec(&src, "insert into people values (0, 'zero@x.com', 'a')").await;
+    wait_until("streaming", Duration::from_secs(30), || async {
+        traits_of(&sink, "email", "zero@x.com").await.is_some()
+    })
+    .await;
+    assert!(
+        !stale.exists(),
+        "the killed run's spill file is still there"
+    );
+    assert!(other.exists(), "another source's spill file was removed");
+
+    // About 3 MB in one transaction: spilled, and more than the tmpfs holds.
+    exec(&src, "insert into people select g, 'big' || g || '@x.com', repeat('n', 1000) from generate_series(1, 3000) g").await;
+    if mounted {
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while !daemon.log_text().contains("sink.spill_dir") {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no clear error:\n{}",
+                daemon.log_text()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let log = daemon.log_text();
+        assert!(log.contains("No space left on device"), "{log}");
+        assert!(
+            daemon.alive(),
+            "the daemon gave up instead of retrying:\n{log}"
+        );
+        assert!(traits_of(&sink, "email", "big1@x.com").await.is_none());
+        let grown = std::process::Command::new("mount")
+            .args(["-o", "remount,size=64m"])
+            .arg(spill.path())
+            .status()
+            .unwrap();
+        assert!(grown.success());
+    }
+    wait_until(
+        "the large transaction applied",
+        Duration::from_secs(90),
+        || async {
+            traits_of(&sink, "email", "big3000@x.com").await.is_some()
+                && traits_of(&sink, "email", "big1@x.com").await.is_some()
+        },
+    )
+    .await;
+    assert_eq!(
+        scalar::<i64>(&sink, "select count(*) from tributary.contributions").await,
+        3001
+    );
+    assert_eq!(daemon.stop(), Some(0));
+}
