@@ -268,6 +268,20 @@ impl SourceCtx {
                 tracing::warn!(source = %src.name, slot = %src.slot, safe_wal_size = safe, "slot is close to invalidation by max_slot_wal_keep_size");
             }
         }
+        let (system_id, timeline, wal_end) = rep.identify().await?;
+        if let Some(cp) = checkpoint.as_ref().filter(|cp| cp.snapshot_completed) {
+            let left = match &cp.generation {
+                Some((_, tli)) if *tli != timeline => rep.switch_point(timeline, *tli).await?,
+                _ => None,
+            };
+            crate::source::same_generation(
+                &src.name,
+                cp.lsn,
+                cp.generation.as_ref(),
+                (&system_id, timeline, wal_end),
+                left,
+            )?;
+        }
         let from = match (&checkpoint, &slot) {
             (Some(cp), Some(_)) if cp.snapshot_completed => cp.lsn,
             (Some(cp), None) if cp.snapshot_completed => {
@@ -280,6 +294,10 @@ impl SourceCtx {
             }
             _ => self.initial_snapshot(&mut rep, slot.is_some()).await?,
         };
+        self.sink
+            .store()
+            .record_generation(&src.name, &system_id, timeline)
+            .await?;
         rep.start(&src.slot, &src.publication, from).await?;
         self.health.set_streaming(&src.name, true);
         let result = self.stream(&mut rep, from).await;

@@ -75,6 +75,24 @@ pub enum SourceError {
         /// The server's words (`publication "x" does not exist`).
         message: String,
     },
+    /// The source is not the server the checkpoint came from, or its history
+    /// no longer holds the checkpoint: its positions do not continue the
+    /// store's, and streaming from the checkpoint would skip changes.
+    #[error(
+        "source {source_name}: the server is not the one the checkpoint ({checkpoint}) came from: {what}. Its \
+         positions do not continue the ones the store holds, so streaming from the checkpoint would skip changes. \
+         To re-snapshot the source: DELETE FROM tributary.checkpoints WHERE source = '{source_name}'; then start \
+         tributary run again, and run tributary reconcile --repair to remove what the store holds that the source \
+         no longer has"
+    )]
+    NewGeneration {
+        /// Source name.
+        source_name: String,
+        /// Stored checkpoint.
+        checkpoint: Lsn,
+        /// What differs.
+        what: String,
+    },
     /// A mapped column is generated: pgoutput does not publish it.
     #[error("source {source_name}: {}", generated_column_text(.table, .column, .expression))]
     GeneratedColumn {
@@ -139,6 +157,7 @@ impl SourceError {
             | SourceError::WalLevel { .. }
             | SourceError::ServerVersion { .. }
             | SourceError::PublicationDropped { .. }
+            | SourceError::NewGeneration { .. }
             | SourceError::GeneratedColumn { .. }
             | SourceError::SlotLost { .. }
             | SourceError::SlotInvalidated { .. } => crate::retry::Action::Stop,
@@ -194,6 +213,66 @@ pub async fn generated_columns(
         );
     }
     Ok(out)
+}
+
+/// In a timeline history file (lines `parentTLI<tab>switchpoint<tab>reason`),
+/// the position at which the history left timeline `from`.
+pub fn switch_point_in(history: &str, from: i64) -> Option<Lsn> {
+    history.lines().find_map(|line| {
+        let mut parts = line.split_whitespace();
+        let parent: i64 = parts.next()?.parse().ok()?;
+        let at: Lsn = parts.next()?.parse().ok()?;
+        (parent == from).then_some(at)
+    })
+}
+
+/// Whether the server a source now is (`system_id`, `timeline`, current WAL
+/// end `wal_end`, and where its history left the stored timeline) can stream
+/// on from `checkpoint`, recorded on `stored`; the error says what differs.
+pub fn same_generation(
+    source_name: &str,
+    checkpoint: Lsn,
+    stored: Option<&(String, i64)>,
+    now: (&str, i64, Lsn),
+    left_stored_timeline_at: Option<Lsn>,
+) -> Result<(), SourceError> {
+    let (system_id, timeline, wal_end) = now;
+    let differs = |what: String| SourceError::NewGeneration {
+        source_name: source_name.to_owned(),
+        checkpoint,
+        what,
+    };
+    if let Some((stored_id, stored_tli)) = stored {
+        if stored_id != system_id {
+            return Err(differs(format!(
+                "its system identifier is {system_id}, the checkpoint's server had {stored_id} (a restore from \
+                 another cluster, or a move to a new server)"
+            )));
+        }
+        if *stored_tli != timeline {
+            match left_stored_timeline_at {
+                Some(at) if at >= checkpoint => {}
+                Some(at) => {
+                    return Err(differs(format!(
+                        "it is on timeline {timeline}, which left timeline {stored_tli} at {at}, before the \
+                         checkpoint (a failover to a standby that was behind, or a point-in-time restore)"
+                    )))
+                }
+                None => {
+                    return Err(differs(format!(
+                        "it is on timeline {timeline}, whose history does not say where it left timeline \
+                         {stored_tli}"
+                    )))
+                }
+            }
+        }
+    }
+    if wal_end < checkpoint {
+        return Err(differs(format!(
+            "its WAL ends at {wal_end}, before the checkpoint (a restore to an earlier point)"
+        )));
+    }
+    Ok(())
 }
 
 /// The oldest PostgreSQL major version a source may run. `run` needs pgoutput's
@@ -544,6 +623,42 @@ impl Replication {
         Ok(())
     }
 
+    /// `IDENTIFY_SYSTEM`: the server's system identifier, timeline and
+    /// current WAL position.
+    pub async fn identify(&mut self) -> Result<(String, i64, Lsn), SourceError> {
+        let rows = self
+            .conn
+            .simple_query("IDENTIFY_SYSTEM")
+            .await
+            .map_err(|e| self.wire(e))?;
+        let row = rows.first().ok_or_else(|| {
+            self.wire(PgWireError::Protocol(
+                "IDENTIFY_SYSTEM returned no row".into(),
+            ))
+        })?;
+        let field = |i: usize| row.get(i).cloned().flatten().unwrap_or_default();
+        Ok((
+            field(0),
+            field(1).parse().unwrap_or(0),
+            field(2).parse().unwrap_or_default(),
+        ))
+    }
+
+    /// Where timeline `tli`'s history left timeline `from` (`TIMELINE_HISTORY`),
+    /// None when the history does not name it.
+    pub async fn switch_point(&mut self, tli: i64, from: i64) -> Result<Option<Lsn>, SourceError> {
+        let rows = self
+            .conn
+            .simple_query(&format!("TIMELINE_HISTORY {tli}"))
+            .await
+            .map_err(|e| self.wire(e))?;
+        let content = rows
+            .first()
+            .and_then(|r| r.get(1).cloned().flatten())
+            .unwrap_or_default();
+        Ok(switch_point_in(&content, from))
+    }
+
     /// `START_REPLICATION` from `from` (the stored checkpoint), pgoutput
     /// protocol version 2 with `streaming 'on'`: large transactions arrive in
     /// chunks while in progress instead of being spilled by the server and sent
@@ -618,6 +733,61 @@ impl Replication {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A new server, a history that left the stored timeline before the
+    /// checkpoint, or a WAL that ends before it: each stops with what differs
+    /// and the fix; a promotion after the checkpoint is followed.
+    #[test]
+    fn a_source_whose_positions_do_not_continue_the_checkpoint_is_refused() {
+        let cp: Lsn = "0/5000000".parse().unwrap();
+        let stored = ("7000000000000000001".to_owned(), 1);
+        let at = |s: &str| s.parse::<Lsn>().unwrap();
+        let ok = |now, left| same_generation("crm", cp, Some(&stored), now, left).is_ok();
+        assert!(ok((stored.0.as_str(), 1, at("0/6000000")), None));
+        assert!(same_generation("crm", cp, None, ("1", 1, at("0/6000000")), None).is_ok());
+        assert!(ok(
+            (stored.0.as_str(), 2, at("0/6000000")),
+            Some(at("0/5000000"))
+        ));
+        for (now, left, says) in [
+            (
+                ("7000000000000000002", 1, at("0/6000000")),
+                None,
+                "system identifier",
+            ),
+            (
+                (stored.0.as_str(), 2, at("0/6000000")),
+                Some(at("0/4000000")),
+                "left timeline 1 at 0/4000000",
+            ),
+            (
+                (stored.0.as_str(), 2, at("0/6000000")),
+                None,
+                "does not say",
+            ),
+            (
+                (stored.0.as_str(), 1, at("0/4000000")),
+                None,
+                "WAL ends at 0/4000000",
+            ),
+        ] {
+            let e = same_generation("crm", cp, Some(&stored), now, left).unwrap_err();
+            let text = e.to_string();
+            assert!(
+                text.contains(says) && text.contains("DELETE FROM tributary.checkpoints"),
+                "{text}"
+            );
+            assert_eq!(e.action(), crate::retry::Action::Stop);
+        }
+        assert_eq!(
+            switch_point_in(
+                "1\t0/3000000\tno recovery target specified\n2\t0/4A00000\tx\n",
+                2
+            ),
+            Some(at("0/4A00000"))
+        );
+        assert_eq!(switch_point_in("1\t0/3000000\tx\n", 3), None);
+    }
 
     /// `check` and `run` apply this one rule: the same servers refused, with
     /// the same words and the same fix, and `run` stops instead of retrying.

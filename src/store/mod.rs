@@ -323,20 +323,43 @@ pub struct Checkpoint {
     pub lsn: crate::event::Lsn,
     /// The initial snapshot finished (streaming may resume from `lsn`).
     pub snapshot_completed: bool,
+    /// The source server's system identifier and timeline when last
+    /// connected (None before the first connect that recorded them).
+    pub generation: Option<(String, i64)>,
 }
 
 impl Store {
     /// The stored checkpoint of a source.
     pub async fn checkpoint(&self, source: &str) -> Result<Option<Checkpoint>, StoreError> {
-        let row: Option<(String, bool)> =
-            sqlx::query_as("select lsn::text, snapshot_completed_at is not null from checkpoints where source = $1")
-                .bind(source)
-                .fetch_optional(&self.pool)
-                .await?;
-        Ok(row.map(|(lsn, done)| Checkpoint {
+        let row: Option<(String, bool, Option<String>, Option<i64>)> = sqlx::query_as(
+            "select lsn::text, snapshot_completed_at is not null, system_id, timeline
+               from checkpoints where source = $1",
+        )
+        .bind(source)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row.map(|(lsn, done, system_id, timeline)| Checkpoint {
             lsn: lsn.parse().unwrap_or_default(),
             snapshot_completed: done,
+            generation: system_id.zip(timeline),
         }))
+    }
+
+    /// Records which server (system identifier, timeline) `source`'s
+    /// checkpoint now follows.
+    pub async fn record_generation(
+        &self,
+        source: &str,
+        system_id: &str,
+        timeline: i64,
+    ) -> Result<(), StoreError> {
+        sqlx::query("update checkpoints set system_id = $2, timeline = $3 where source = $1")
+            .bind(source)
+            .bind(system_id)
+            .bind(timeline)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
     }
 
     /// Marks the initial snapshot of `source` done at the slot's consistent point.

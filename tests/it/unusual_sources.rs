@@ -616,3 +616,75 @@ async fn spill_files_of_a_killed_run_are_removed_and_a_full_spill_disk_loses_not
     );
     assert_eq!(daemon.stop(), Some(0));
 }
+
+/// The source moved to a new server (a restore into another cluster, a
+/// migration) where someone created the slot again: its positions do not
+/// continue the checkpoint's. The daemon stops with what differs and the way
+/// forward, and the way forward works.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_source_on_a_new_server_is_refused_until_it_is_snapshotted_again() {
+    let old = cluster();
+    let new = cluster();
+    let sink = create_db(&old, "profiles").await;
+    let table = "create table people (id bigint primary key, email text, note text)";
+    let src_old = create_db(&old, "crm").await;
+    exec(&src_old, table).await;
+    let cfg = write_config(&people_config(&sink, &src_old, "mv", "note = \"note\""));
+    let daemon = Daemon::start(&cfg);
+    exec(&src_old, "insert into people values (1, 'one@x.com', 'a')").await;
+    wait_until(
+        "streaming from the old server",
+        Duration::from_secs(30),
+        || async { traits_of(&sink, "email", "one@x.com").await.is_some() },
+    )
+    .await;
+    assert_eq!(daemon.stop(), Some(0));
+
+    // The new server: the same table and rows, plus one written there, and the
+    // slot created by hand as a migration runbook might.
+    let src_new = create_db(&new, "crm").await;
+    exec(&src_new, table).await;
+    exec(
+        &src_new,
+        "insert into people values (1, 'one@x.com', 'a'), (2, 'two@x.com', 'b')",
+    )
+    .await;
+    exec(
+        &src_new,
+        "select pg_create_logical_replication_slot('mv_slot', 'pgoutput')",
+    )
+    .await;
+    let cfg = write_config(&people_config(&sink, &src_new, "mv", "note = \"note\""));
+    let (code, log) = exits_by_itself(Daemon::start(&cfg), Duration::from_secs(30)).await;
+    assert_ne!(code, Some(0), "{log}");
+    assert!(
+        log.contains("system identifier")
+            && log.contains("DELETE FROM tributary.checkpoints WHERE source = 'crm'"),
+        "{log}"
+    );
+
+    exec(
+        &sink,
+        "DELETE FROM tributary.checkpoints WHERE source = 'crm'",
+    )
+    .await;
+    let daemon = Daemon::start(&cfg);
+    wait_until(
+        "snapshotted from the new server",
+        Duration::from_secs(30),
+        || async { traits_of(&sink, "email", "two@x.com").await.is_some() },
+    )
+    .await;
+    exec(
+        &src_new,
+        "insert into people values (3, 'three@x.com', 'c')",
+    )
+    .await;
+    wait_until(
+        "streaming from the new server",
+        Duration::from_secs(30),
+        || async { traits_of(&sink, "email", "three@x.com").await.is_some() },
+    )
+    .await;
+    assert_eq!(daemon.stop(), Some(0));
+}
