@@ -542,6 +542,11 @@ struct OpenTxn {
 pub struct Decoder {
     source: String,
     relations: HashMap<u32, Relation>,
+    /// Primary-key columns of tables with `REPLICA IDENTITY FULL`, by
+    /// `schema.table`: pgoutput flags every column of such a table as key,
+    /// and the row's key is its primary key all the same (as the snapshot
+    /// reads it), not its whole image.
+    full_identity_keys: HashMap<String, Vec<String>>,
     txn: Option<OpenTxn>,
     /// Inside a protocol v2 stream block of this transaction.
     stream: Option<u32>,
@@ -553,9 +558,16 @@ impl Decoder {
         Decoder {
             source: source.to_owned(),
             relations: HashMap::new(),
+            full_identity_keys: HashMap::new(),
             txn: None,
             stream: None,
         }
+    }
+
+    /// The primary keys of the `REPLICA IDENTITY FULL` tables that have one
+    /// (see the field); applies to relations announced from now on.
+    pub fn set_full_identity_keys(&mut self, keys: HashMap<String, Vec<String>>) {
+        self.full_identity_keys = keys;
     }
 
     /// The relation with this OID, if announced.
@@ -615,7 +627,14 @@ impl Decoder {
                     end_lsn,
                 }]
             }
-            Message::Relation(rel) => {
+            Message::Relation(mut rel) => {
+                if rel.replica_identity == b'f' {
+                    if let Some(pk) = self.full_identity_keys.get(&rel.qualified()) {
+                        for c in &mut rel.columns {
+                            c.key = pk.contains(&c.name);
+                        }
+                    }
+                }
                 self.relations.insert(rel.id, rel);
                 vec![Decoded::Nothing]
             }
@@ -628,11 +647,22 @@ impl Decoder {
                 vec![self.change(sx, lsn, relation, Op::Insert, image)?]
             }
             Message::Update { relation, old, new } => {
-                let (key, row, unchanged, unreadable) = self.image(relation, &new)?;
+                let (mut key, row, unchanged, unreadable) = self.image(relation, &new)?;
                 let old_key = match &old {
                     Some(old) => Some(self.image(relation, old)?.0),
                     None => None,
                 };
+                // A key column not sent because it is an unchanged TOASTed
+                // value (a FULL identity without a primary key) keeps the old
+                // image's value: the key must not change because a value was
+                // not sent.
+                if let Some(old_key) = &old_key {
+                    for c in &unchanged {
+                        if let Some(v) = old_key.get(c) {
+                            key.insert(c.clone(), v.clone());
+                        }
+                    }
+                }
                 match old_key {
                     // The key itself changed: the old row is gone, a new one exists.
                     Some(old_key) if !old_key.is_empty() && old_key != key => vec![
@@ -721,8 +751,11 @@ impl Decoder {
                     Value::String(b.iter().map(|x| format!("{x:02x}")).collect())
                 }
             };
-            // In a `K` (key-only) tuple, non-key columns are sent as NULL.
-            if col.key && !json.is_null() {
+            // In a `K` (key-only) tuple, non-key columns are sent as NULL and
+            // not flagged as key. A key column is NULL only in a table whose
+            // identity is every column (FULL without a primary key), and the
+            // snapshot keeps its NULL in the key too.
+            if col.key {
                 key.insert(col.name.clone(), json.clone());
             }
             row.insert(col.name.clone(), json);

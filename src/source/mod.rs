@@ -10,6 +10,7 @@ pub mod read;
 pub mod snapshot;
 pub mod spill;
 
+use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use sqlx::{Connection, PgConnection};
@@ -213,6 +214,41 @@ pub async fn generated_columns(
         );
     }
     Ok(out)
+}
+
+/// The primary-key columns of the mapped tables whose replica identity is
+/// FULL, by `schema.table` (see `Decoder::set_full_identity_keys`).
+async fn full_identity_keys(
+    conn: &mut PgConn,
+    src: &SourceConfig,
+) -> Result<HashMap<String, Vec<String>>, SourceError> {
+    let tables: Vec<String> = src
+        .tables
+        .iter()
+        .map(|t| quote_literal(&t.qualified))
+        .collect();
+    let rows = conn
+        .simple_query(&format!(
+            "select n.nspname || '.' || c.relname, a.attname
+               from pg_class c
+               join pg_namespace n on n.oid = c.relnamespace
+               join pg_index i on i.indrelid = c.oid and i.indisprimary
+               join pg_attribute a on a.attrelid = c.oid and a.attnum = any(i.indkey)
+              where c.relreplident = 'f' and n.nspname || '.' || c.relname in ({})",
+            tables.join(", ")
+        ))
+        .await
+        .map_err(|error| SourceError::Wire {
+            source_name: src.name.clone(),
+            error,
+        })?;
+    let mut keys: HashMap<String, Vec<String>> = HashMap::new();
+    for row in rows {
+        if let [Some(table), Some(column)] = row.as_slice() {
+            keys.entry(table.clone()).or_default().push(column.clone());
+        }
+    }
+    Ok(keys)
 }
 
 /// In a timeline history file (lines `parentTLI<tab>switchpoint<tab>reason`),
@@ -559,10 +595,12 @@ impl Replication {
                     error,
                 })?;
         }
+        let mut decoder = Decoder::new(&src.name);
+        decoder.set_full_identity_keys(full_identity_keys(&mut conn, src).await?);
         Ok(Replication {
             source: src.name.clone(),
             conn,
-            decoder: Decoder::new(&src.name),
+            decoder,
             last_status: Instant::now(),
             bytes_received: metrics::counter!(crate::metrics::BYTES_RECEIVED, "source" => src.name.clone()),
         })

@@ -78,7 +78,10 @@ impl TableReader {
             "select a.attname::text as name, a.atttypid::bigint as type_oid,
                     format_type(a.atttypid, a.atttypmod) as type_name,
                     case c.relreplident
-                      when 'f' then true
+                      -- FULL: the primary key if there is one (as the stream's
+                      -- decoder is told), else every column
+                      when 'f' then coalesce((select a.attnum = any(i.indkey) from pg_index i
+                                               where i.indrelid = c.oid and i.indisprimary), true)
                       when 'i' then exists (select 1 from pg_index i where i.indrelid = c.oid and i.indisreplident and a.attnum = any(i.indkey))
                       else exists (select 1 from pg_index i where i.indrelid = c.oid and i.indisprimary and a.attnum = any(i.indkey))
                     end as key

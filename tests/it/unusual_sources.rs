@@ -688,3 +688,117 @@ async fn a_source_on_a_new_server_is_refused_until_it_is_snapshotted_again() {
     .await;
     assert_eq!(daemon.stop(), Some(0));
 }
+
+/// `REPLICA IDENTITY FULL`: pgoutput flags every column as key, but a row's
+/// key must be the same in the snapshot and in the stream, whatever a column
+/// holds. With a primary key the key is the primary key; without one it is
+/// every column, NULLs included. Before, a NULL or an unsent TOASTed value
+/// gave a streamed change another key than the snapshot's row: the update
+/// left the snapshot's contribution behind and counted the row twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_replica_identity_keeps_one_key_for_a_row_across_snapshot_and_stream() {
+    let pg = cluster();
+    let src = create_db(&pg, "crm").await;
+    let sink = create_db(&pg, "profiles").await;
+    // bio: about 20 kB that does not compress, so it is stored out of line.
+    exec(
+        &src,
+        "create table people (id bigint primary key, email text, note text, bio text);
+         alter table people replica identity full;
+         create table tags (email text, tag text);
+         alter table tags replica identity full;
+         insert into people values
+           (1, 'a@x.com', null, 'short'),
+           (2, 'b@x.com', 'x', (select string_agg(md5(g::text), '') from generate_series(1, 600) g));
+         insert into tags values ('t@x.com', null);",
+    )
+    .await;
+    let cfg = write_config(&format!(
+        r#"
+[sink]
+url = "{sink}"
+batch_max_wait_ms = 20
+
+[[source]]
+name = "crm"
+url = "{src}"
+slot = "full_slot"
+publication = "full_pub"
+  [[source.table]]
+  name = "public.people"
+  identity = {{ email = "email" }}
+  fields = {{ note = "note" }}
+  [source.table.aggregates]
+  people = {{ fn = "count" }}
+
+  [[source.table]]
+  name = "public.tags"
+  identity = {{ email = "email" }}
+  fields = {{ tag = "tag" }}
+  [source.table.aggregates]
+  tags = {{ fn = "count" }}
+
+[identity.email]
+normalize = "email"
+"#
+    ));
+    let daemon = Daemon::start(&cfg);
+    wait_snapshots(&sink, 1).await;
+    // Updates of rows the snapshot read: a NULL becoming a value, a row whose
+    // TOASTed column is not sent, a row without a primary key holding a NULL.
+    exec(
+        &src,
+        "update people set note = 'n' where id = 1;
+         update people set note = 'y' where id = 2;
+         update tags set tag = 'vip' where email = 't@x.com';",
+    )
+    .await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let (a, b, t) = (
+            traits_of(&sink, "email", "a@x.com").await,
+            traits_of(&sink, "email", "b@x.com").await,
+            traits_of(&sink, "email", "t@x.com").await,
+        );
+        if a.as_ref().is_some_and(|t| t["note"] == json!("n"))
+            && b.as_ref().is_some_and(|t| t["note"] == json!("y"))
+            && t.as_ref().is_some_and(|t| t["tag"] == json!("vip"))
+        {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the updates did not apply: {a:?} {b:?} {t:?}\n{}",
+            daemon.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let live_rows = "select count(*) from tributary.contributions where not deleted";
+    assert_eq!(
+        scalar::<i64>(&sink, live_rows).await,
+        3,
+        "a row is counted twice"
+    );
+    for (email, agg) in [
+        ("a@x.com", "people"),
+        ("b@x.com", "people"),
+        ("t@x.com", "tags"),
+    ] {
+        assert_eq!(
+            traits_of(&sink, "email", email).await.unwrap()[agg],
+            json!(1),
+            "{email}"
+        );
+    }
+    // A delete finds the row by the same key.
+    exec(
+        &src,
+        "delete from people where id = 1; delete from tags where email = 't@x.com'",
+    )
+    .await;
+    wait_until("the deletes applied", Duration::from_secs(30), || async {
+        scalar::<i64>(&sink, live_rows).await == 1
+    })
+    .await;
+    assert_eq!(daemon.stop(), Some(0));
+}
