@@ -59,6 +59,7 @@ pub async fn apply_from_kafka(
         // Collect a batch: wait for the first message, then up to `linger` more.
         let mut batch: Vec<ChangeEvent> = Vec::new();
         let mut offsets: BTreeMap<(String, i32), i64> = BTreeMap::new();
+        let mut undecodable: Vec<crate::store::apply::DeadLetter> = Vec::new();
         let mut deadline: Option<tokio::time::Instant> = None;
         while batch.len() < max {
             let wait = match deadline {
@@ -82,7 +83,16 @@ pub async fn apply_from_kafka(
                 Ok(e) => batch.push(e),
                 Err(error) => {
                     tracing::warn!(topic = m.topic(), partition = m.partition(), offset = m.offset(), %error,
-                        "skipping a message that is not a change envelope");
+                        "a message that is not a change envelope goes to dead_letters");
+                    undecodable.push(super::envelope::undecodable(
+                        &k.topic_prefix,
+                        m.topic(),
+                        m.partition(),
+                        m.offset(),
+                        m.key(),
+                        m.payload().unwrap_or_default(),
+                        &error,
+                    ));
                 }
             }
         }
@@ -109,6 +119,15 @@ pub async fn apply_from_kafka(
             let times: Vec<_> = commits.into_iter().map(|c| c.1).collect();
             crate::metrics::batch_applied(source, &stats, &times, started.elapsed());
         }
+        if !undecodable.is_empty()
+            && !retrying("recording undecodable messages", &shutdown, || {
+                sink.write_undecodable(undecodable.clone())
+            })
+            .await?
+        {
+            tracing::info!("apply role stopped cleanly");
+            return Ok(());
+        }
         if !offsets.is_empty() {
             let mut tpl = TopicPartitionList::new();
             for ((topic, partition), offset) in &offsets {
@@ -123,6 +142,34 @@ pub async fn apply_from_kafka(
         if shutdown.is_cancelled() {
             tracing::info!("apply role stopped cleanly");
             return Ok(());
+        }
+    }
+}
+
+/// Runs `write` until it succeeds (true), retrying transient failures with
+/// the daemon's backoff, or until `shutdown` (false).
+async fn retrying<F, Fut>(
+    what: &str,
+    shutdown: &CancellationToken,
+    mut write: F,
+) -> Result<bool, SinkError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<(), SinkError>>,
+{
+    let mut backoff = crate::retry::backoff();
+    loop {
+        match write().await {
+            Ok(()) => return Ok(true),
+            Err(e) if e.action() == Action::Retry => {
+                let delay = backoff.next().unwrap_or(Duration::from_secs(30));
+                tracing::warn!(error = %format!("{e:#}"), retry_in_ms = delay.as_millis(), "{what} failed; retrying");
+                tokio::select! {
+                    () = tokio::time::sleep(delay) => {}
+                    () = shutdown.cancelled() => return Ok(false),
+                }
+            }
+            Err(e) => return Err(e),
         }
     }
 }

@@ -66,6 +66,43 @@ pub fn profile_value(source: &str, c: &ProfileChange, now_ms: i64) -> String {
     .to_string()
 }
 
+/// A consumed message that is not a change envelope, as a dead letter: the
+/// source is read from the topic name (`<prefix>.<source>.<schema>.<table>`,
+/// `kafka` when it is not one), the table is the topic, and the row holds
+/// where the message was and its key and value as text.
+pub fn undecodable(
+    prefix: &str,
+    topic: &str,
+    partition: i32,
+    offset: i64,
+    key: Option<&[u8]>,
+    value: &[u8],
+    error: &str,
+) -> DeadLetter {
+    let source = topic
+        .strip_prefix(prefix)
+        .and_then(|t| t.strip_prefix('.'))
+        .and_then(|t| t.split('.').next())
+        .filter(|s| !s.is_empty())
+        .unwrap_or("kafka");
+    let mut row = Map::new();
+    row.insert("topic".into(), json!(topic));
+    row.insert("partition".into(), json!(partition));
+    row.insert("offset".into(), json!(offset));
+    row.insert(
+        "key".into(),
+        key.map_or(Value::Null, |k| json!(String::from_utf8_lossy(k))),
+    );
+    row.insert("value".into(), json!(String::from_utf8_lossy(value)));
+    DeadLetter {
+        source: source.to_owned(),
+        table: topic.to_owned(),
+        lsn: crate::event::Lsn(0),
+        row,
+        error: format!("not a change envelope: {error}"),
+    }
+}
+
 /// A dead letter, as in the `dead_letters` table.
 pub fn dead_letter_value(d: &DeadLetter, now_ms: i64) -> String {
     json!({

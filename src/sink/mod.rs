@@ -181,6 +181,24 @@ impl Sink {
         self.commit(source, events, None).await
     }
 
+    /// Records Kafka messages that are not change events (`--role apply`) in
+    /// `dead_letters` and on the dead-letter topic. The caller commits their
+    /// offsets afterwards.
+    pub async fn write_undecodable(
+        &self,
+        letters: Vec<crate::store::apply::DeadLetter>,
+    ) -> Result<(), SinkError> {
+        let source = letters
+            .first()
+            .map(|d| d.source.clone())
+            .unwrap_or_default();
+        let outbox = self.publisher.as_deref().map(|p| p as &dyn Outbox);
+        Ok(self
+            .store
+            .record_undecodable(&source, letters, outbox)
+            .await?)
+    }
+
     /// Records that the initial snapshot of `source` is complete: streaming
     /// starts from `consistent_point`. Called after the snapshot's rows and
     /// withdrawals were written.

@@ -227,6 +227,44 @@ impl Store {
         self.finish(prepared, outbox).await
     }
 
+    /// Records messages that are not change events (the Kafka apply role):
+    /// into `dead_letters` (no LSN: they have none) and through `outbox` to the
+    /// dead-letter topic, in one transaction, before the caller commits their
+    /// offsets. `source` names them for the outbox.
+    pub async fn record_undecodable(
+        &self,
+        source: &str,
+        letters: Vec<DeadLetter>,
+        outbox: Option<&dyn super::Outbox>,
+    ) -> Result<(), StoreError> {
+        if letters.is_empty() {
+            return Ok(());
+        }
+        let mut tx = self.pool().begin().await?;
+        sqlx::query(
+            "insert into dead_letters (source, lsn, table_name, row, error)
+             select s, null, t, r::jsonb, e from unnest($1::text[], $2::text[], $3::text[], $4::text[]) as u(s, t, r, e)",
+        )
+        .bind(letters.iter().map(|d| d.source.clone()).collect::<Vec<_>>())
+        .bind(letters.iter().map(|d| d.table.clone()).collect::<Vec<_>>())
+        .bind(letters.iter().map(|d| dead_letter_row(&d.row)).collect::<Vec<_>>())
+        .bind(letters.iter().map(|d| d.error.clone()).collect::<Vec<_>>())
+        .execute(&mut *tx)
+        .await?;
+        if let Some(o) = outbox {
+            let stats = ApplyStats {
+                dead_letters: letters.len(),
+                dead: letters,
+                ..ApplyStats::default()
+            };
+            o.deliver(source, &stats)
+                .await
+                .map_err(StoreError::Outbox)?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
     /// Creates the monthly `events` partitions the batch needs (once per month
     /// per process), outside the batch transaction.
     pub(crate) async fn ensure_partitions(&self, events: &[ChangeEvent]) -> Result<(), StoreError> {

@@ -539,3 +539,79 @@ async fn every_change_reaches_kafka_across_a_clean_stop_and_a_large_transaction_
 async fn every_change_reaches_kafka_across_a_clean_stop_and_a_large_transaction_role_capture() {
     every_change_reaches_kafka_across_a_clean_stop_and_a_large_transaction("capture").await;
 }
+
+/// The apply role meets a message that is not a change envelope on a change
+/// topic: it goes to `dead_letters` and to the dead-letter topic with where
+/// it was and why, and the changes after it apply. Before, it was skipped
+/// with a log line only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_apply_role_sends_a_message_it_cannot_decode_to_the_dead_letters() {
+    use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+    let broker = broker();
+    let pg = cluster();
+    let (crm, shop, sink) = two_sources(&pg).await;
+    let prefix = prefix("undec");
+    let cfg = write_config(&kafka_config(&crm, &shop, &sink, "ud", &broker, &prefix));
+    let capture = start_role(&cfg, "capture");
+    let apply = start_role(&cfg, "apply");
+    wait_snapshots(&sink, 2).await;
+    exec(
+        &crm,
+        "insert into contacts (id, email, first_name) values (1, 'before@x.com', 'B')",
+    )
+    .await;
+    wait_until(
+        "a change applied through kafka",
+        Duration::from_secs(60),
+        || async { traits_of(&sink, "email", "before@x.com").await.is_some() },
+    )
+    .await;
+    let topic = format!("{prefix}.crm.public.contacts");
+    let producer: BaseProducer = ClientConfig::new()
+        .set("bootstrap.servers", &broker)
+        .create()
+        .unwrap();
+    producer
+        .send(
+            BaseRecord::to(&topic)
+                .key("{\"id\": 9}")
+                .payload("this is not an envelope"),
+        )
+        .map_err(|(e, _)| e)
+        .unwrap();
+    producer.flush(Duration::from_secs(10)).unwrap();
+    exec(
+        &crm,
+        "insert into contacts (id, email, first_name) values (2, 'after@x.com', 'A')",
+    )
+    .await;
+    wait_until(
+        "the change after it applied",
+        Duration::from_secs(60),
+        || async { traits_of(&sink, "email", "after@x.com").await.is_some() },
+    )
+    .await;
+    let row: (String, String, String) = {
+        use sqlx::Connection;
+        let mut c = sqlx::PgConnection::connect(&sink).await.unwrap();
+        sqlx::query_as(
+            "select source, table_name, row ->> 'value' || ' | ' || error from tributary.dead_letters",
+        )
+        .fetch_one(&mut c)
+        .await
+        .unwrap()
+    };
+    assert_eq!(
+        (row.0.as_str(), row.1.as_str()),
+        ("crm", topic.as_str()),
+        "{row:?}"
+    );
+    assert!(
+        row.2.contains("this is not an envelope") && row.2.contains("not a change envelope"),
+        "{row:?}"
+    );
+    let letters = consume_all(&broker, &[format!("{prefix}.dead_letters")], 1);
+    assert_eq!(letters.len(), 1, "{letters:?}");
+    assert_eq!(apply.stop(), Some(0));
+    assert_eq!(capture.stop(), Some(0));
+}
