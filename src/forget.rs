@@ -22,6 +22,9 @@ pub enum ForgetError {
     /// The store failed.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// The Kafka client could not be created.
+    #[error("kafka: {0}")]
+    Kafka(String),
 }
 
 impl From<sqlx::Error> for ForgetError {
@@ -46,5 +49,14 @@ pub async fn forget(
     )
     .map_err(|e| ForgetError::Usage(e.to_string()))?
     .ok_or_else(|| ForgetError::Usage(identity.to_owned()))?;
-    Ok(store.forget(kind, &value).await?)
+    // With Kafka, the person leaves the topics too: tombstones for the
+    // profile and for every row, sent before the store's erasure commits.
+    let publisher = match &cfg.kafka {
+        Some(k) => {
+            Some(crate::kafka::Publisher::new(k).map_err(|e| ForgetError::Kafka(e.to_string()))?)
+        }
+        None => None,
+    };
+    let outbox = publisher.as_ref().map(|p| p as &dyn crate::store::Outbox);
+    Ok(store.forget(kind, &value, outbox).await?)
 }

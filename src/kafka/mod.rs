@@ -109,6 +109,19 @@ impl Outbox for Publisher {
                 .map_err(|e| Box::new(e) as Box<dyn std::error::Error + Send + Sync>)
         })
     }
+
+    fn erase<'a>(
+        &'a self,
+        profiles: &'a [i64],
+        rows: &'a [(String, String, String)],
+    ) -> futures_util::future::BoxFuture<'a, Result<(), Box<dyn std::error::Error + Send + Sync>>>
+    {
+        Box::pin(async move {
+            self.publish_tombstones(profiles, rows)
+                .await
+                .map_err(|e| Box::new(e) as Box<dyn std::error::Error + Send + Sync>)
+        })
+    }
 }
 
 /// Every topic the daemon writes: the change topics, profiles, dead letters.
@@ -227,16 +240,51 @@ impl Publisher {
         self.send_all(changes.chain(letters)).await
     }
 
+    /// Tombstones (a key with no value) for a forgotten person: their
+    /// profiles on the profiles topic, their rows on the change topics (the
+    /// key is the row key, as in the change events), so that a compacted
+    /// topic drops everything it held of them.
+    pub async fn publish_tombstones(
+        &self,
+        profiles: &[i64],
+        rows: &[(String, String, String)],
+    ) -> Result<(), PublishError> {
+        let topic = envelope::profiles_topic(&self.prefix);
+        let profiles = profiles
+            .iter()
+            .map(|p| (topic.clone(), Some(p.to_string()), None));
+        let rows = rows.iter().map(|(source, table, key)| {
+            (
+                envelope::change_topic(&self.prefix, source, table),
+                Some(key.clone()),
+                None,
+            )
+        });
+        self.send_records(profiles.chain(rows)).await
+    }
+
     /// Enqueues every `(topic, key, value)` in order, then waits for all
     /// acknowledgements (a full local queue waits for the oldest first).
     async fn send_all(
         &self,
         messages: impl Iterator<Item = (String, Option<String>, String)>,
     ) -> Result<(), PublishError> {
+        self.send_records(messages.map(|(t, k, v)| (t, k, Some(v))))
+            .await
+    }
+
+    /// [`Publisher::send_all`] where a `None` value is a tombstone.
+    async fn send_records(
+        &self,
+        messages: impl Iterator<Item = (String, Option<String>, Option<String>)>,
+    ) -> Result<(), PublishError> {
         let mut pending: std::collections::VecDeque<(String, DeliveryFuture)> =
             std::collections::VecDeque::new();
         for (topic, key, value) in messages {
-            let mut record = FutureRecord::<String, String>::to(&topic).payload(&value);
+            let mut record = FutureRecord::<String, String>::to(&topic);
+            if let Some(v) = &value {
+                record = record.payload(v);
+            }
             if let Some(k) = &key {
                 record = record.key(k);
             }

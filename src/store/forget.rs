@@ -22,8 +22,14 @@ pub struct ForgetReport {
 }
 
 impl Store {
-    /// Erases the person owning the (normalised) identifier `kind`=`value`.
-    pub async fn forget(&self, kind: &str, value: &str) -> Result<ForgetReport, StoreError> {
+    /// Erases the person owning the (normalised) identifier `kind`=`value`;
+    /// with `outbox`, the erasure reaches it (tombstones) before the commit.
+    pub async fn forget(
+        &self,
+        kind: &str,
+        value: &str,
+        outbox: Option<&dyn super::Outbox>,
+    ) -> Result<ForgetReport, StoreError> {
         let mut tx = self.pool().begin().await?;
         lock(&mut tx).await?;
         let profile: Option<i64> =
@@ -66,6 +72,22 @@ impl Store {
     .bind(&values)
     .execute(&mut *tx)
     .await?;
+        if let Some(o) = outbox {
+            let rows: Vec<(String, String, String)> = sqlx::query_as(
+                "select source, table_name, row_key from forget_rows order by 1, 2, 3",
+            )
+            .fetch_all(&mut *tx)
+            .await?;
+            let profiles: Vec<i64> = sqlx::query_scalar(
+                "select profile_id from profiles where profile_id = $1 or merged_into = $1 order by 1",
+            )
+            .bind(profile)
+            .fetch_all(&mut *tx)
+            .await?;
+            o.erase(&profiles, &rows)
+                .await
+                .map_err(StoreError::Outbox)?;
+        }
         let events = sqlx::query(
             "delete from events e using forget_rows r
           where e.source = r.source and e.table_name = r.table_name and e.key = r.row_key::jsonb",

@@ -84,6 +84,15 @@ pub trait Outbox: Send + Sync {
         source: &'a str,
         stats: &'a apply::ApplyStats,
     ) -> futures_util::future::BoxFuture<'a, Result<(), Box<dyn std::error::Error + Send + Sync>>>;
+
+    /// Delivers the erasure of a forgotten person (`forget`): tombstones for
+    /// their `profiles` and for their source `rows` (source, `schema.table`,
+    /// row key); Ok only once durable, before the store's erasure commits.
+    fn erase<'a>(
+        &'a self,
+        profiles: &'a [i64],
+        rows: &'a [(String, String, String)],
+    ) -> futures_util::future::BoxFuture<'a, Result<(), Box<dyn std::error::Error + Send + Sync>>>;
 }
 
 /// A handle on the profile store.

@@ -615,3 +615,60 @@ async fn the_apply_role_sends_a_message_it_cannot_decode_to_the_dead_letters() {
     assert_eq!(apply.stop(), Some(0));
     assert_eq!(capture.stop(), Some(0));
 }
+
+/// `forget` reaches Kafka: a tombstone (the key, no value) for the person's
+/// profile on the profiles topic and for each of their rows on its change
+/// topic, so that compacted topics drop them; the store is erased as before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forget_sends_tombstones_for_the_profile_and_every_row() {
+    let broker = broker();
+    let pg = cluster();
+    let (crm, shop, sink) = two_sources(&pg).await;
+    let prefix = prefix("forget");
+    let cfg = write_config(&kafka_config(&crm, &shop, &sink, "fg", &broker, &prefix));
+    let daemon = Daemon::start(&cfg);
+    wait_snapshots(&sink, 2).await;
+    exec(&crm, "insert into contacts (id, email, first_name) values (1, 'gone@x.com', 'G'), (2, 'stays@x.com', 'S')").await;
+    exec(
+        &shop,
+        "insert into accounts (id, email) values (7, 'gone@x.com')",
+    )
+    .await;
+    wait_until("both rows joined one profile", Duration::from_secs(60), || async {
+        traits_of(&sink, "shop_account", "7").await.is_some()
+            && traits_of(&sink, "email", "stays@x.com").await.is_some()
+            && scalar::<i64>(&sink, "select count(distinct profile_id) from tributary.identities where kind <> 'email' or value = 'gone@x.com'").await == 2
+    })
+    .await;
+    let profile: i64 = scalar(
+        &sink,
+        "select profile_id from tributary.identities where kind = 'email' and value = 'gone@x.com'",
+    )
+    .await;
+    let out = run_cmd(
+        &cfg,
+        &["--json", "forget", "--identity", "email=gone@x.com"],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(traits_of(&sink, "email", "gone@x.com").await.is_none());
+
+    let watched = [
+        format!("{prefix}.profiles"),
+        format!("{prefix}.crm.public.contacts"),
+        format!("{prefix}.shop.public.accounts"),
+    ];
+    let got = consume_all(&broker, &watched, usize::MAX);
+    let tombstones: BTreeSet<(String, String)> = got
+        .iter()
+        .filter(|(_, _, _, v)| v.is_null())
+        .map(|(t, _, k, _)| (t.clone(), k.clone().unwrap_or_default()))
+        .collect();
+    let want: BTreeSet<(String, String)> = [
+        (watched[0].clone(), profile.to_string()),
+        (watched[1].clone(), "{\"id\":1}".to_owned()),
+        (watched[2].clone(), "{\"id\":7}".to_owned()),
+    ]
+    .into();
+    assert_eq!(tombstones, want, "{got:?}");
+    assert_eq!(daemon.stop(), Some(0));
+}
