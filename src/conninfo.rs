@@ -56,6 +56,35 @@ impl FromStr for SslMode {
 /// put last so that it is never searched first.
 pub const SOURCE_SEARCH_PATH: &str = "pg_catalog,pg_temp";
 
+/// `channel_binding` as libpq understands it: whether a SCRAM login over TLS
+/// is bound to the server's certificate (SCRAM-SHA-256-PLUS), which proves the
+/// server that answered is the one that holds the password's verifier.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ChannelBinding {
+    /// Never bind.
+    Disable,
+    /// Bind when the connection uses TLS and the server offers it (default).
+    Prefer,
+    /// Only a bound SCRAM login is accepted.
+    Require,
+}
+
+impl FromStr for ChannelBinding {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        Ok(match s {
+            "disable" => ChannelBinding::Disable,
+            "prefer" => ChannelBinding::Prefer,
+            "require" => ChannelBinding::Require,
+            other => {
+                return Err(format!(
+                    "unknown channel_binding `{other}`: use disable, prefer or require"
+                ))
+            }
+        })
+    }
+}
+
 /// A parsed `postgres://user:password@host:port/dbname?sslmode=...` URL.
 #[derive(Clone, PartialEq, Eq)]
 pub struct ConnInfo {
@@ -77,6 +106,8 @@ pub struct ConnInfo {
     pub application_name: String,
     /// Seconds to wait for the TCP connection (`connect_timeout`, default 10).
     pub connect_timeout_s: u64,
+    /// SCRAM channel binding policy (`channel_binding`, default prefer).
+    pub channel_binding: ChannelBinding,
 }
 
 /// The URL could not be used as a PostgreSQL connection string.
@@ -125,12 +156,14 @@ impl FromStr for ConnInfo {
             sslrootcert: None,
             application_name: "tributary".to_owned(),
             connect_timeout_s: 10,
+            channel_binding: ChannelBinding::Prefer,
         };
         for (k, v) in url.query_pairs() {
             match k.as_ref() {
                 "sslmode" => info.sslmode = v.parse().map_err(ConnInfoError)?,
                 "sslrootcert" => info.sslrootcert = Some(PathBuf::from(v.as_ref())),
                 "application_name" => info.application_name = v.into_owned(),
+                "channel_binding" => info.channel_binding = v.parse().map_err(ConnInfoError)?,
                 "connect_timeout" => {
                     info.connect_timeout_s = v
                         .parse()
@@ -138,10 +171,20 @@ impl FromStr for ConnInfo {
                 }
                 other => {
                     return Err(ConnInfoError(format!(
-                        "unsupported parameter `{other}` (supported: sslmode, sslrootcert, application_name, connect_timeout)"
+                        "unsupported parameter `{other}` (supported: sslmode, sslrootcert, channel_binding, application_name, connect_timeout)"
                     )))
                 }
             }
+        }
+        if info.channel_binding == ChannelBinding::Require && info.sslmode != SslMode::VerifyFull {
+            // The SQL connections (sqlx) cannot bind SCRAM to the channel; with
+            // verify-full they prove the server by its certificate instead, so
+            // both paths trust the same server.
+            return Err(ConnInfoError(
+                "channel_binding=require needs sslmode=verify-full (with sslrootcert): Tributary's SQL \
+                 connections prove the server by its certificate, its replication connection by channel binding too"
+                    .into(),
+            ));
         }
         Ok(info)
     }
@@ -167,6 +210,13 @@ fn percent_decode(s: &str) -> Result<String, ()> {
 impl ConnInfo {
     /// sqlx options for an ordinary (non-replication) connection with the same
     /// host, credentials and TLS policy.
+    ///
+    /// The TLS policy is the replication client's (`pgwire`): `require` with
+    /// `sslrootcert` checks the chain (as libpq does when a root certificate
+    /// is given), and with a password `allow` and `prefer` need TLS, because
+    /// sqlx would answer a server that asks for the password in clear or as
+    /// MD5 over a plain connection, and the replication client refuses that
+    /// unless `sslmode=disable` was chosen explicitly.
     pub fn pg_options(&self) -> PgConnectOptions {
         let mut o = PgConnectOptions::new()
             .host(&self.host)
@@ -174,14 +224,7 @@ impl ConnInfo {
             .username(&self.user)
             .database(&self.dbname)
             .application_name(&self.application_name)
-            .ssl_mode(match self.sslmode {
-                SslMode::Disable => PgSslMode::Disable,
-                SslMode::Allow => PgSslMode::Allow,
-                SslMode::Prefer => PgSslMode::Prefer,
-                SslMode::Require => PgSslMode::Require,
-                SslMode::VerifyCa => PgSslMode::VerifyCa,
-                SslMode::VerifyFull => PgSslMode::VerifyFull,
-            });
+            .ssl_mode(self.sqlx_ssl_mode());
         if let Some(p) = &self.password {
             o = o.password(p);
         }
@@ -198,6 +241,21 @@ impl ConnInfo {
     pub fn source_options(&self) -> PgConnectOptions {
         self.pg_options()
             .options([("search_path", SOURCE_SEARCH_PATH)])
+    }
+
+    /// The sqlx TLS mode that gives the SQL connections the replication
+    /// client's policy (see [`ConnInfo::pg_options`]).
+    pub fn sqlx_ssl_mode(&self) -> PgSslMode {
+        match self.sslmode {
+            SslMode::Disable => PgSslMode::Disable,
+            SslMode::Allow | SslMode::Prefer if self.password.is_some() => PgSslMode::Require,
+            SslMode::Allow => PgSslMode::Allow,
+            SslMode::Prefer => PgSslMode::Prefer,
+            SslMode::Require if self.sslrootcert.is_some() => PgSslMode::VerifyCa,
+            SslMode::Require => PgSslMode::Require,
+            SslMode::VerifyCa => PgSslMode::VerifyCa,
+            SslMode::VerifyFull => PgSslMode::VerifyFull,
+        }
     }
 
     /// The same server and role, another database (used by `check` and `demo`).
@@ -258,6 +316,40 @@ mod tests {
         assert!(!c.to_string().contains("hunter2"));
         assert!(!format!("{c:?}").contains("hunter2"));
         assert!(c.to_string().contains(":***@"));
+    }
+
+    /// Both paths read the same settings: the SQL connections' TLS mode
+    /// follows the replication client's policy.
+    #[test]
+    fn sql_connections_get_the_replication_clients_tls_policy() {
+        let mode = |url: &str| url.parse::<ConnInfo>().unwrap().sqlx_ssl_mode();
+        assert!(matches!(mode("postgres://u:pw@h/db"), PgSslMode::Require));
+        assert!(matches!(
+            mode("postgres://u:pw@h/db?sslmode=allow"),
+            PgSslMode::Require
+        ));
+        assert!(matches!(mode("postgres://u@h/db"), PgSslMode::Prefer));
+        assert!(matches!(
+            mode("postgres://u:pw@h/db?sslmode=disable"),
+            PgSslMode::Disable
+        ));
+        assert!(matches!(
+            mode("postgres://u@h/db?sslmode=require&sslrootcert=/ca.pem"),
+            PgSslMode::VerifyCa
+        ));
+        assert!(matches!(
+            mode("postgres://u@h/db?sslmode=require"),
+            PgSslMode::Require
+        ));
+        let e = "postgres://h/db?sslmode=require&channel_binding=require"
+            .parse::<ConnInfo>()
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("verify-full"), "{e}");
+        let c: ConnInfo = "postgres://h/db?sslmode=verify-full&channel_binding=require"
+            .parse()
+            .unwrap();
+        assert_eq!(c.channel_binding, ChannelBinding::Require);
     }
 
     #[test]

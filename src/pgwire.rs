@@ -29,7 +29,7 @@ use sha2::Digest;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::conninfo::{ConnInfo, SslMode, SOURCE_SEARCH_PATH};
+use crate::conninfo::{ChannelBinding as Binding, ConnInfo, SslMode, SOURCE_SEARCH_PATH};
 use crate::event::Lsn;
 
 /// Microseconds between the Unix epoch and PostgreSQL's epoch (2000-01-01).
@@ -250,6 +250,19 @@ impl PgConn {
             message: m,
         };
         let mut scram: Option<ScramSha256> = None;
+        // The server proved itself in SCRAM (its signature checked), and
+        // whether that exchange was bound to the TLS channel.
+        let (mut scram_done, mut bound) = (false, false);
+        let encrypted = cert.is_some();
+        let clear_refused = |target: &str, how: &str| {
+            auth_err(
+                target,
+                format!(
+                    "the server asks for the password {how} over an unencrypted connection; Tributary sends it \
+                     so only with sslmode=disable chosen explicitly (enable ssl on the server, or set sslmode=disable)"
+                ),
+            )
+        };
         loop {
             let msg = self.read_message().await?;
             match msg.tag {
@@ -261,8 +274,38 @@ impl PgConn {
                             auth_err(&self.target, "the server asks for a password and the URL has none (use ${VAR} in the URL)".into())
                         })
                     };
+                    if matches!(kind, 3 | 5) && info.channel_binding == Binding::Require {
+                        return Err(auth_err(
+                            &self.target,
+                            "channel_binding=require, but the server asks for a password instead of SCRAM"
+                                .into(),
+                        ));
+                    }
                     match kind {
-                        0 => {}
+                        0 => {
+                            if scram.is_some() && !scram_done {
+                                return Err(auth_err(
+                                    &self.target,
+                                    "the server accepted the login before it proved in SCRAM that it knows \
+                                     the password; refusing the connection"
+                                        .into(),
+                                ));
+                            }
+                            if info.channel_binding == Binding::Require && !bound {
+                                return Err(auth_err(
+                                    &self.target,
+                                    "channel_binding=require, but the server accepted the login without a \
+                                     SCRAM exchange bound to the TLS channel"
+                                        .into(),
+                                ));
+                            }
+                        }
+                        3 if !encrypted && info.sslmode != SslMode::Disable => {
+                            return Err(clear_refused(&self.target, "in clear"));
+                        }
+                        5 if !encrypted && info.sslmode != SslMode::Disable => {
+                            return Err(clear_refused(&self.target, "as MD5"));
+                        }
                         3 => {
                             frontend::password_message(password()?.as_bytes(), &mut self.wbuf)
                                 .map_err(|e| self.io(e))?;
@@ -289,17 +332,29 @@ impl PgConn {
                                 .map(|m| String::from_utf8_lossy(m).into_owned())
                                 .collect();
                             let pw = password()?.as_bytes().to_vec();
-                            let (mech, binding) =
-                                match (&cert, mechs.iter().any(|m| m == SCRAM_SHA_256_PLUS)) {
-                                    (Some(der), true) => (
-                                        SCRAM_SHA_256_PLUS,
-                                        ChannelBinding::tls_server_end_point(end_point_hash(der)),
-                                    ),
-                                    (Some(_), false) => {
-                                        (SCRAM_SHA_256, ChannelBinding::unrequested())
-                                    }
-                                    (None, _) => (SCRAM_SHA_256, ChannelBinding::unsupported()),
-                                };
+                            let plus = mechs.iter().any(|m| m == SCRAM_SHA_256_PLUS);
+                            let (mech, binding) = match (&cert, plus, info.channel_binding) {
+                                (_, _, Binding::Disable) => {
+                                    (SCRAM_SHA_256, ChannelBinding::unsupported())
+                                }
+                                (Some(der), true, _) => (
+                                    SCRAM_SHA_256_PLUS,
+                                    ChannelBinding::tls_server_end_point(end_point_hash(der)),
+                                ),
+                                (_, _, Binding::Require) => {
+                                    return Err(auth_err(
+                                        &self.target,
+                                        "channel_binding=require, but the connection is not TLS or the server \
+                                         does not offer SCRAM-SHA-256-PLUS"
+                                            .into(),
+                                    ))
+                                }
+                                (Some(_), false, _) => {
+                                    (SCRAM_SHA_256, ChannelBinding::unrequested())
+                                }
+                                (None, _, _) => (SCRAM_SHA_256, ChannelBinding::unsupported()),
+                            };
+                            bound = mech == SCRAM_SHA_256_PLUS;
                             if !mechs
                                 .iter()
                                 .any(|m| m == SCRAM_SHA_256 || m == SCRAM_SHA_256_PLUS)
@@ -333,6 +388,7 @@ impl PgConn {
                             s.finish(&b).map_err(|e| {
                                 auth_err(&self.target, format!("SCRAM server signature: {e}"))
                             })?;
+                            scram_done = true;
                         }
                         other => {
                             return Err(auth_err(
@@ -635,6 +691,13 @@ async fn negotiate_tls(
     let answer = tcp.read_u8().await.map_err(io_err)?;
     if answer != b'S' {
         return match info.sslmode {
+            SslMode::Allow | SslMode::Prefer if info.password.is_some() => Err(PgWireError::Tls {
+                target: target.to_owned(),
+                message: "the server does not accept TLS and the URL has a password: Tributary sends a \
+                          password only over TLS unless sslmode=disable is chosen explicitly (enable ssl on \
+                          the server, or set sslmode=disable)"
+                    .into(),
+            }),
             SslMode::Allow | SslMode::Prefer => Ok((Box::new(tcp), None)),
             _ => Err(PgWireError::Tls {
                 target: target.to_owned(),
@@ -716,6 +779,20 @@ fn tls_config(info: &ConnInfo) -> Result<rustls::ClientConfig, String> {
             .with_root_certificates(root_store(info)?)
             .with_no_client_auth(),
         SslMode::VerifyCa => {
+            let inner = rustls::client::WebPkiServerVerifier::builder_with_provider(
+                Arc::new(root_store(info)?),
+                provider(),
+            )
+            .build()
+            .map_err(|e| e.to_string())?;
+            builder
+                .dangerous()
+                .with_custom_certificate_verifier(Arc::new(ChainOnly { inner: Some(inner) }))
+                .with_no_client_auth()
+        }
+        SslMode::Require if info.sslrootcert.is_some() => {
+            // libpq: with a root certificate given, require checks the chain
+            // as verify-ca does.
             let inner = rustls::client::WebPkiServerVerifier::builder_with_provider(
                 Arc::new(root_store(info)?),
                 provider(),
