@@ -106,6 +106,7 @@ pub async fn run(cfg: Config, role: Role, shutdown: CancellationToken) -> anyhow
         None => None,
     };
     let sink = Sink::new(store.clone(), mapper.clone(), publisher, role);
+    let shared_cfg = Arc::new(cfg.clone());
     let mut tasks = JoinSet::new();
     if let Some(every) = cfg.reconcile.interval_s {
         tokio::spawn(scheduled_reconcile(
@@ -144,6 +145,7 @@ pub async fn run(cfg: Config, role: Role, shutdown: CancellationToken) -> anyhow
             break;
         }
         let ctx = SourceCtx {
+            cfg: shared_cfg.clone(),
             src,
             settings: cfg.sink.clone(),
             sink: sink.clone(),
@@ -168,6 +170,8 @@ pub async fn run(cfg: Config, role: Role, shutdown: CancellationToken) -> anyhow
 }
 
 struct SourceCtx {
+    /// The whole config (a table re-snapshot reads its mapping).
+    cfg: Arc<Config>,
     src: SourceConfig,
     /// Batch sizes, memory budget, spill directory.
     settings: SinkConfig,
@@ -251,8 +255,19 @@ impl SourceCtx {
     /// Connects, snapshots if needed, and streams until shutdown or an error.
     async fn stream_once(&self) -> Result<(), LoopError> {
         let src = &self.src;
-        ensure_publication(src).await?;
+        let added = ensure_publication(src).await?;
         let checkpoint = self.sink.store().checkpoint(&src.name).await?;
+        if checkpoint.as_ref().is_some_and(|cp| cp.snapshot_completed) && !added.is_empty() {
+            // The source streams already: these tables' changes were not in
+            // the stream (newly mapped, or removed from the publication for a
+            // while). Their rows are read again once the stream runs.
+            tracing::warn!(source = %src.name, tables = ?added,
+                "tables were not in the publication; their rows will be read again (watermarked) while the stream runs");
+            self.sink
+                .store()
+                .add_pending_table_snapshots(&src.name, &added)
+                .await?;
+        }
         let slot = slot_info(src).await?;
         let mut rep = Replication::connect(src).await?;
         if let (Some(cp), Some(info)) = (&checkpoint, &slot) {
@@ -300,9 +315,57 @@ impl SourceCtx {
             .await?;
         rep.start(&src.slot, &src.publication, from).await?;
         self.health.set_streaming(&src.name, true);
+        self.start_pending_table_snapshots().await?;
         let result = self.stream(&mut rep, from).await;
         rep.close().await;
         result
+    }
+
+    /// Reads again, in the background while this stream runs, the tables
+    /// recorded as pending for the source; each is marked done once read. A
+    /// failure is logged and tried again at the next connect.
+    async fn start_pending_table_snapshots(&self) -> Result<(), LoopError> {
+        let store = self.sink.store().clone();
+        let pending = store.pending_table_snapshots(&self.src.name).await?;
+        if pending.is_empty() {
+            return Ok(());
+        }
+        let (cfg, source, shutdown) = (
+            self.cfg.clone(),
+            self.src.name.clone(),
+            self.shutdown.clone(),
+        );
+        tokio::spawn(async move {
+            for table in pending {
+                let read = crate::resnapshot::snapshot(
+                    &cfg,
+                    &store,
+                    &source,
+                    Some(&table),
+                    Duration::from_secs(600),
+                    crate::progress::Progress::hidden(),
+                );
+                let result = tokio::select! {
+                    r = read => r,
+                    () = shutdown.cancelled() => return,
+                };
+                match result {
+                    Ok(_) => match store.done_table_snapshot(&source, &table).await {
+                        Ok(()) => {
+                            tracing::info!(source = %source, table = %table, "table read again after it was out of the publication")
+                        }
+                        Err(e) => {
+                            tracing::warn!(source = %source, table = %table, error = %format!("{e:#}"), "could not mark a table re-snapshot done")
+                        }
+                    },
+                    Err(e) => {
+                        tracing::warn!(source = %source, table = %table, error = %format!("{e:#}"),
+                            "re-snapshot of a table that was out of the publication failed; it is tried again at the next connect");
+                    }
+                }
+            }
+        });
+        Ok(())
     }
 
     async fn initial_snapshot(

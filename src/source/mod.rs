@@ -372,8 +372,10 @@ pub async fn query_conn(src: &SourceConfig) -> Result<PgConnection, SourceError>
 }
 
 /// Checks `wal_level` and creates the publication for the mapped tables if it
-/// does not exist; adds mapped tables an existing publication lacks.
-pub async fn ensure_publication(src: &SourceConfig) -> Result<(), SourceError> {
+/// does not exist; adds mapped tables an existing publication lacks and
+/// returns them (their changes were not streamed while they were out of it).
+pub async fn ensure_publication(src: &SourceConfig) -> Result<Vec<String>, SourceError> {
+    let mut added = Vec::new();
     let mut conn = query_conn(src).await?;
     let (wal_level, version_num): (String, i32) = sqlx::query_as(
         "select current_setting('wal_level'), current_setting('server_version_num')::int",
@@ -472,11 +474,12 @@ pub async fn ensure_publication(src: &SourceConfig) -> Result<(), SourceError> {
                     .await
                     .map_err(query_err(src, "add table to publication"))?;
                 tracing::info!(source = %src.name, table = %t.qualified, "added table to publication");
+                added.push(t.qualified.clone());
             }
         }
     }
     conn.close().await.ok();
-    Ok(())
+    Ok(added)
 }
 
 /// Writes a non-transactional logical message into the source's WAL. An idle

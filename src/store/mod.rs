@@ -354,6 +354,44 @@ impl Store {
         }))
     }
 
+    /// Records that `tables` of `source` must be read again (see
+    /// `table_snapshots_pending`).
+    pub async fn add_pending_table_snapshots(
+        &self,
+        source: &str,
+        tables: &[String],
+    ) -> Result<(), StoreError> {
+        sqlx::query(
+            "insert into table_snapshots_pending (source, table_name)
+             select $1, t from unnest($2::text[]) t on conflict do nothing",
+        )
+        .bind(source)
+        .bind(tables)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// The tables of `source` still to be read again.
+    pub async fn pending_table_snapshots(&self, source: &str) -> Result<Vec<String>, StoreError> {
+        Ok(sqlx::query_scalar(
+            "select table_name from table_snapshots_pending where source = $1 order by table_name",
+        )
+        .bind(source)
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    /// `table` of `source` was read again.
+    pub async fn done_table_snapshot(&self, source: &str, table: &str) -> Result<(), StoreError> {
+        sqlx::query("delete from table_snapshots_pending where source = $1 and table_name = $2")
+            .bind(source)
+            .bind(table)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
     /// Records which server (system identifier, timeline) `source`'s
     /// checkpoint now follows.
     pub async fn record_generation(

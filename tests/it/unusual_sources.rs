@@ -802,3 +802,62 @@ normalize = "email"
     .await;
     assert_eq!(daemon.stop(), Some(0));
 }
+
+/// A table that was out of the publication for a while (removed and added
+/// back), or newly mapped on a source that streams already: its changes were
+/// not in the stream, so at the next start the daemon adds it to the
+/// publication and reads its rows again while it streams. Before, the rows
+/// written meanwhile (and a new table's existing rows) never arrived.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_table_that_was_out_of_the_publication_is_read_again() {
+    let pg = cluster();
+    let src = create_db(&pg, "crm").await;
+    let sink = create_db(&pg, "profiles").await;
+    exec(
+        &src,
+        "create table people (id bigint primary key, email text, note text);
+         create table extra (id bigint primary key, email text, note text);
+         insert into extra values (1, 'extra1@x.com', 'e');",
+    )
+    .await;
+    let base = people_config(&sink, &src, "out", "note = \"note\"");
+    let cfg = write_config(&base);
+    let daemon = Daemon::start(&cfg);
+    exec(&src, "insert into people values (1, 'one@x.com', 'a')").await;
+    wait_until("streaming", Duration::from_secs(30), || async {
+        traits_of(&sink, "email", "one@x.com").await.is_some()
+    })
+    .await;
+    assert_eq!(daemon.stop(), Some(0));
+
+    // Out of the publication while a row is written; and a second table mapped.
+    exec(&src, "alter publication out_pub drop table people").await;
+    exec(&src, "insert into people values (2, 'two@x.com', 'b')").await;
+    let cfg = write_config(&format!(
+        "{base}\n  [[source.table]]\n  name = \"public.extra\"\n  identity = {{ email = \"email\" }}\n  fields = {{ note = \"note\" }}\n"
+    ).replace("[identity.email]\nnormalize = \"email\"\n", "").replace("[sink]", "[identity.email]\nnormalize = \"email\"\n\n[sink]"));
+    let daemon = Daemon::start(&cfg);
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while !(traits_of(&sink, "email", "two@x.com").await.is_some()
+        && traits_of(&sink, "email", "extra1@x.com").await.is_some())
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not read again:\n{}",
+            daemon.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    exec(&src, "insert into people values (3, 'three@x.com', 'c')").await;
+    wait_until("streaming on", Duration::from_secs(30), || async {
+        traits_of(&sink, "email", "three@x.com").await.is_some()
+            && scalar::<i64>(
+                &sink,
+                "select count(*) from tributary.table_snapshots_pending",
+            )
+            .await
+                == 0
+    })
+    .await;
+    assert_eq!(daemon.stop(), Some(0));
+}
