@@ -778,21 +778,11 @@ fn tls_config(info: &ConnInfo) -> Result<rustls::ClientConfig, String> {
         SslMode::VerifyFull => builder
             .with_root_certificates(root_store(info)?)
             .with_no_client_auth(),
-        SslMode::VerifyCa => {
-            let inner = rustls::client::WebPkiServerVerifier::builder_with_provider(
-                Arc::new(root_store(info)?),
-                provider(),
-            )
-            .build()
-            .map_err(|e| e.to_string())?;
-            builder
-                .dangerous()
-                .with_custom_certificate_verifier(Arc::new(ChainOnly { inner: Some(inner) }))
-                .with_no_client_auth()
-        }
-        SslMode::Require if info.sslrootcert.is_some() => {
-            // libpq: with a root certificate given, require checks the chain
-            // as verify-ca does.
+        // libpq: with a root certificate given, require checks the chain as
+        // verify-ca does.
+        SslMode::VerifyCa | SslMode::Require
+            if info.sslmode == SslMode::VerifyCa || info.sslrootcert.is_some() =>
+        {
             let inner = rustls::client::WebPkiServerVerifier::builder_with_provider(
                 Arc::new(root_store(info)?),
                 provider(),

@@ -30,24 +30,17 @@ async fn a_partitioned_table_streams_under_its_own_name_and_survives_restarts() 
          create publication part_pub for table orders;",
     )
     .await;
-    let cfg = write_config(&format!(
+    let cfg = write_config(&source_config(
+        &sink,
+        ("shop", &shop, "part"),
         r#"
-[sink]
-url = "{sink}"
-batch_max_wait_ms = 20
-
-[[source]]
-name = "shop"
-url = "{shop}"
-slot = "part_slot"
-publication = "part_pub"
   [[source.table]]
   name = "public.orders"
-  identity = {{ shop_account = "account_id" }}
+  identity = { shop_account = "account_id" }
   [source.table.aggregates]
-  order_count = {{ fn = "count" }}
-  lifetime_value_cents = {{ fn = "sum", column = "total_cents" }}
-"#
+  order_count = { fn = "count" }
+  lifetime_value_cents = { fn = "sum", column = "total_cents" }
+"#,
     ));
     let out = run_cmd(&cfg, &["check"]);
     assert!(
@@ -123,24 +116,17 @@ async fn nan_and_infinity_in_a_summed_column_never_reset_the_sum() {
          insert into orders values (1, 7, 100.5, 1.5);",
     )
     .await;
-    let cfg = write_config(&format!(
+    let cfg = write_config(&source_config(
+        &sink,
+        ("shop", &shop, "nan"),
         r#"
-[sink]
-url = "{sink}"
-batch_max_wait_ms = 20
-
-[[source]]
-name = "shop"
-url = "{shop}"
-slot = "nan_slot"
-publication = "nan_pub"
   [[source.table]]
   name = "public.orders"
-  identity = {{ shop_account = "account_id" }}
+  identity = { shop_account = "account_id" }
   [source.table.aggregates]
-  total = {{ fn = "sum", column = "total" }}
-  weight = {{ fn = "sum", column = "weight" }}
-"#
+  total = { fn = "sum", column = "total" }
+  weight = { fn = "sum", column = "weight" }
+"#,
     ));
     let daemon = Daemon::start(&cfg);
     wait_snapshots(&sink, 1).await;
@@ -214,25 +200,10 @@ async fn values_the_store_cannot_hold_become_dead_letters_and_the_stream_goes_on
         )
     };
     exec(&src, &bad_rows(0)).await;
-    let cfg = write_config(&format!(
-        r#"
-[sink]
-url = "{sink}"
-batch_max_wait_ms = 20
-
-[[source]]
-name = "legacy"
-url = "{src}"
-slot = "legacy_slot"
-publication = "legacy_pub"
-  [[source.table]]
-  name = "public.people"
-  identity = {{ email = "email" }}
-  fields = {{ doc = "doc", note = "note" }}
-
-[identity.email]
-normalize = "email"
-"#
+    let cfg = write_config(&source_config(
+        &sink,
+        ("legacy", &src, "legacy"),
+        &format!("{EMAIL}{}", people_table("doc = \"doc\", note = \"note\"")),
     ));
     let mut daemon = Daemon::start(&cfg);
     let until_applied = |email: &'static str, daemon: &Daemon| {
@@ -297,26 +268,33 @@ normalize = "email"
     );
 }
 
-fn people_config(sink: &str, src: &str, tag: &str, fields: &str) -> String {
+/// `[identity.email]` with the email normalisation, for [`source_config`].
+const EMAIL: &str = "\n[identity.email]\nnormalize = \"email\"\n";
+
+/// A store and one source `(name, url, tag)` whose slot and publication are
+/// named after `tag`, then `rest` (its `[[source.table]]`s, and sections).
+fn source_config(sink: &str, (name, src, tag): (&str, &str, &str), rest: &str) -> String {
     format!(
-        r#"
-[sink]
-url = "{sink}"
-batch_max_wait_ms = 20
+        "[sink]\nurl = \"{sink}\"\nbatch_max_wait_ms = 20\n{}\n[[source]]\nname = \"{name}\"\nurl = \"{src}\"\n\
+         slot = \"{tag}_slot\"\npublication = \"{tag}_pub\"\n{}",
+        if rest.contains("[identity.") { EMAIL } else { "" },
+        rest.replace(EMAIL, ""),
+    )
+}
 
-[[source]]
-name = "crm"
-url = "{src}"
-slot = "{tag}_slot"
-publication = "{tag}_pub"
-  [[source.table]]
-  name = "public.people"
-  identity = {{ email = "email" }}
-  fields = {{ {fields} }}
+/// `public.people`, identified by email, with `fields`.
+fn people_table(fields: &str) -> String {
+    format!(
+        "\n  [[source.table]]\n  name = \"public.people\"\n  identity = {{ email = \"email\" }}\n  fields = {{ {fields} }}\n"
+    )
+}
 
-[identity.email]
-normalize = "email"
-"#
+/// The source `crm` with `public.people` (see [`people_table`]).
+fn people_config(sink: &str, src: &str, tag: &str, fields: &str) -> String {
+    source_config(
+        sink,
+        ("crm", src, tag),
+        &format!("{EMAIL}{}", people_table(fields)),
     )
 }
 
@@ -331,8 +309,7 @@ async fn exits_by_itself(mut daemon: Daemon, within: Duration) -> (Option<i32>, 
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let log = daemon.log_text();
-    (daemon.stop(), log)
+    (daemon.exit_code(), daemon.log_text())
 }
 
 /// PostgreSQL (before 18) does not publish generated columns: a mapped one
@@ -713,34 +690,23 @@ async fn a_full_replica_identity_keeps_one_key_for_a_row_across_snapshot_and_str
          insert into tags values ('t@x.com', null);",
     )
     .await;
-    let cfg = write_config(&format!(
-        r#"
-[sink]
-url = "{sink}"
-batch_max_wait_ms = 20
-
-[[source]]
-name = "crm"
-url = "{src}"
-slot = "full_slot"
-publication = "full_pub"
-  [[source.table]]
-  name = "public.people"
-  identity = {{ email = "email" }}
-  fields = {{ note = "note" }}
-  [source.table.aggregates]
-  people = {{ fn = "count" }}
+    let cfg = write_config(&source_config(
+        &sink,
+        ("crm", &src, "full"),
+        &format!(
+            "{EMAIL}{}{}",
+            people_table("note = \"note\""),
+            r#"  [source.table.aggregates]
+  people = { fn = "count" }
 
   [[source.table]]
   name = "public.tags"
-  identity = {{ email = "email" }}
-  fields = {{ tag = "tag" }}
+  identity = { email = "email" }
+  fields = { tag = "tag" }
   [source.table.aggregates]
-  tags = {{ fn = "count" }}
-
-[identity.email]
-normalize = "email"
+  tags = { fn = "count" }
 "#
+        ),
     ));
     let daemon = Daemon::start(&cfg);
     wait_snapshots(&sink, 1).await;
@@ -835,7 +801,7 @@ async fn a_table_that_was_out_of_the_publication_is_read_again() {
     exec(&src, "insert into people values (2, 'two@x.com', 'b')").await;
     let cfg = write_config(&format!(
         "{base}\n  [[source.table]]\n  name = \"public.extra\"\n  identity = {{ email = \"email\" }}\n  fields = {{ note = \"note\" }}\n"
-    ).replace("[identity.email]\nnormalize = \"email\"\n", "").replace("[sink]", "[identity.email]\nnormalize = \"email\"\n\n[sink]"));
+    ));
     let daemon = Daemon::start(&cfg);
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     while !(traits_of(&sink, "email", "two@x.com").await.is_some()
