@@ -316,9 +316,63 @@ impl SourceCtx {
         rep.start(&src.slot, &src.publication, from).await?;
         self.health.set_streaming(&src.name, true);
         self.start_pending_table_snapshots().await?;
+        let watch = self.watch_publication();
         let result = self.stream(&mut rep, from).await;
+        watch.abort();
         rep.close().await;
         result
+    }
+
+    /// While the stream runs, checks the publication every
+    /// `heartbeat_interval_s` (30 s by default; never when 0): a mapped table
+    /// someone removed from it is added back, recorded as pending and read
+    /// again (its changes in between were not in the stream), as at start.
+    fn watch_publication(&self) -> tokio::task::AbortHandle {
+        let every = Duration::from_secs(self.src.heartbeat_interval_s);
+        let (src, store, cfg, shutdown) = (
+            self.src.clone(),
+            self.sink.store().clone(),
+            self.cfg.clone(),
+            self.shutdown.clone(),
+        );
+        let ctx = SourceCtx {
+            cfg,
+            src: src.clone(),
+            settings: self.settings.clone(),
+            sink: self.sink.clone(),
+            shutdown: shutdown.clone(),
+            health: self.health.clone(),
+        };
+        tokio::spawn(async move {
+            if every.is_zero() {
+                return;
+            }
+            loop {
+                tokio::select! {
+                    () = tokio::time::sleep(every) => {}
+                    () = shutdown.cancelled() => return,
+                }
+                let added = match ensure_publication(&src).await {
+                    Ok(added) => added,
+                    Err(e) => {
+                        tracing::warn!(source = %src.name, error = %format!("{e:#}"), "publication check failed");
+                        continue;
+                    }
+                };
+                if added.is_empty() {
+                    continue;
+                }
+                tracing::warn!(source = %src.name, tables = ?added,
+                    "tables were removed from the publication while streaming; added back, their rows will be read again");
+                let pending = store.add_pending_table_snapshots(&src.name, &added).await;
+                if let Err(e) = pending.map_err(LoopError::from) {
+                    tracing::warn!(source = %src.name, error = %format!("{e:#}"), "could not record the tables to read again");
+                } else if let Err(e) = ctx.start_pending_table_snapshots().await {
+                    tracing::warn!(source = %src.name, error = %format!("{e:#}"), "could not start reading the tables again");
+                }
+            }
+        })
+        .abort_handle()
     }
 
     /// Reads again, in the background while this stream runs, the tables

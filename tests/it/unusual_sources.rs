@@ -827,3 +827,47 @@ async fn a_table_that_was_out_of_the_publication_is_read_again() {
     .await;
     assert_eq!(daemon.stop(), Some(0));
 }
+
+/// The same while the daemon streams: the publication is checked every
+/// `heartbeat_interval_s`, and a mapped table someone removed is added back
+/// and read again, closing the gap without a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_table_removed_from_the_publication_while_streaming_is_added_back_and_read_again() {
+    let pg = cluster();
+    let src = create_db(&pg, "crm").await;
+    let sink = create_db(&pg, "profiles").await;
+    exec(
+        &src,
+        "create table people (id bigint primary key, email text, note text)",
+    )
+    .await;
+    let cfg = write_config(
+        &people_config(&sink, &src, "live", "note = \"note\"").replace(
+            "publication = \"live_pub\"",
+            "publication = \"live_pub\"\nheartbeat_interval_s = 1",
+        ),
+    );
+    let daemon = Daemon::start(&cfg);
+    exec(&src, "insert into people values (1, 'one@x.com', 'a')").await;
+    wait_until("streaming", Duration::from_secs(30), || async {
+        traits_of(&sink, "email", "one@x.com").await.is_some()
+    })
+    .await;
+    exec(&src, "alter publication live_pub drop table people").await;
+    exec(&src, "insert into people values (2, 'gap@x.com', 'b')").await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while traits_of(&sink, "email", "gap@x.com").await.is_none() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the gap stayed:\n{}",
+            daemon.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    exec(&src, "insert into people values (3, 'after@x.com', 'c')").await;
+    wait_until("streaming on", Duration::from_secs(30), || async {
+        traits_of(&sink, "email", "after@x.com").await.is_some()
+    })
+    .await;
+    assert_eq!(daemon.stop(), Some(0));
+}
