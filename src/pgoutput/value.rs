@@ -54,6 +54,10 @@ fn array_element(type_oid: u32) -> Option<u32> {
 pub const NOT_UTF8: &str = "bytes that are not UTF-8 (a SQL_ASCII database?)";
 /// Why a `json`/`jsonb` value could not be read.
 pub const TOO_DEEP: &str = "JSON nested deeper than the 128 levels the parser allows";
+/// Why a `json`/`jsonb` value that PostgreSQL accepted could not be read
+/// exactly (kept as a string, it would change type silently).
+pub const NOT_EXACT_JSON: &str =
+    "JSON that cannot be read exactly (a number beyond 64-bit floating point, or an unpaired surrogate escape)";
 
 /// [`text_to_json`] of raw column bytes, and why the value is only a stand-in
 /// when it could not be read as sent: bytes that are not UTF-8 (kept with the
@@ -67,7 +71,7 @@ pub fn bytes_to_json(type_oid: u32, bytes: &[u8]) -> (Value, Option<&'static str
                 Err(e) if e.to_string().contains("recursion limit") => {
                     (Value::String(text.to_owned()), Some(TOO_DEEP))
                 }
-                Err(_) => (text_to_json(type_oid, text), None),
+                Err(_) => (Value::String(text.to_owned()), Some(NOT_EXACT_JSON)),
             }
         }
         Ok(text) => (text_to_json(type_oid, text), None),
@@ -308,6 +312,28 @@ fn parse_array_at(c: &[char], pos: &mut usize, elem: u32) -> Option<Value> {
 #[cfg(test)]
 mod tests {
     use serde_json::json;
+
+    /// JSON that PostgreSQL accepts but the daemon cannot read exactly is
+    /// named as unreadable (its row becomes a dead letter when mapped),
+    /// never turned into a string silently.
+    #[test]
+    fn json_that_cannot_be_read_exactly_is_named_not_retyped() {
+        let deep = format!("{}1{}", "[".repeat(200), "]".repeat(200));
+        assert_eq!(bytes_to_json(oid::JSONB, deep.as_bytes()).1, Some(TOO_DEEP));
+        for text in [r#"{"n": 1e400}"#, r#""\ud800""#] {
+            let (v, why) = bytes_to_json(oid::JSON, text.as_bytes());
+            assert_eq!(
+                (v, why),
+                (Value::String(text.to_owned()), Some(NOT_EXACT_JSON)),
+                "{text}"
+            );
+        }
+        assert_eq!(
+            bytes_to_json(oid::JSON, br#"{"a": [1, "x"]}"#),
+            (serde_json::json!({"a": [1, "x"]}), None)
+        );
+        assert_eq!(bytes_to_json(25, b"caf\xe9").1, Some(NOT_UTF8));
+    }
 
     use super::*;
 
