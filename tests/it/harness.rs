@@ -490,3 +490,38 @@ pub fn free_addr() -> String {
         .port();
     format!("127.0.0.1:{port}")
 }
+
+/// `[identity.email]` with the email normalisation, for [`source_config`].
+pub const EMAIL: &str = "\n[identity.email]\nnormalize = \"email\"\n";
+
+/// A store and one source `(name, url, tag)` whose slot and publication are
+/// named after `tag`, then `rest` (its `[[source.table]]`s, and sections).
+pub fn source_config(sink: &str, (name, src, tag): (&str, &str, &str), rest: &str) -> String {
+    format!(
+        "[sink]\nurl = \"{sink}\"\nbatch_max_wait_ms = 20\n{}\n[[source]]\nname = \"{name}\"\nurl = \"{src}\"\n\
+         slot = \"{tag}_slot\"\npublication = \"{tag}_pub\"\n{}",
+        if rest.contains("[identity.") { EMAIL } else { "" },
+        rest.replace(EMAIL, ""),
+    )
+}
+
+/// `public.people`, identified by email, with `fields`.
+pub fn people_table(fields: &str) -> String {
+    format!(
+        "\n  [[source.table]]\n  name = \"public.people\"\n  identity = {{ email = \"email\" }}\n  fields = {{ {fields} }}\n"
+    )
+}
+
+/// Waits for the daemon to exit by itself and returns its code and log.
+pub async fn exits_by_itself(mut daemon: Daemon, within: Duration) -> (Option<i32>, String) {
+    let deadline = std::time::Instant::now() + within;
+    while daemon.alive() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the daemon is still running (retrying?):\n{}",
+            daemon.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    (daemon.exit_code(), daemon.log_text())
+}

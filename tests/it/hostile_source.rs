@@ -52,25 +52,13 @@ async fn no_session_resolves_a_function_a_source_user_planted() {
     );
     exec(&src, "truncate hostile_calls").await;
 
-    let cfg = write_config(&format!(
-        r#"
-[sink]
-url = "{sink}"
-batch_max_wait_ms = 20
-
-[[source]]
-name = "hostile"
-url = "{src}"
-slot = "hostile_slot"
-publication = "hostile_pub"
-  [[source.table]]
-  name = "public.people"
-  identity = {{ email = "email" }}
-  fields = {{ score = "score", note = "note" }}
-
-[identity.email]
-normalize = "email"
-"#
+    let cfg = write_config(&source_config(
+        &sink,
+        ("hostile", &src, "hostile"),
+        &format!(
+            "{EMAIL}{}",
+            people_table("score = \"score\", note = \"note\"")
+        ),
     ));
     let daemon = Daemon::start(&cfg);
     wait_snapshots(&sink, 1).await;

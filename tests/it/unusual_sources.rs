@@ -268,27 +268,6 @@ async fn values_the_store_cannot_hold_become_dead_letters_and_the_stream_goes_on
     );
 }
 
-/// `[identity.email]` with the email normalisation, for [`source_config`].
-const EMAIL: &str = "\n[identity.email]\nnormalize = \"email\"\n";
-
-/// A store and one source `(name, url, tag)` whose slot and publication are
-/// named after `tag`, then `rest` (its `[[source.table]]`s, and sections).
-fn source_config(sink: &str, (name, src, tag): (&str, &str, &str), rest: &str) -> String {
-    format!(
-        "[sink]\nurl = \"{sink}\"\nbatch_max_wait_ms = 20\n{}\n[[source]]\nname = \"{name}\"\nurl = \"{src}\"\n\
-         slot = \"{tag}_slot\"\npublication = \"{tag}_pub\"\n{}",
-        if rest.contains("[identity.") { EMAIL } else { "" },
-        rest.replace(EMAIL, ""),
-    )
-}
-
-/// `public.people`, identified by email, with `fields`.
-fn people_table(fields: &str) -> String {
-    format!(
-        "\n  [[source.table]]\n  name = \"public.people\"\n  identity = {{ email = \"email\" }}\n  fields = {{ {fields} }}\n"
-    )
-}
-
 /// The source `crm` with `public.people` (see [`people_table`]).
 fn people_config(sink: &str, src: &str, tag: &str, fields: &str) -> String {
     source_config(
@@ -296,20 +275,6 @@ fn people_config(sink: &str, src: &str, tag: &str, fields: &str) -> String {
         ("crm", src, tag),
         &format!("{EMAIL}{}", people_table(fields)),
     )
-}
-
-/// Waits for the daemon to exit by itself and returns its code and log.
-async fn exits_by_itself(mut daemon: Daemon, within: Duration) -> (Option<i32>, String) {
-    let deadline = std::time::Instant::now() + within;
-    while daemon.alive() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the daemon is still running (retrying?):\n{}",
-            daemon.log_text()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    (daemon.exit_code(), daemon.log_text())
 }
 
 /// PostgreSQL (before 18) does not publish generated columns: a mapped one
