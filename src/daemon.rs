@@ -255,6 +255,21 @@ impl SourceCtx {
     /// Connects, snapshots if needed, and streams until shutdown or an error.
     async fn stream_once(&self) -> Result<(), LoopError> {
         let src = &self.src;
+        // No transaction of this source is buffered now: a spill file of it is
+        // a killed run's (its transaction is received again).
+        let spill = &self.settings.spill_dir;
+        match crate::source::spill::remove_stale(spill, &src.name) {
+            Ok(0) => {}
+            Ok(n) => {
+                tracing::info!(source = %src.name, files = n, dir = %spill.display(), "removed spill files of an earlier run");
+            }
+            Err(e) => {
+                return Err(LoopError::Other(anyhow::Error::new(e).context(format!(
+                    "remove spill files of an earlier run from {} (sink.spill_dir)",
+                    spill.display()
+                ))))
+            }
+        }
         let added = ensure_publication(src).await?;
         let checkpoint = self.sink.store().checkpoint(&src.name).await?;
         if checkpoint.as_ref().is_some_and(|cp| cp.snapshot_completed) && !added.is_empty() {
@@ -530,13 +545,6 @@ impl SourceCtx {
                 spill.display()
             )))
         };
-        match crate::source::spill::remove_stale(&spill, &self.src.name) {
-            Ok(0) => {}
-            Ok(n) => {
-                tracing::info!(source = %self.src.name, files = n, dir = %spill.display(), "removed spill files of an earlier run");
-            }
-            Err(e) => return Err(io(e)),
-        }
         loop {
             if let Some(end) = p.end {
                 let due = p.batch.len() >= max || p.deadline.is_some_and(|d| d <= Instant::now());

@@ -268,6 +268,19 @@ async fn values_the_store_cannot_hold_become_dead_letters_and_the_stream_goes_on
     );
 }
 
+/// A cluster with a source `crm` holding `people (id, email, note)`, and a store.
+async fn people_source() -> (tributary::cluster::Cluster, String, String) {
+    let pg = cluster();
+    let src = create_db(&pg, "crm").await;
+    let sink = create_db(&pg, "profiles").await;
+    exec(
+        &src,
+        "create table people (id bigint primary key, email text, note text)",
+    )
+    .await;
+    (pg, src, sink)
+}
+
 /// The source `crm` with `public.people` (see [`people_table`]).
 fn people_config(sink: &str, src: &str, tag: &str, fields: &str) -> String {
     source_config(
@@ -381,20 +394,13 @@ async fn a_slot_or_publication_dropped_behind_the_daemon_stops_it_with_the_fix()
 /// everything again. The store is held still for three times the timeout.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_short_wal_sender_timeout_survives_a_store_that_stalls() {
-    let pg = cluster();
-    let src = create_db(&pg, "crm").await;
-    let sink = create_db(&pg, "profiles").await;
+    let (pg, src, sink) = people_source().await;
     exec(
         &pg.url("postgres"),
         "alter system set wal_sender_timeout = '2s'",
     )
     .await;
     exec(&pg.url("postgres"), "select pg_reload_conf()").await;
-    exec(
-        &src,
-        "create table people (id bigint primary key, email text, note text)",
-    )
-    .await;
     let cfg = write_config(
         &people_config(&sink, &src, "ka", "note = \"note\"").replace(
             "batch_max_wait_ms = 20",
@@ -463,14 +469,7 @@ async fn a_short_wal_sender_timeout_survives_a_store_that_stalls() {
 /// that half is skipped with a note.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn spill_files_of_a_killed_run_are_removed_and_a_full_spill_disk_loses_nothing() {
-    let pg = cluster();
-    let src = create_db(&pg, "crm").await;
-    let sink = create_db(&pg, "profiles").await;
-    exec(
-        &src,
-        "create table people (id bigint primary key, email text, note text)",
-    )
-    .await;
+    let (_pg, src, sink) = people_source().await;
     let spill = tempfile::tempdir().unwrap();
     let stale = spill.path().join("tributary-txn-crm-killed.jsonl");
     let other = spill.path().join("tributary-txn-crm_2-live.jsonl");
@@ -798,14 +797,7 @@ async fn a_table_that_was_out_of_the_publication_is_read_again() {
 /// and read again, closing the gap without a restart.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_table_removed_from_the_publication_while_streaming_is_added_back_and_read_again() {
-    let pg = cluster();
-    let src = create_db(&pg, "crm").await;
-    let sink = create_db(&pg, "profiles").await;
-    exec(
-        &src,
-        "create table people (id bigint primary key, email text, note text)",
-    )
-    .await;
+    let (_pg, src, sink) = people_source().await;
     let cfg = write_config(
         &people_config(&sink, &src, "live", "note = \"note\"").replace(
             "publication = \"live_pub\"",
