@@ -399,6 +399,14 @@ impl SourceCtx {
         if pending.is_empty() {
             return Ok(());
         }
+        if !self.sink.derives() {
+            // A capture process never writes derived state: the read is left
+            // to a process that does (`tributary snapshot --table`, or a
+            // `run --role all`), and the record stays until then.
+            tracing::warn!(source = %self.src.name, tables = ?pending,
+                "tables must be read again (they were out of the publication); run tributary snapshot --source for each");
+            return Ok(());
+        }
         let (cfg, source, shutdown) = (
             self.cfg.clone(),
             self.src.name.clone(),
@@ -419,14 +427,10 @@ impl SourceCtx {
                     () = shutdown.cancelled() => return,
                 };
                 match result {
-                    Ok(_) => match store.done_table_snapshot(&source, &table).await {
-                        Ok(()) => {
-                            tracing::info!(source = %source, table = %table, "table read again after it was out of the publication")
-                        }
-                        Err(e) => {
-                            tracing::warn!(source = %source, table = %table, error = %format!("{e:#}"), "could not mark a table re-snapshot done")
-                        }
-                    },
+                    // The re-snapshot cleared the record.
+                    Ok(_) => {
+                        tracing::info!(source = %source, table = %table, "table read again after it was out of the publication")
+                    }
                     Err(e) => {
                         tracing::warn!(source = %source, table = %table, error = %format!("{e:#}"),
                             "re-snapshot of a table that was out of the publication failed; it is tried again at the next connect");

@@ -254,6 +254,8 @@ async fn snapshot_table(
     }
     tracing::info!(source = %src.name, table = %t.qualified, rows = totals.rows,
         applied = totals.applied, skipped = totals.skipped, deleted = totals.deleted, "re-snapshot of table done");
+    // A table that was out of the publication has now been read again.
+    store.done_table_snapshot(&src.name, &t.qualified).await?;
     Ok(TableSnapshot {
         table: t.qualified.clone(),
         chunks,
