@@ -231,20 +231,12 @@ async fn check_source(src: &SourceConfig, c: &mut Checks) -> Result<(), sqlx::Er
             );
         }
     }
-    for e in crate::source::generated_columns(&mut conn, src).await? {
-        if let crate::source::SourceError::GeneratedColumn {
-            table,
-            column,
-            expression,
-            ..
-        } = &e
-        {
-            c.fail(
-                &format!("columns {table}"),
-                crate::source::generated_column_text(table, column, expression),
-                format!("map the columns {column} is computed from, not {column}"),
-            );
-        }
+    for (table, column, expression) in crate::source::generated_columns(&mut conn, src).await? {
+        c.fail(
+            &format!("columns {table}"),
+            crate::source::generated_column_text(&table, &column, &expression),
+            format!("map the columns {column} is computed from, not {column}"),
+        );
     }
     check_publication(src, c, &mut conn).await?;
     check_slot(src, c, &mut conn).await?;

@@ -49,15 +49,15 @@ const REPLY_EVERY: Duration = Duration::from_secs(1);
 /// Awaits `work` (a write, the settling of what is in flight) while keeping
 /// the replication connection alive: a status update at `flushed`, which
 /// acknowledges nothing new, every [`REPLY_EVERY`].
-async fn keeping_alive<T>(
+async fn keeping_alive<T, E: Into<LoopError>>(
     rep: &mut Replication,
     flushed: Lsn,
-    work: impl std::future::Future<Output = Result<T, LoopError>>,
+    work: impl std::future::Future<Output = Result<T, E>>,
 ) -> Result<T, LoopError> {
     tokio::pin!(work);
     loop {
         tokio::select! {
-            out = &mut work => return out,
+            out = &mut work => return out.map_err(Into::into),
             () = tokio::time::sleep(REPLY_EVERY) => rep.send_status(flushed).await?,
         }
     }
@@ -169,6 +169,7 @@ pub async fn run(cfg: Config, role: Role, shutdown: CancellationToken) -> anyhow
     }
 }
 
+#[derive(Clone)]
 struct SourceCtx {
     /// The whole config (a table re-snapshot reads its mapping).
     cfg: Arc<Config>,
@@ -344,21 +345,9 @@ impl SourceCtx {
     /// again (its changes in between were not in the stream), as at start.
     fn watch_publication(&self) -> tokio::task::AbortHandle {
         let every = Duration::from_secs(self.src.heartbeat_interval_s);
-        let (src, store, cfg, shutdown) = (
-            self.src.clone(),
-            self.sink.store().clone(),
-            self.cfg.clone(),
-            self.shutdown.clone(),
-        );
-        let ctx = SourceCtx {
-            cfg,
-            src: src.clone(),
-            settings: self.settings.clone(),
-            sink: self.sink.clone(),
-            shutdown: shutdown.clone(),
-            health: self.health.clone(),
-        };
+        let ctx = self.clone();
         tokio::spawn(async move {
+            let (src, store, shutdown) = (&ctx.src, ctx.sink.store(), &ctx.shutdown);
             if every.is_zero() {
                 return;
             }
@@ -367,7 +356,7 @@ impl SourceCtx {
                     () = tokio::time::sleep(every) => {}
                     () = shutdown.cancelled() => return,
                 }
-                let added = match ensure_publication(&src).await {
+                let added = match ensure_publication(src).await {
                     Ok(added) => added,
                     Err(e) => {
                         tracing::warn!(source = %src.name, error = %format!("{e:#}"), "publication check failed");
@@ -722,12 +711,7 @@ impl SourceCtx {
                 }
             }
             let last = next.is_empty();
-            let write = async {
-                self.sink
-                    .write(&self.src.name, &chunk, last.then_some(end))
-                    .await
-                    .map_err(LoopError::from)
-            };
+            let write = self.sink.write(&self.src.name, &chunk, last.then_some(end));
             keeping_alive(rep, p.flushed, write).await?;
             // Status updates between chunks keep the connection alive (the
             // server counts them as replies) without acknowledging anything new.
@@ -735,12 +719,7 @@ impl SourceCtx {
         }
         if seq == 0 && stamp.is_some() || total == 0 {
             // Nothing survived (all subtransactions aborted): just move the checkpoint.
-            let write = async {
-                self.sink
-                    .write(&self.src.name, &[], Some(end))
-                    .await
-                    .map_err(LoopError::from)
-            };
+            let write = self.sink.write(&self.src.name, &[], Some(end));
             keeping_alive(rep, p.flushed, write).await?;
             rep.send_status(end).await?;
         }

@@ -98,9 +98,7 @@ impl MapError {
             ),
         }
     }
-}
 
-impl MapError {
     /// The reason without any value from the row: what logs at INFO and above
     /// may say (the full text, values included, goes to `dead_letters` only).
     pub fn redacted(&self) -> String {

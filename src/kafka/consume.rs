@@ -103,7 +103,10 @@ pub async fn apply_from_kafka(
         }
         for (source, events) in &by_source {
             let started = std::time::Instant::now();
-            let Some(stats) = write_retrying(&sink, source, events, &shutdown).await? else {
+            let what = format!("applying a batch of source {source} from kafka");
+            let Some(stats) =
+                retrying(&what, &shutdown, || sink.write_consumed(source, events)).await?
+            else {
                 // Shut down while retrying: nothing of this batch is committed,
                 // nor its offsets; the group delivers it again.
                 tracing::info!("apply role stopped cleanly");
@@ -120,10 +123,11 @@ pub async fn apply_from_kafka(
             crate::metrics::batch_applied(source, &stats, &times, started.elapsed());
         }
         if !undecodable.is_empty()
-            && !retrying("recording undecodable messages", &shutdown, || {
+            && retrying("recording undecodable messages", &shutdown, || {
                 sink.write_undecodable(undecodable.clone())
             })
             .await?
+            .is_none()
         {
             tracing::info!("apply role stopped cleanly");
             return Ok(());
@@ -146,50 +150,25 @@ pub async fn apply_from_kafka(
     }
 }
 
-/// Runs `write` until it succeeds (true), retrying transient failures with
-/// the daemon's backoff, or until `shutdown` (false).
-async fn retrying<F, Fut>(
+/// Runs `write` until it succeeds (`Some` of its result), retrying transient
+/// failures with the daemon's backoff, or until `shutdown` (`None`). `what`
+/// names the write in the log.
+async fn retrying<T, F, Fut>(
     what: &str,
     shutdown: &CancellationToken,
     mut write: F,
-) -> Result<bool, SinkError>
+) -> Result<Option<T>, SinkError>
 where
     F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<(), SinkError>>,
+    Fut: std::future::Future<Output = Result<T, SinkError>>,
 {
     let mut backoff = crate::retry::backoff();
     loop {
         match write().await {
-            Ok(()) => return Ok(true),
+            Ok(out) => return Ok(Some(out)),
             Err(e) if e.action() == Action::Retry => {
                 let delay = backoff.next().unwrap_or(Duration::from_secs(30));
                 tracing::warn!(error = %format!("{e:#}"), retry_in_ms = delay.as_millis(), "{what} failed; retrying");
-                tokio::select! {
-                    () = tokio::time::sleep(delay) => {}
-                    () = shutdown.cancelled() => return Ok(false),
-                }
-            }
-            Err(e) => return Err(e),
-        }
-    }
-}
-
-/// Writes one source's consumed events, retrying transient failures with
-/// backoff until they succeed or `shutdown` (then `None`).
-async fn write_retrying(
-    sink: &Sink,
-    source: &str,
-    events: &[ChangeEvent],
-    shutdown: &CancellationToken,
-) -> Result<Option<crate::store::apply::ApplyStats>, SinkError> {
-    let mut backoff = crate::retry::backoff();
-    loop {
-        match sink.write_consumed(source, events).await {
-            Ok(stats) => return Ok(Some(stats)),
-            Err(e) if e.action() == Action::Retry => {
-                let delay = backoff.next().unwrap_or(Duration::from_secs(30));
-                tracing::warn!(source = %source, error = %format!("{e:#}"), retry_in_ms = delay.as_millis(),
-                    "applying a batch from kafka failed; retrying");
                 tokio::select! {
                     () = tokio::time::sleep(delay) => {}
                     () = shutdown.cancelled() => return Ok(None),

@@ -175,12 +175,13 @@ pub fn generated_column_text(table: &str, column: &str, expression: &str) -> Str
     )
 }
 
-/// The mapped columns of `src` that are generated, as the error `run` stops
-/// with (`check` prints the same words).
+/// The mapped columns of `src` that are generated, as `(table, column,
+/// expression)`: `run` stops with the first ([`SourceError::GeneratedColumn`]),
+/// `check` fails on each, both in [`generated_column_text`]'s words.
 pub async fn generated_columns(
     conn: &mut PgConnection,
     src: &SourceConfig,
-) -> Result<Vec<SourceError>, sqlx::Error> {
+) -> Result<Vec<(String, String, String)>, sqlx::Error> {
     let mut out = Vec::new();
     for t in &src.tables {
         let rows: Vec<(String, String)> = sqlx::query_as(
@@ -205,12 +206,7 @@ pub async fn generated_columns(
         .await?;
         out.extend(
             rows.into_iter()
-                .map(|(column, expression)| SourceError::GeneratedColumn {
-                    source_name: src.name.clone(),
-                    table: t.qualified.clone(),
-                    column,
-                    expression,
-                }),
+                .map(|(column, expression)| (t.qualified.clone(), column, expression)),
         );
     }
     Ok(out)
@@ -384,13 +380,18 @@ pub async fn ensure_publication(src: &SourceConfig) -> Result<Vec<String>, Sourc
     .await
     .map_err(query_err(src, "read wal_level and server_version_num"))?;
     supported_server(&src.name, version_num)?;
-    if let Some(e) = generated_columns(&mut conn, src)
+    if let Some((table, column, expression)) = generated_columns(&mut conn, src)
         .await
         .map_err(query_err(src, "look up generated columns"))?
         .into_iter()
         .next()
     {
-        return Err(e);
+        return Err(SourceError::GeneratedColumn {
+            source_name: src.name.clone(),
+            table,
+            column,
+            expression,
+        });
     }
     if wal_level != "logical" {
         return Err(SourceError::WalLevel {

@@ -211,12 +211,7 @@ fn encode(buf: &mut Vec<u8>, e: &ChangeEvent) {
     if e.unreadable.is_empty() {
         buf.extend_from_slice(&(-1i32).to_be_bytes());
     } else {
-        let at = buf.len();
-        buf.extend_from_slice(&[0; 4]);
-        buf.push(JSONB_VERSION);
-        let _ = serde_json::to_writer(&mut *buf, &e.unreadable);
-        let len = i32::try_from(buf.len() - at - 4).unwrap_or(i32::MAX);
-        buf[at..at + 4].copy_from_slice(&len.to_be_bytes());
+        json(buf, Some(JSONB_VERSION), &e.unreadable);
     }
 }
 
@@ -235,11 +230,11 @@ fn bytes8(buf: &mut Vec<u8>, b: [u8; 8]) {
 }
 
 /// A JSON field: written in place, then its length filled in.
-fn json(buf: &mut Vec<u8>, version: Option<u8>, v: &serde_json::Map<String, serde_json::Value>) {
+fn json(buf: &mut Vec<u8>, version: Option<u8>, v: &impl serde::Serialize) {
     let at = buf.len();
     buf.extend_from_slice(&[0; 4]);
     buf.extend(version);
-    // Writing a map of JSON values into a Vec cannot fail.
+    // Writing JSON maps, strings and numbers into a Vec cannot fail.
     let _ = serde_json::to_writer(&mut *buf, v);
     let len = i32::try_from(buf.len() - at - 4).unwrap_or(i32::MAX);
     buf[at..at + 4].copy_from_slice(&len.to_be_bytes());
