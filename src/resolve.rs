@@ -14,10 +14,22 @@
 //!   aggregate's filter, kept incrementally (subtract the old input, add the
 //!   new); a max/min whose extreme is withdrawn is recomputed from the rows.
 //!
-//! Every image seen links its identifiers to one profile; the graph only
-//! grows, and when an image links two profiles they merge into the smaller id.
-//! The partition of identifiers into profiles therefore depends only on the set
-//! of images seen, never on their order.
+//! Profiles are the connected components of the links the rows' *current*
+//! images make: an image that links identifiers of two profiles merges them
+//! into the smaller id, and when a row's identifiers are withdrawn (a delete,
+//! an identifier changed or set to NULL) the profile it left is split into
+//! the components its remaining rows make ([`State::split_unlinked`]); an
+//! identifier no live row carries leaves its profile. Only the newest image of
+//! a row links (an older or duplicate one is stale and links nothing), so the
+//! partition of identifiers into profiles depends only on the rows' current
+//! images, never on arrival order or on history.
+//!
+//! Which part of a split keeps the profile's id: each identifier remembers the
+//! profile it belonged to before merges moved it (its *first* profile, kept in
+//! [`State::first`] only where it differs from the owner); the part holding
+//! the identifier with the smallest first profile keeps the id (a merge's
+//! survivor is the smaller id, so that is the part it came from), and every
+//! other part gets a new id.
 //!
 //! [`State`] may hold all of the store (the in-memory [`State`] used by property
 //! tests, rebuild and reconciliation) or just the part a batch touches (loaded
@@ -28,7 +40,7 @@ use std::cmp::Ordering;
 use std::collections::{BTreeMap, BTreeSet};
 
 use chrono::{DateTime, Utc};
-use foldhash::HashMap;
+use foldhash::{HashMap, HashSet};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Number, Value};
 
@@ -352,6 +364,17 @@ pub struct ChangeLog {
     /// The subset of `dirty` whose field values may have changed (the rest
     /// changed only aggregates).
     pub fields_dirty: BTreeSet<ProfileId>,
+    /// Profiles a row's identifiers were withdrawn from: they may have to
+    /// split ([`State::split_unlinked`]).
+    pub unlinked: BTreeSet<ProfileId>,
+    /// (profile, new profile) for every part split off, in order.
+    pub splits: Vec<(ProfileId, ProfileId)>,
+    /// Identifiers that no live row carries any more: they leave their
+    /// profile (their `identities` row is deleted).
+    pub removed_identities: BTreeSet<Ident>,
+    /// Identifiers moved to a new profile by a split: their first profile is
+    /// that one from now on.
+    pub first_reset: BTreeSet<Ident>,
 }
 
 /// What happened to one event.
@@ -377,14 +400,28 @@ pub struct State {
     pub profiles: HashMap<ProfileId, ProfileState>,
     /// Next profile id to allocate.
     pub next_profile_id: ProfileId,
+    /// Identifier → the profile it belonged to before merges moved it, where
+    /// that differs from its owner (see the module doc).
+    pub first: HashMap<Ident, ProfileId>,
     /// What changed since the log was last taken.
     pub log: ChangeLog,
     /// Aggregate name → function (from the mapper).
     agg_funcs: BTreeMap<String, AggFn>,
+    /// Whether the state holds all of the store (then every change's splits
+    /// are settled as it is applied); a batch's slice leaves them in
+    /// `log.unlinked` for the adapter, which loads the profiles first.
+    complete: bool,
+    /// Rows and identifiers this state gave a profile (written, linked, moved
+    /// by a split), by that profile: with a [`SplitScope`], where a split of
+    /// a batch's slice looks besides what was read for it.
+    given: HashMap<ProfileId, (Vec<RowRef>, Vec<Ident>)>,
+    /// Whether to keep `given` (a slice whose changes may split profiles).
+    tracking: bool,
 }
 
 impl State {
-    /// An empty state for this mapping, allocating profile ids from 1.
+    /// An empty state for this mapping that holds all of the store,
+    /// allocating profile ids from 1.
     pub fn new(mapper: &Mapper) -> State {
         State {
             next_profile_id: 1,
@@ -393,7 +430,25 @@ impl State {
                 .iter()
                 .map(|(k, v)| (k.clone(), v.func))
                 .collect(),
+            complete: true,
             ..Default::default()
+        }
+    }
+
+    /// Whether this slice records what it gives each profile, for
+    /// [`State::split_unlinked`] with a [`SplitScope`] (off when the batch
+    /// cannot split anything).
+    pub fn track_splits(&mut self, on: bool) {
+        self.tracking = on && !self.complete;
+    }
+
+    /// An empty state for the slice of the store one batch touches: splits
+    /// are left in `log.unlinked` until [`State::split_unlinked`].
+    pub fn slice(mapper: &Mapper) -> State {
+        State {
+            complete: false,
+            tracking: true,
+            ..State::new(mapper)
         }
     }
 
@@ -461,9 +516,17 @@ impl State {
         }
         for i in idents {
             if self.owners.get(i) != Some(&target) {
-                self.owners.insert(i.clone(), target);
+                if self.owners.insert(i.clone(), target).is_none() {
+                    // Owned by nobody: it starts in this profile (it may
+                    // have left another earlier in the batch).
+                    self.log.removed_identities.remove(i);
+                    self.log.first_reset.insert(i.clone());
+                }
                 self.log.identities.insert(i.clone());
                 self.profiles.entry(target).or_default().identities += 1;
+                if self.tracking {
+                    self.given.entry(target).or_default().1.push(i.clone());
+                }
             }
         }
         Ok(target)
@@ -490,6 +553,7 @@ impl State {
             if *owner == loser {
                 *owner = survivor;
                 self.log.identities.insert(ident.clone());
+                self.first.entry(ident.clone()).or_insert(loser);
             }
         }
         // Identifiers re-pointed here and in the store (those not loaded) alike.
@@ -544,6 +608,9 @@ impl State {
     }
 
     fn put(&mut self, c: Contribution) {
+        if let Some(p) = c.profile_id.filter(|_| self.tracking) {
+            self.given.entry(p).or_default().0.push(c.row.clone());
+        }
         self.log.contributions.insert(c.row.clone());
         self.contributions.insert(c.row.clone(), c);
     }
@@ -603,6 +670,9 @@ impl State {
             }
             self.contributions.insert(prev.row.clone(), prev);
         }
+        if self.complete && !self.log.unlinked.is_empty() {
+            self.split_unlinked(&mut HashMap::default(), None);
+        }
         outcome
     }
 
@@ -631,12 +701,15 @@ impl State {
             }
             Err(err) => return Err(err),
         };
+        // Only the row's newest image links: an older or duplicate one is
+        // not what the row says now.
+        if prev.is_some_and(|prev| !is_newer(&new, prev)) {
+            return Ok(Outcome::Stale);
+        }
         let p = self.link(&new.identities, mapper.max_identities())?;
         if let Some(prev) = prev {
-            if !is_newer(&new, prev) {
-                return Ok(Outcome::Stale);
-            }
             self.withdraw(prev);
+            self.note_unlinked(prev, &new.identities);
         }
         new.profile_id = Some(p);
         self.contribute(&new, p);
@@ -673,9 +746,241 @@ impl State {
                 return Outcome::Stale;
             }
             self.withdraw(prev);
+            self.note_unlinked(prev, &[]);
         }
         self.put(tomb);
         Outcome::Applied
+    }
+
+    /// Records that `prev`'s profile may have to split when the row's new
+    /// identifiers (`now`) no longer hold all of `prev`'s: an identifier it
+    /// alone carried, or a link it alone made, went with it.
+    fn note_unlinked(&mut self, prev: &Contribution, now: &[Ident]) {
+        if prev.deleted || prev.identities.iter().all(|i| now.contains(i)) {
+            return;
+        }
+        if let Some(p) = prev.profile_id {
+            let p = self.live(p);
+            self.log.unlinked.insert(p);
+        }
+    }
+
+    /// Splits every profile in `log.unlinked` into the connected components
+    /// of its live rows' identifiers, and takes the identifiers no live row
+    /// carries out of it. The state must hold every live row and every
+    /// identifier of those profiles (the complete state does; the store
+    /// adapter loads them first). `firsts` gives the first profile of
+    /// identifiers the state did not load it for (see the module doc); the
+    /// part holding the smallest keeps the id, the others get new ones, and
+    /// the aggregates of every part are recomputed from its rows.
+    pub fn split_unlinked(
+        &mut self,
+        firsts: &mut HashMap<Ident, ProfileId>,
+        within: Option<&SplitScope>,
+    ) {
+        let candidates: BTreeSet<ProfileId> = std::mem::take(&mut self.log.unlinked)
+            .into_iter()
+            .map(|p| self.live(p))
+            .filter(|p| self.profiles.get(p).is_none_or(|s| s.merged_into.is_none()))
+            .collect();
+        if candidates.is_empty() {
+            return;
+        }
+        let mut rows: BTreeMap<ProfileId, Vec<RowRef>> = BTreeMap::new();
+        let mut take_row = |c: &Contribution| {
+            if let Some(p) = c.profile_id.filter(|_| !c.deleted).map(|p| self.live(p)) {
+                if candidates.contains(&p) {
+                    rows.entry(p).or_default().push(c.row.clone());
+                }
+            }
+        };
+        // With a scope: what was read for the profiles, and what this state
+        // gave them or the profiles merged into them since.
+        let givers: Vec<&(Vec<RowRef>, Vec<Ident>)> = match within {
+            Some(_) => candidates
+                .iter()
+                .copied()
+                .chain(
+                    self.log
+                        .merges
+                        .iter()
+                        .map(|(loser, _)| *loser)
+                        .filter(|l| candidates.contains(&self.live(*l))),
+                )
+                .filter_map(|p| self.given.get(&p))
+                .collect(),
+            None => Vec::new(),
+        };
+        match within {
+            Some(scope) => scope
+                .rows
+                .iter()
+                .chain(givers.iter().flat_map(|g| g.0.iter()))
+                .collect::<HashSet<&RowRef>>()
+                .into_iter()
+                .filter_map(|r| self.contributions.get(r))
+                .for_each(&mut take_row),
+            None => self.contributions.values().for_each(&mut take_row),
+        }
+        let mut idents: BTreeMap<ProfileId, Vec<Ident>> = BTreeMap::new();
+        let mut take_ident = |i: &Ident, o: ProfileId| {
+            let o = self.live(o);
+            if candidates.contains(&o) {
+                idents.entry(o).or_default().push(i.clone());
+            }
+        };
+        match within {
+            Some(scope) => scope
+                .idents
+                .iter()
+                .chain(givers.iter().flat_map(|g| g.1.iter()))
+                .collect::<HashSet<&Ident>>()
+                .into_iter()
+                .filter_map(|i| self.owners.get(i).map(|o| (i, *o)))
+                .for_each(|(i, o)| take_ident(i, o)),
+            None => self.owners.iter().for_each(|(i, o)| take_ident(i, *o)),
+        }
+        for p in candidates {
+            let rows = rows.remove(&p).unwrap_or_default();
+            let mut ids = idents.remove(&p).unwrap_or_default();
+            ids.sort();
+            self.split_one(p, &rows, &ids, firsts);
+        }
+    }
+
+    /// [`State::split_unlinked`] of one profile, given its live rows and
+    /// identifiers (sorted).
+    fn split_one(
+        &mut self,
+        p: ProfileId,
+        rows: &[RowRef],
+        idents: &[Ident],
+        firsts: &mut HashMap<Ident, ProfileId>,
+    ) {
+        let index: HashMap<&Ident, usize> =
+            idents.iter().enumerate().map(|(n, i)| (i, n)).collect();
+        let mut parts = Partition::new(idents.len());
+        let mut carried = vec![false; idents.len()];
+        for r in rows {
+            let Some(c) = self.contributions.get(r) else {
+                continue;
+            };
+            let mut first: Option<usize> = None;
+            for n in c.identities.iter().filter_map(|i| index.get(i).copied()) {
+                carried[n] = true;
+                match first {
+                    Some(f) => parts.union(f, n),
+                    None => first = Some(n),
+                }
+            }
+        }
+        for (_, i) in idents.iter().enumerate().filter(|(n, _)| !carried[*n]) {
+            self.owners.remove(i);
+            self.first.remove(i);
+            firsts.remove(i);
+            self.log.identities.remove(i);
+            self.log.removed_identities.insert(i.clone());
+            if let Some(st) = self.profiles.get_mut(&p) {
+                st.identities -= 1;
+            }
+        }
+        // The components, each by its root, in order of their smallest
+        // identifier.
+        let mut components: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
+        for n in (0..idents.len()).filter(|n| carried[*n]) {
+            components.entry(parts.find(n)).or_default().push(n);
+        }
+        if components.len() <= 1 {
+            return;
+        }
+        let first_of = |n: usize| -> ProfileId {
+            let i = &idents[n];
+            firsts
+                .get(i)
+                .or_else(|| self.first.get(i))
+                .copied()
+                .unwrap_or(p)
+        };
+        let keeper = components
+            .iter()
+            .map(|(root, members)| {
+                let smallest = members.iter().map(|n| first_of(*n)).min().unwrap_or(p);
+                (smallest, members[0], *root)
+            })
+            .min()
+            .map(|(_, _, root)| root);
+        let mut owner_of_root: HashMap<usize, ProfileId> = HashMap::default();
+        for (root, members) in &components {
+            if Some(*root) == keeper {
+                owner_of_root.insert(*root, p);
+                continue;
+            }
+            let n = self.next_profile_id;
+            self.next_profile_id += 1;
+            owner_of_root.insert(*root, n);
+            self.profiles.insert(
+                n,
+                ProfileState {
+                    identities: i64::try_from(members.len()).unwrap_or(i64::MAX),
+                    ..ProfileState::default()
+                },
+            );
+            if let Some(st) = self.profiles.get_mut(&p) {
+                st.identities -= i64::try_from(members.len()).unwrap_or(0);
+            }
+            self.log.created.insert(n);
+            self.log.splits.push((p, n));
+            for m in members {
+                let i = &idents[*m];
+                self.owners.insert(i.clone(), n);
+                if self.tracking {
+                    self.given.entry(n).or_default().1.push(i.clone());
+                }
+                self.first.remove(i);
+                firsts.remove(i);
+                self.log.identities.insert(i.clone());
+                self.log.first_reset.insert(i.clone());
+            }
+        }
+        // Rows follow their identifiers; every part's aggregates are
+        // recomputed from its rows.
+        let mut aggs: BTreeMap<ProfileId, BTreeMap<String, AggState>> = owner_of_root
+            .values()
+            .map(|o| (*o, BTreeMap::new()))
+            .collect();
+        for r in rows {
+            let Some(c) = self.contributions.get(r) else {
+                continue;
+            };
+            let Some(owner) = c
+                .identities
+                .iter()
+                .find_map(|i| index.get(i))
+                .and_then(|n| owner_of_root.get(&parts.find(*n)))
+                .copied()
+            else {
+                continue;
+            };
+            let target = aggs.entry(owner).or_default();
+            for (name, input) in &c.aggs {
+                let func = self.agg_funcs.get(name).copied().unwrap_or(AggFn::Count);
+                target.entry(name.clone()).or_default().add(func, input);
+            }
+            if owner != p {
+                if let Some(c) = self.contributions.get_mut(r) {
+                    c.profile_id = Some(owner);
+                }
+                if self.tracking {
+                    self.given.entry(owner).or_default().0.push(r.clone());
+                }
+                self.log.contributions.insert(r.clone());
+            }
+        }
+        for (owner, a) in aggs {
+            self.profiles.entry(owner).or_default().aggs = a;
+            self.log.dirty.insert(owner);
+            self.log.fields_dirty.insert(owner);
+        }
     }
 
     /// Live contributions of a profile (full state only).
@@ -715,6 +1020,16 @@ impl State {
         }
     }
 
+    /// The identifiers of every profile, as sets (full state only): the
+    /// partition that must equal [`components`] of the live rows.
+    pub fn partition(&self) -> BTreeSet<BTreeSet<Ident>> {
+        let mut by: BTreeMap<ProfileId, BTreeSet<Ident>> = BTreeMap::new();
+        for (i, p) in &self.owners {
+            by.entry(self.live(*p)).or_default().insert(i.clone());
+        }
+        by.into_values().collect()
+    }
+
     /// Traits of every live profile, keyed by the profile's sorted identifiers
     /// (independent of id allocation order): the canonical form for comparing
     /// two states.
@@ -734,6 +1049,10 @@ impl State {
                 .filter(|(_, o)| **o == p)
                 .map(|(i, _)| i.clone())
                 .collect();
+            if idents.is_empty() {
+                // Every row of it went: an empty profile is no component.
+                continue;
+            }
             idents.sort();
             let fields = resolve_fields(self.contributions_of(p), |f| mapper.strategy(f));
             let t = traits(&fields, &self.profiles[&p].aggs, mapper.aggregates());
@@ -741,6 +1060,88 @@ impl State {
         }
         out
     }
+}
+
+/// Where the rows and identifiers of the profiles to split are, for a state
+/// that holds much more than them (a batch's slice): a superset of their
+/// keys, so that a split costs the size of the profiles, not of the state.
+#[derive(Debug, Default)]
+pub struct SplitScope {
+    /// Rows.
+    pub rows: BTreeSet<RowRef>,
+    /// Identifiers.
+    pub idents: BTreeSet<Ident>,
+}
+
+/// Union-find over `0..n` (path halving, union by size): the connected
+/// components of a profile's identifiers.
+#[derive(Debug)]
+pub struct Partition {
+    parent: Vec<usize>,
+    size: Vec<usize>,
+}
+
+impl Partition {
+    /// `n` singletons.
+    pub fn new(n: usize) -> Partition {
+        Partition {
+            parent: (0..n).collect(),
+            size: vec![1; n],
+        }
+    }
+
+    /// The root of `x`'s component.
+    pub fn find(&mut self, mut x: usize) -> usize {
+        while self.parent[x] != x {
+            self.parent[x] = self.parent[self.parent[x]];
+            x = self.parent[x];
+        }
+        x
+    }
+
+    /// Joins the components of `a` and `b`.
+    pub fn union(&mut self, a: usize, b: usize) {
+        let (mut a, mut b) = (self.find(a), self.find(b));
+        if a == b {
+            return;
+        }
+        if self.size[a] < self.size[b] {
+            std::mem::swap(&mut a, &mut b);
+        }
+        self.parent[b] = a;
+        self.size[a] += self.size[b];
+    }
+}
+
+/// The connected components of the links `rows` make (each row's identifiers
+/// are linked): what the partition of identifiers into profiles must be.
+/// Components are sorted sets, in order.
+pub fn components<'a>(rows: impl IntoIterator<Item = &'a [Ident]>) -> BTreeSet<BTreeSet<Ident>> {
+    let mut index: HashMap<&Ident, usize> = HashMap::default();
+    let mut all: Vec<&Ident> = Vec::new();
+    let mut links: Vec<(usize, usize)> = Vec::new();
+    for row in rows {
+        let mut first = None;
+        for i in row {
+            let n = *index.entry(i).or_insert_with(|| {
+                all.push(i);
+                all.len() - 1
+            });
+            match first {
+                Some(f) => links.push((f, n)),
+                None => first = Some(n),
+            }
+        }
+    }
+    let mut parts = Partition::new(all.len());
+    for (a, b) in links {
+        parts.union(a, b);
+    }
+    let mut out: BTreeMap<usize, BTreeSet<Ident>> = BTreeMap::new();
+    for (n, i) in all.iter().enumerate() {
+        out.entry(parts.find(n)).or_default().insert((*i).clone());
+    }
+    out.into_values().collect()
 }
 
 /// Aggregate state computed from scratch over a profile's live contributions

@@ -17,7 +17,7 @@ use super::{Drift, DriftKind, Fix};
 use crate::identity::Ident;
 use crate::mapping::Mapper;
 use crate::resolve::{
-    aggregate_from, resolve_fields, traits, AggState, Contribution, ProfileId, Winner,
+    aggregate_from, components, resolve_fields, traits, AggState, Contribution, ProfileId, Winner,
 };
 use crate::store::reconcile::{ProfileChunk, ProfileChunkState};
 use crate::store::{Store, StoreError};
@@ -38,13 +38,15 @@ pub struct Stored<'a> {
 
 /// Compares one profile's stored state with the recomputation from its live
 /// contributions. `owners` maps every identifier of those contributions to the
-/// profile the store says owns it. Pure.
+/// profile the store says owns it; `owned` is every identifier the store says
+/// `p` owns. Pure.
 pub fn compare(
     mapper: &Mapper,
     p: ProfileId,
     contribs: &[Contribution],
     stored: &Stored<'_>,
     owners: &HashMap<Ident, ProfileId>,
+    owned: &[Ident],
 ) -> Vec<Drift> {
     let aggs: BTreeMap<String, AggState> = aggregate_from(contribs, mapper.aggregates())
         .into_iter()
@@ -114,6 +116,31 @@ pub fn compare(
                 }
             }
         }
+    }
+
+    // The partition: the profile's rows link all of its identifiers into one
+    // component, and it owns no identifier that none of them carries.
+    let parts = components(contribs.iter().map(|c| c.identities.as_slice()));
+    if parts.len() > 1 {
+        let render = |part: &BTreeSet<Ident>| {
+            json!(part
+                .iter()
+                .map(|(k, v)| format!("{k}:{v}"))
+                .collect::<Vec<_>>())
+        };
+        out.push(drift(
+            "identities".into(),
+            Some(Value::Array(parts.iter().map(render).collect())),
+            Some(render(&parts.iter().flatten().cloned().collect())),
+        ));
+    }
+    let carried: BTreeSet<&Ident> = contribs.iter().flat_map(|c| c.identities.iter()).collect();
+    for id in owned.iter().filter(|i| !carried.contains(i)) {
+        out.push(drift(
+            format!("identity.{}:{}", id.0, id.1),
+            None,
+            Some(json!(p)),
+        ));
     }
 
     // Identity ownership: every identifier of a live row points at its profile.
@@ -231,7 +258,14 @@ async fn check_chunk(
                 .map(|(p, _)| *p),
         )
         .collect();
+    // What each profile of the chunk owns (the owners of claimed identifiers
+    // outside the chunk are checked in their own chunk).
+    let mut owned: HashMap<ProfileId, Vec<Ident>> = HashMap::new();
+    for (i, o) in owners.iter().filter(|(_, o)| all.contains(*o)) {
+        owned.entry(*o).or_default().push(i.clone());
+    }
     let empty = Vec::new();
+    let no_idents = Vec::new();
     let mut drifts = Vec::new();
     for p in &all {
         let stored = Stored {
@@ -244,6 +278,7 @@ async fn check_chunk(
             by_profile.get(p).unwrap_or(&empty),
             &stored,
             &owners,
+            owned.get(p).unwrap_or(&no_idents),
         ));
     }
     Ok((drifts, all.len() as u64))

@@ -437,10 +437,15 @@ impl MergeCache {
         )))
     }
 
-    /// The cached owner of an identifier.
-    pub fn owner(&self, i: &Ident) -> Option<ProfileId> {
+    /// What the cache knows of an identifier's owner: `Some(Some(p))` owned
+    /// by `p`, `Some(None)` owned by nobody (a write took it out of its
+    /// profile; the store has no row for it once that write commits, and
+    /// every later write commits after it), `None` not cached.
+    pub fn owner(&self, i: &Ident) -> Option<Option<ProfileId>> {
         let k = compact::find_ident_key(&self.names, i)?;
-        self.owners.get::<[u8]>(&k).copied()
+        self.owners
+            .get::<[u8]>(&k)
+            .map(|p| Some(*p).filter(|p| *p != NO_OWNER))
     }
 
     /// Takes a profile out.
@@ -485,6 +490,13 @@ impl MergeCache {
         self.peak = self.peak.max(self.bytes());
     }
 
+    /// Records that an identifier has no owner any more (no live row carries
+    /// it): without the record, a write planned before this one commits
+    /// would read the owner the store still holds.
+    pub fn remove_owner(&mut self, i: Ident) {
+        self.put_owner(i, NO_OWNER);
+    }
+
     /// Puts a profile back.
     pub fn put_profile(&mut self, p: ProfileId, c: CachedProfile) {
         let v = compact::encode_profile(&mut self.names, &c);
@@ -513,6 +525,9 @@ impl MergeCache {
         self.peak
     }
 }
+
+/// The owner recorded for an identifier that has none (profile ids start at 1).
+const NO_OWNER: ProfileId = 0;
 
 /// The key hash recorded for a written key: the same for the process's life
 /// (a collision only costs a lookup of a key that is not there).

@@ -26,7 +26,7 @@ use crate::identity::Ident;
 use crate::mapping::Mapper;
 use crate::resolve::{
     extreme, resolve_fields, traits, truncate_as_deletes, AggState, ChangeLog, Contribution,
-    Outcome, ProfileId, ProfileState, RowRef, State, Winner,
+    Outcome, ProfileId, ProfileState, RowRef, SplitScope, State, Winner,
 };
 use crate::state::{CachedProfile, MergeCache};
 
@@ -76,6 +76,10 @@ pub struct ApplyStats {
     pub profiles_touched: usize,
     /// Identity merges.
     pub merges: usize,
+    /// Profiles split (a row that joined two groups of identifiers went).
+    pub splits: usize,
+    /// Identifiers that left their profile (no live row carries them).
+    pub identities_removed: usize,
     /// Changes of forgotten people, dropped.
     pub suppressed: usize,
     /// Profiles whose traits or merge pointer changed, for the profiles topic.
@@ -195,6 +199,18 @@ pub(crate) const CONTRIBUTION_COLUMNS: &str =
 
 fn i64_of(v: u64) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+impl ApplyStats {
+    /// Whether the batch changed which profile rows and identifiers belong
+    /// to beyond the keys it loaded (a merge re-points the loser's rows in
+    /// the store): a cache planned on top must wait for its commit and drop
+    /// its entries. A split needs neither: it loads every row and identifier
+    /// of the profile it splits, so the cache holds all it changed, and an
+    /// identifier it removed is cached as owned by nobody.
+    pub fn regrouped(&self) -> bool {
+        self.merges > 0
+    }
 }
 
 impl Store {
@@ -489,7 +505,7 @@ pub(crate) async fn plan(
 
     // 3. Load the slice of state the batch touches: from the cache where it
     // holds it, from the store for the rest (nothing for keys known to be new).
-    let mut state = State::new(mapper);
+    let mut state = State::slice(mapper);
     let mut existing = Existing::default();
     // Each mapped event's row, its key rendered once.
     let event_rows: Vec<Option<RowRef>> = expanded
@@ -583,9 +599,15 @@ pub(crate) async fn plan(
     let (mut hits, mut from_rows) = (0u64, 0u64);
     for i in &idents {
         let owner = match cache.as_deref().and_then(|c| c.owner(i)) {
-            Some(p) => {
+            Some(Some(p)) => {
                 hits += 1;
                 Some(p)
+            }
+            Some(None) => {
+                // Known to have no owner: new to the store once the write
+                // that removed it commits, which is before this one writes.
+                hits += 1;
+                continue;
             }
             None => carried.get(i).copied().inspect(|_| from_rows += 1),
         };
@@ -773,7 +795,7 @@ async fn derive(
 ) -> Result<(ApplyStats, Writes, Pins), StoreError> {
     let Loaded {
         mut state,
-        existing,
+        mut existing,
         mut cache,
     } = loaded;
     let mut want: BTreeSet<ProfileId> = state
@@ -878,17 +900,42 @@ async fn derive(
     };
     // (event, the reason in full for the table, the reason without values for logs)
     let mut dead: Vec<(&ChangeEvent, String, String)> = Vec::new();
-    for e in &expanded {
+    let mut splitting = Splitting::default();
+    let candidates = withdrawing(mapper, &state, &expanded);
+    state.track_splits(candidates.is_some());
+    if let Some(candidates) = candidates.filter(|c| !c.is_empty()) {
+        load_for_split(
+            tx,
+            &mut state,
+            &mut existing,
+            &mut splitting,
+            guard,
+            candidates,
+        )
+        .await?;
+    }
+    for (n, e) in expanded.iter().enumerate() {
         match state.apply(mapper, e) {
             Ok(Outcome::Applied) => stats.applied += 1,
             Ok(Outcome::Stale) => stats.stale += 1,
             Ok(Outcome::Unmapped) => {}
             Err(err) => dead.push((e, err.to_string(), err.redacted())),
         }
+        // Splits are settled at the end of each source transaction, so the
+        // profiles (and the ids a split allocates) depend on the sequence of
+        // transactions only, not on how they were grouped into batches.
+        let last_of_transaction = expanded
+            .get(n + 1)
+            .is_none_or(|next| next.commit_lsn != e.commit_lsn);
+        if last_of_transaction && !state.log.unlinked.is_empty() {
+            split_unlinked(tx, &mut state, &mut existing, &mut splitting, guard).await?;
+        }
     }
     stats.dead_letters = dead.len();
     let log = std::mem::take(&mut state.log);
     stats.merges = log.merges.len();
+    stats.splits = log.splits.len();
+    stats.identities_removed = log.removed_identities.len();
 
     // 5. What to write back: merges first (they re-point rows this batch did
     // not load), then contributions and identifiers.
@@ -907,7 +954,12 @@ async fn derive(
             .iter()
             .filter_map(|i| state.owners.get(i).map(|p| (i, *p))),
         &existing.idents,
+        &log.first_reset,
     );
+    for (k, v) in &log.removed_identities {
+        writes.removed_identities.kind.push(k.clone());
+        writes.removed_identities.value.push(v.clone());
+    }
 
     // 6. Recompute traits of every touched profile.
     stats.profiles_touched = log.dirty.len();
@@ -973,6 +1025,10 @@ async fn derive(
         for (i, p) in state.owners.drain() {
             c.put_owner(i, p);
         }
+        for i in &log.removed_identities {
+            c.remove_owner(i.clone());
+        }
+        pins.idents.extend(log.removed_identities.iter().cloned());
         for (p, st) in state.profiles.drain() {
             let entry = match after.remove(&p) {
                 Some(e) => e,
@@ -992,6 +1048,174 @@ async fn derive(
         }
     }
     Ok((stats, writes, pins))
+}
+
+/// Settles the profiles the batch withdrew identifiers from
+/// ([`State::split_unlinked`]): loads every live row and identifier of them
+/// (and of the profiles this batch merged into them) that the batch does not
+/// hold, with the identifiers' first profiles, then splits them in the pure
+/// core. Costs one read of each such profile, like a re-resolve; only a
+/// delete or an identifier change gets here.
+async fn split_unlinked(
+    tx: &mut PgConnection,
+    state: &mut State,
+    existing: &mut Existing,
+    splitting: &mut Splitting,
+    guard: &mut Option<&mut dyn ReadGuard>,
+) -> Result<(), StoreError> {
+    let candidates: Vec<ProfileId> = state
+        .log
+        .unlinked
+        .iter()
+        .map(|p| state.live(*p))
+        .collect::<BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    load_for_split(tx, state, existing, splitting, guard, candidates.clone()).await?;
+    // What the store held of the candidates (and of profiles merged into
+    // them); the core adds what the batch changed.
+    let mut scope = SplitScope::default();
+    for (p, (rows, idents)) in &splitting.read {
+        if candidates.contains(&state.live(*p)) {
+            scope.rows.extend(rows.iter().cloned());
+            scope.idents.extend(idents.iter().cloned());
+        }
+    }
+    state.split_unlinked(&mut splitting.firsts, Some(&scope));
+    Ok(())
+}
+
+/// Reads into the batch's state every live row and identifier of
+/// `candidates` (and of the profiles this batch merged into them) that it
+/// has not read yet. The store's rows of a profile do not change while a
+/// batch is planned: each profile is read once per batch.
+async fn load_for_split(
+    tx: &mut PgConnection,
+    state: &mut State,
+    existing: &mut Existing,
+    splitting: &mut Splitting,
+    guard: &mut Option<&mut dyn ReadGuard>,
+    candidates: Vec<ProfileId>,
+) -> Result<(), StoreError> {
+    let mut read = candidates.clone();
+    read.extend(losers_of(state, &state.log.merges, &candidates));
+    // A profile this batch created has nothing in the store.
+    read.retain(|p| !splitting.read.contains_key(p) && !state.log.created.contains(p));
+    if read.is_empty() {
+        return Ok(());
+    }
+    for p in &read {
+        splitting.read.insert(*p, (Vec::new(), Vec::new()));
+    }
+    guard_reads(guard, &read).await?;
+    for (p, rows) in contributions_by_profile(tx, &read, false).await? {
+        let keys = &mut splitting.read.entry(p).or_default().0;
+        for mut c in rows {
+            keys.push(c.row.clone());
+            if state.contributions.contains_key(&c.row) {
+                continue;
+            }
+            c.profile_id = c.profile_id.map(|p| state.live(p));
+            existing.rows.insert(c.row.clone());
+            state.contributions.insert(c.row.clone(), c);
+        }
+    }
+    let stored: Vec<(String, String, i64, Option<i64>)> = sqlx::query_as(
+        "select kind, value, profile_id, first_profile_id from identities where profile_id = any($1)",
+    )
+    .bind(&read)
+    .fetch_all(&mut *tx)
+    .await?;
+    // First profiles: the store's where it has one; else where this batch
+    // moved the identifier (a merge); else the profile the store has it in.
+    for (k, v, p, first) in stored {
+        let i = (k, v);
+        existing.idents.insert(i.clone());
+        splitting.read.entry(p).or_default().1.push(i.clone());
+        if state.log.removed_identities.contains(&i) {
+            // An earlier transaction of the batch took it out.
+            continue;
+        }
+        let first = first.or_else(|| state.first.get(&i).copied()).unwrap_or(p);
+        splitting.firsts.entry(i.clone()).or_insert(first);
+        // A batch's own owner of it (loaded, or moved here) is later.
+        let live = state.live(p);
+        state.owners.entry(i).or_insert(live);
+    }
+    Ok(())
+}
+
+/// The profiles the batch's changes will withdraw identifiers from, as far
+/// as the rows' state before the batch tells (a delete or truncate of a live
+/// row, an image that drops one of the row's identifiers): read for their
+/// splits in one go before the batch is applied, instead of one read per
+/// transaction. Profiles that only later changes of the batch make
+/// candidates are read when their transaction ends. None when no change of
+/// the batch can withdraw anything (each row changes once and keeps its
+/// identifiers: the usual batch), so nothing can split.
+fn withdrawing(
+    mapper: &Mapper,
+    state: &State,
+    events: &[Cow<'_, ChangeEvent>],
+) -> Option<Vec<ProfileId>> {
+    let rows: Vec<Option<RowRef>> = events
+        .iter()
+        .map(|e| {
+            mapper.table(&e.source, &e.table).map(|_| RowRef {
+                source: e.source.clone(),
+                table: e.table.clone(),
+                row_key: e.row_key(),
+            })
+        })
+        .collect();
+    let mut changes: HashMap<&RowRef, usize> = HashMap::new();
+    for row in rows.iter().flatten() {
+        *changes.entry(row).or_default() += 1;
+    }
+    let mut out: BTreeSet<ProfileId> = BTreeSet::new();
+    let mut any = false;
+    for (e, row) in events.iter().zip(&rows) {
+        let (Some(m), Some(row)) = (mapper.table(&e.source, &e.table), row) else {
+            continue;
+        };
+        let prev = state.contributions.get(row).filter(|c| !c.deleted);
+        let image = match e.op {
+            Op::Delete | Op::Truncate => None,
+            Op::Insert | Op::Update | Op::Snapshot => m.identities(e, prev).ok(),
+        };
+        if changes.get(row).is_some_and(|n| *n > 1) {
+            // A row changed more than once in the batch: a later change may
+            // withdraw what an earlier one linked, from any profile its
+            // images link to.
+            any = true;
+            out.extend(prev.and_then(|c| c.profile_id).map(|p| state.live(p)));
+            for i in image.iter().flatten() {
+                out.extend(state.owners.get(i).map(|p| state.live(*p)));
+            }
+            continue;
+        }
+        let Some(prev) = prev else { continue };
+        let Some(p) = prev.profile_id else { continue };
+        let withdraws = match &image {
+            Some(ids) => !prev.identities.iter().all(|i| ids.contains(i)),
+            None => true,
+        };
+        if withdraws {
+            any = true;
+            out.insert(state.live(p));
+        }
+    }
+    any.then(|| out.into_iter().collect())
+}
+
+/// What a batch's splits have read so far.
+#[derive(Default)]
+struct Splitting {
+    /// Profiles whose store rows and identifiers are in the batch's state,
+    /// with the keys of those rows and identifiers.
+    read: HashMap<ProfileId, (Vec<RowRef>, Vec<Ident>)>,
+    /// First profiles of the identifiers read (see [`State::split_unlinked`]).
+    firsts: HashMap<Ident, ProfileId>,
 }
 
 /// `contributions` rows, column by column: source, table, key, profile,
@@ -1054,12 +1278,14 @@ impl ContributionRows {
     }
 }
 
-/// `identities` rows: kind, value, owner.
+/// `identities` rows: kind, value, owner, and whether a split moved it (its
+/// first profile is its new owner).
 #[derive(Default)]
 struct IdentityRows {
     kind: Vec<String>,
     value: Vec<String>,
     profile: Vec<i64>,
+    moved: Vec<bool>,
 }
 
 /// `dead_letters` rows.
@@ -1086,6 +1312,7 @@ struct Writes {
     old_contributions: ContributionRows,
     new_identities: IdentityRows,
     old_identities: IdentityRows,
+    removed_identities: IdentityRows,
     new_profiles: ProfileRows,
     old_profiles: ProfileRows,
     dead: DeadRows,
@@ -1110,6 +1337,7 @@ impl Writes {
         &mut self,
         rows: impl Iterator<Item = (&'a Ident, ProfileId)>,
         existing: &HashSet<Ident>,
+        moved: &BTreeSet<Ident>,
     ) {
         for (i, p) in rows {
             let to = if existing.contains(i) {
@@ -1120,6 +1348,7 @@ impl Writes {
             to.kind.push(i.0.clone());
             to.value.push(i.1.clone());
             to.profile.push(p);
+            to.moved.push(moved.contains(i));
         }
     }
 
@@ -1134,7 +1363,7 @@ impl Writes {
     ) -> Result<u64, StoreError> {
         for (loser, survivor) in &self.merges {
             sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
-                "update identities set profile_id = {survivor} where profile_id = {loser};
+                "update identities set profile_id = {survivor}, first_profile_id = coalesce(first_profile_id, profile_id) where profile_id = {loser};
                  update contributions set profile_id = {survivor} where profile_id = {loser};
                  update profiles set merged_into = {survivor} where merged_into = {loser};"
             )))
@@ -1168,6 +1397,9 @@ impl Writes {
             .bind(&self.dead.table)
             .bind(&self.dead.row)
             .bind(&self.dead.error)
+            .bind(&self.old_identities.moved)
+            .bind(&self.removed_identities.kind)
+            .bind(&self.removed_identities.value)
             .fetch_one(&mut *tx)
             .await?;
         Ok(u64::try_from(added).unwrap_or(0))
@@ -1207,7 +1439,9 @@ fn dead_letter_row(row: &Map<String, Value>) -> String {
 /// (`$1`-`$12`, empty arrays when it is written on its own connection),
 /// contributions new (`$13`-`$26`, a plain `INSERT`) and existing (`$27`-`$40`,
 /// one set-based `UPDATE`), identifiers new and existing (`$41`-`$46`),
-/// profiles new and existing (`$47`-`$56`), dead letters (`$57`-`$61`). The
+/// profiles new and existing (`$47`-`$56`), dead letters (`$57`-`$61`),
+/// whether a split moved each existing identifier (`$62`) and the
+/// identifiers no live row carries any more (`$63`-`$64`). The
 /// CTEs touch disjoint rows (the plan splits new from existing), so running
 /// them in one snapshot is the same as running them in turn. One round trip
 /// instead of up to eight, each a wake-up of the daemon and of the store's
@@ -1245,8 +1479,15 @@ static WRITE: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
            insert into identities (kind, value, profile_id)
            select * from unnest($41::text[], $42::text[], $43::bigint[])),
          old_identities as (
-           update identities i set profile_id = u.p
-             from unnest($44::text[], $45::text[], $46::bigint[]) as u(k, v, p)
+           -- a merge moves an identity away from the profile it came from
+           -- (which a later split needs to know); a split resets it
+           update identities i set profile_id = u.p,
+             first_profile_id = case when u.m then null else coalesce(i.first_profile_id, i.profile_id) end
+             from unnest($44::text[], $45::text[], $46::bigint[], $62::bool[]) as u(k, v, p, m)
+            where i.kind = u.k and i.value = u.v),
+         removed_identities as (
+           delete from identities i
+            using unnest($63::text[], $64::text[]) as u(k, v)
             where i.kind = u.k and i.value = u.v),
          new_profiles as (
            insert into profiles (profile_id, merged_into, traits, agg_state, provenance)

@@ -433,7 +433,7 @@ impl Store {
         rtx.commit().await?;
         cache.pin(ticket, std::mem::take(&mut planned.pins));
         prepared.overlapped = !guard_settled;
-        if planned.stats.merges > 0 {
+        if planned.stats.regrouped() {
             cache.settle_before_next();
         }
         prepared.plan = Some(planned);
@@ -550,7 +550,7 @@ impl Store {
                 generation: Some(generation),
                 stale: if !planned {
                     Stale::All
-                } else if plan.stats.merges > 0 {
+                } else if plan.stats.regrouped() {
                     Stale::Entries
                 } else {
                     Stale::No

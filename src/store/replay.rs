@@ -24,8 +24,11 @@ use super::apply::{
 };
 use super::{Store, StoreError};
 use crate::event::{ChangeEvent, Lsn, Op};
+use crate::identity::Ident;
 use crate::mapping::Mapper;
-use crate::resolve::{aggregate_from, resolve_fields, traits, AggState, ProfileId};
+use crate::resolve::{
+    aggregate_from, resolve_fields, traits, AggState, ProfileId, ProfileState, State,
+};
 
 /// What a replay did (or, with `--dry-run`, would do).
 #[derive(Debug, Serialize)]
@@ -187,16 +190,37 @@ impl Store {
         .await?;
         let fetch = format!("fetch forward {} from rebuild_log", batch.max(1));
         let mut events = 0u64;
+        // A batch ends with a whole transaction, as the daemon's do: splits
+        // are settled at transaction ends, and so come out the same.
+        let mut carried: Vec<ChangeEvent> = Vec::new();
         loop {
             let rows = sqlx::query(sqlx::AssertSqlSafe(fetch.clone()))
                 .persistent(false)
                 .fetch_all(&mut *tx)
                 .await?;
-            if rows.is_empty() {
+            if rows.is_empty() && carried.is_empty() {
                 break;
             }
-            let chunk: Vec<ChangeEvent> = rows.iter().map(event_of).collect::<Result<_, _>>()?;
-            events += chunk.len() as u64;
+            let more = !rows.is_empty();
+            let mut chunk: Vec<ChangeEvent> = std::mem::take(&mut carried);
+            for r in &rows {
+                chunk.push(event_of(r)?);
+            }
+            events += rows.len() as u64;
+            if more {
+                if let Some(last) = chunk.last() {
+                    let (source, lsn) = (last.source.clone(), last.commit_lsn);
+                    let cut = chunk
+                        .iter()
+                        .rposition(|e| e.source != source || e.commit_lsn != lsn)
+                        .map_or(0, |n| n + 1);
+                    carried = chunk.split_off(cut);
+                }
+                if chunk.is_empty() {
+                    // One transaction so far: read on.
+                    continue;
+                }
+            }
             // apply() takes one source at a time: split into runs of one source.
             let mut start = 0;
             while start < chunk.len() {
@@ -220,12 +244,14 @@ impl Store {
 }
 
 /// Re-derives `profiles` from their live contributions and writes whatever
-/// differs (profile rows, identities, provenance). Returns the profiles changed.
+/// differs (the partition of their identifiers, profile rows, identities,
+/// provenance). Returns the profiles changed, among them any split off.
 pub(crate) async fn rederive(
     tx: &mut PgConnection,
     mapper: &Mapper,
     profiles: &BTreeSet<ProfileId>,
 ) -> Result<Vec<ProfileId>, StoreError> {
+    let (profiles, mut changed) = regroup(tx, mapper, profiles).await?;
     let ids: Vec<i64> = profiles.iter().copied().collect();
     let by_profile = contributions_by_profile(tx, &ids, false).await?;
     type Stored = (
@@ -243,7 +269,6 @@ pub(crate) async fn rederive(
             .map(|(p, merged_into, a, t)| (p, StoredProfile { merged_into, aggs: a.0, traits: t.0 }))
             .collect();
     let mut provenance = stored_provenance(tx, &ids).await?;
-    let mut changed = BTreeSet::new();
     for (p, contribs) in &by_profile {
         // Identities: every identifier of the profile's rows points at it.
         let mut kinds = Vec::new();
@@ -292,4 +317,109 @@ pub(crate) async fn rederive(
         }
     }
     Ok(changed.into_iter().collect())
+}
+
+/// The partition part of [`rederive`]: splits each of `profiles` into the
+/// connected components of its live rows' identifiers and removes the
+/// identifiers none of them carries, with the merge core's own rule
+/// ([`State::split_unlinked`]; the part from the smaller profile keeps the
+/// id). This is what repairs a store built when the graph only grew. Returns
+/// the profiles to re-derive (the given ones and those split off) and the
+/// ones whose identifiers changed.
+async fn regroup(
+    tx: &mut PgConnection,
+    mapper: &Mapper,
+    profiles: &BTreeSet<ProfileId>,
+) -> Result<(BTreeSet<ProfileId>, BTreeSet<ProfileId>), StoreError> {
+    let ids: Vec<i64> = profiles.iter().copied().collect();
+    let mut state = State::slice(mapper);
+    for (_, rows) in contributions_by_profile(tx, &ids, false).await? {
+        for c in rows {
+            state.contributions.insert(c.row.clone(), c);
+        }
+    }
+    let stored: Vec<(String, String, i64, Option<i64>)> = sqlx::query_as(
+        "select kind, value, profile_id, first_profile_id from identities where profile_id = any($1)",
+    )
+    .bind(&ids)
+    .fetch_all(&mut *tx)
+    .await?;
+    let mut firsts: HashMap<Ident, ProfileId> = HashMap::new();
+    for (k, v, p, first) in stored {
+        firsts.insert((k.clone(), v.clone()), first.unwrap_or(p));
+        state.owners.insert((k, v), p);
+    }
+    for p in &ids {
+        state.profiles.insert(*p, ProfileState::default());
+    }
+    state.next_profile_id =
+        sqlx::query_scalar::<_, i64>("select coalesce(max(profile_id), 0) + 1 from profiles")
+            .fetch_one(&mut *tx)
+            .await?;
+    state.log.unlinked = profiles.clone();
+    state.split_unlinked(&mut firsts.into_iter().collect(), None);
+    let log = std::mem::take(&mut state.log);
+    let mut changed: BTreeSet<ProfileId> = BTreeSet::new();
+    for (p, n) in &log.splits {
+        changed.insert(*p);
+        changed.insert(*n);
+    }
+    if !log.removed_identities.is_empty() {
+        let (kinds, values): (Vec<&str>, Vec<&str>) = log
+            .removed_identities
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .unzip();
+        sqlx::query(
+            "delete from identities i using unnest($1::text[], $2::text[]) as u(k, v) where i.kind = u.k and i.value = u.v",
+        )
+        .bind(&kinds)
+        .bind(&values)
+        .execute(&mut *tx)
+        .await?;
+        changed.extend(profiles.iter().copied());
+    }
+    if !log.splits.is_empty() {
+        let mut moved: (Vec<&str>, Vec<&str>, Vec<i64>) = Default::default();
+        for i in &log.first_reset {
+            if let Some(p) = state.owners.get(i) {
+                moved.0.push(&i.0);
+                moved.1.push(&i.1);
+                moved.2.push(*p);
+            }
+        }
+        sqlx::query(
+            "update identities i set profile_id = u.p, first_profile_id = null
+               from unnest($1::text[], $2::text[], $3::bigint[]) as u(k, v, p)
+              where i.kind = u.k and i.value = u.v",
+        )
+        .bind(&moved.0)
+        .bind(&moved.1)
+        .bind(&moved.2)
+        .execute(&mut *tx)
+        .await?;
+        let mut rows: (Vec<&str>, Vec<&str>, Vec<&str>, Vec<i64>) = Default::default();
+        for r in &log.contributions {
+            if let Some(p) = state.contributions.get(r).and_then(|c| c.profile_id) {
+                rows.0.push(&r.source);
+                rows.1.push(&r.table);
+                rows.2.push(&r.row_key);
+                rows.3.push(p);
+            }
+        }
+        sqlx::query(
+            "update contributions c set profile_id = u.p, updated_at = now()
+               from unnest($1::text[], $2::text[], $3::text[], $4::bigint[]) as u(s, t, k, p)
+              where c.source = u.s and c.table_name = u.t and c.row_key = u.k",
+        )
+        .bind(&rows.0)
+        .bind(&rows.1)
+        .bind(&rows.2)
+        .bind(&rows.3)
+        .execute(&mut *tx)
+        .await?;
+    }
+    let mut all = profiles.clone();
+    all.extend(log.created.iter().copied());
+    Ok((all, changed))
 }

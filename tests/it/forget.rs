@@ -122,3 +122,63 @@ async fn a_forgotten_person_never_comes_back() {
     assert_eq!(out.status.code(), Some(2), "{}", text(&out));
     assert!(text(&out).contains("KIND=VALUE"));
 }
+
+/// An address recycled to a new customer joins nobody to the old one (the
+/// old customer's current row no longer carries it), so forgetting the new
+/// customer erases exactly one person. Under the old grow-only rule the
+/// address kept the two fused, and `forget` erased both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forget_after_an_address_was_recycled_erases_exactly_one_person() {
+    let pg = cluster();
+    let (crm, shop, sink) = two_sources(&pg).await;
+    let cfg = write_config(&pipeline_config(&crm, &shop, &sink, "fr"));
+    let daemon = Daemon::start(&cfg);
+    wait_snapshots(&sink, 2).await;
+    exec(
+        &crm,
+        "insert into contacts (id, email, first_name) values (1, 'old@example.com', 'Ann')",
+    )
+    .await;
+    exec(
+        &crm,
+        "update contacts set email = 'ann@example.com', row_version = 2 where id = 1",
+    )
+    .await;
+    exec(&shop, "insert into accounts (id, email) values (20, 'old@example.com'); insert into orders (id, account_id, status, total_cents) values (200, 20, 'paid', 700)").await;
+    wait_until(
+        "ann and the new owner of her old address",
+        Duration::from_secs(30),
+        || async {
+            traits_of(&sink, "shop_account", "20")
+                .await
+                .is_some_and(|t| t.get("order_count") == Some(&json!(1)))
+                && traits_of(&sink, "crm_contact", "1")
+                    .await
+                    .is_some_and(|t| t.get("email") == Some(&json!("ann@example.com")))
+        },
+    )
+    .await;
+    let new_owner = traits_of(&sink, "email", "old@example.com").await.unwrap();
+    assert_eq!(
+        new_owner.get("first_name"),
+        None,
+        "Ann's name is not the new customer's: {new_owner}"
+    );
+
+    let out = run_cmd(&cfg, &["--json", "forget", "--identity", "shop_account=20"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        r["suppressed"].as_array().unwrap().len(),
+        2,
+        "email and shop account only: {r}"
+    );
+    assert!(traits_of(&sink, "shop_account", "20").await.is_none());
+    let ann = traits_of(&sink, "crm_contact", "1").await;
+    assert_eq!(
+        ann.and_then(|t| t.get("first_name").cloned()),
+        Some(json!("Ann")),
+        "forgetting the new customer erased Ann"
+    );
+    assert_eq!(daemon.stop(), Some(0));
+}

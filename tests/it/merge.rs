@@ -1,8 +1,10 @@
 //! The pure merge core, without a database: the contract's rules one by one,
 //! then property tests over random histories (any order, any duplication, the
-//! same profiles; aggregates equal to a direct computation over the final rows).
+//! same profiles; the partition of identifiers equal to the connected
+//! components of the final rows; aggregates equal to a direct computation
+//! over the final rows).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
 use chrono::{DateTime, TimeZone, Utc};
@@ -10,8 +12,9 @@ use proptest::prelude::*;
 use serde_json::{json, Map, Value};
 use tributary::config::Config;
 use tributary::event::{ChangeEvent, Lsn, Op};
+use tributary::identity::Ident;
 use tributary::mapping::Mapper;
-use tributary::resolve::{Outcome, State};
+use tributary::resolve::{components, Outcome, State};
 
 pub const CONFIG: &str = r#"
 [sink]
@@ -218,6 +221,192 @@ fn a_later_row_linking_two_profiles_merges_them_into_the_smaller_id() {
     assert_eq!(t["lifetime_value_cents"], 500);
     assert_eq!(s.log.merges, vec![(2, 1)], "profile 2 merged into 1");
     assert_eq!(s.profiles[&2].merged_into, Some(1));
+}
+
+fn email(v: &str) -> Ident {
+    ("email".into(), v.into())
+}
+
+fn ident(kind: &str, v: &str) -> Ident {
+    (kind.into(), v.into())
+}
+
+/// The profile that owns an identifier.
+fn owner(s: &State, i: &Ident) -> Option<i64> {
+    s.owners.get(i).map(|p| s.live(*p))
+}
+
+#[test]
+fn deleting_the_row_that_joined_two_people_splits_them_and_the_smaller_id_stays() {
+    let m = mapper();
+    let mut s = State::new(&m);
+    s.apply(
+        &m,
+        &ev(
+            "crm",
+            "contacts",
+            Op::Insert,
+            json!({"id": 1, "email": "a@x.com", "first_name": "Ann", "version": 1}),
+            1,
+        ),
+    )
+    .unwrap();
+    s.apply(
+        &m,
+        &ev(
+            "shop",
+            "orders",
+            Op::Insert,
+            json!({"id": 100, "account_id": 9, "status": "paid", "total_cents": 500}),
+            2,
+        ),
+    )
+    .unwrap();
+    // The account joins them: profile 2 merges into 1.
+    s.apply(
+        &m,
+        &ev(
+            "shop",
+            "accounts",
+            Op::Insert,
+            json!({"id": 9, "email": "a@x.com"}),
+            3,
+        ),
+    )
+    .unwrap();
+    assert_eq!(s.canonical(&m).len(), 1);
+    s.log = Default::default();
+    // The account goes: the e-mail and contact on one side, the orders' account on the other.
+    s.apply(&m, &ev("shop", "accounts", Op::Delete, json!({"id": 9}), 4))
+        .unwrap();
+    let canon = s.canonical(&m);
+    assert_eq!(canon.len(), 2, "{canon:?}");
+    assert_eq!(
+        owner(&s, &email("a@x.com")),
+        Some(1),
+        "the part that came from profile 1 keeps it"
+    );
+    let other = owner(&s, &ident("shop_account", "9")).unwrap();
+    assert!(
+        other > 2,
+        "the other part gets a new id, not the merged one's: {other}"
+    );
+    assert_eq!(s.log.splits, vec![(1, other)]);
+    let ann = &canon[&vec![ident("crm_contact", "1"), email("a@x.com")]];
+    assert_eq!(
+        ann.get("order_count"),
+        None,
+        "the order left with its account: {ann:?}"
+    );
+    assert_eq!(ann["first_name"], "Ann");
+    let orders = &canon[&vec![ident("shop_account", "9")]];
+    assert_eq!(orders["order_count"], 1);
+    assert_eq!(orders["lifetime_value_cents"], 500);
+    assert_eq!(orders.get("first_name"), None, "{orders:?}");
+}
+
+#[test]
+fn a_recycled_email_moves_to_its_new_owner_and_leaves_the_old_one() {
+    let m = mapper();
+    let mut s = State::new(&m);
+    s.apply(
+        &m,
+        &ev(
+            "crm",
+            "contacts",
+            Op::Insert,
+            json!({"id": 1, "email": "old@x.com", "first_name": "Ann", "version": 1}),
+            1,
+        ),
+    )
+    .unwrap();
+    // Ann changes address; later the old address is given to Bob.
+    s.apply(
+        &m,
+        &ev(
+            "crm",
+            "contacts",
+            Op::Update,
+            json!({"id": 1, "email": "ann@x.com", "first_name": "Ann", "version": 2}),
+            2,
+        ),
+    )
+    .unwrap();
+    assert_eq!(
+        owner(&s, &email("old@x.com")),
+        None,
+        "no current row carries it"
+    );
+    s.apply(
+        &m,
+        &ev(
+            "crm",
+            "contacts",
+            Op::Insert,
+            json!({"id": 2, "email": "old@x.com", "first_name": "Bob", "version": 1}),
+            3,
+        ),
+    )
+    .unwrap();
+    let canon = s.canonical(&m);
+    assert_eq!(canon.len(), 2, "{canon:?}");
+    assert_eq!(
+        canon[&vec![ident("crm_contact", "2"), email("old@x.com")]]["first_name"],
+        "Bob"
+    );
+    assert_eq!(
+        canon[&vec![ident("crm_contact", "1"), email("ann@x.com")]]["first_name"],
+        "Ann"
+    );
+}
+
+#[test]
+fn a_typo_corrected_inside_one_transaction_never_joins_two_people() {
+    let m = mapper();
+    let mut s = State::new(&m);
+    s.apply(
+        &m,
+        &ev(
+            "crm",
+            "contacts",
+            Op::Insert,
+            json!({"id": 1, "email": "bob@x.com", "first_name": "Bob", "version": 1}),
+            1,
+        ),
+    )
+    .unwrap();
+    // One transaction (one commit LSN): insert with Bob's address by mistake, then corrected.
+    let mut typo = ev(
+        "crm",
+        "contacts",
+        Op::Insert,
+        json!({"id": 2, "email": "bob@x.com", "first_name": "Cy", "version": 1}),
+        2,
+    );
+    let mut fixed = ev(
+        "crm",
+        "contacts",
+        Op::Update,
+        json!({"id": 2, "email": "cy@x.com", "first_name": "Cy", "version": 2}),
+        2,
+    );
+    typo.seq = 0;
+    fixed.seq = 1;
+    s.apply(&m, &typo).unwrap();
+    s.apply(&m, &fixed).unwrap();
+    let canon = s.canonical(&m);
+    assert_eq!(canon.len(), 2, "{canon:?}");
+    assert_eq!(
+        canon[&vec![ident("crm_contact", "1"), email("bob@x.com")]]["first_name"],
+        "Bob"
+    );
+    assert_eq!(
+        canon[&vec![ident("crm_contact", "2"), email("cy@x.com")]]["first_name"],
+        "Cy"
+    );
+    // Delivered again, the older image links nothing.
+    s.apply(&m, &typo).unwrap();
+    assert_eq!(s.canonical(&m), canon, "a stale image links nothing");
 }
 
 #[test]
@@ -580,6 +769,45 @@ proptest! {
         prop_assert_eq!(again.canonical(&m), expected);
     }
 
+    /// The contract's partition: the profiles' identifier sets are the
+    /// connected components of the links the final rows make (computed here
+    /// with a union-find of the test's own over the final tables), whatever
+    /// the order and duplication of delivery, with identifier changes,
+    /// removals, deletes and re-inserts in the history.
+    #[test]
+    fn the_partition_equals_the_connected_components_of_the_final_rows(
+        steps in proptest::collection::vec(step(), 1..80),
+        seed in any::<u64>(),
+    ) {
+        let m = mapper();
+        let h = simulate(&steps);
+        let mut finals: Vec<Vec<Ident>> = Vec::new();
+        for (table, rows) in &h.tables {
+            let source = if *table == "contacts" { "crm" } else { "shop" };
+            let mapping = m.table(source, &format!("public.{table}")).unwrap();
+            for row in rows.values() {
+                let e = ev(source, &format!("public.{table}"), Op::Insert, row.clone(), 1);
+                if let Ok(ids) = mapping.identities(&e, None) {
+                    finals.push(ids);
+                }
+            }
+        }
+        let expected = union_find(&finals);
+        prop_assert_eq!(&expected, &components(finals.iter().map(Vec::as_slice)));
+
+        let mut rng = seed;
+        let mut next = || { rng ^= rng << 13; rng ^= rng >> 7; rng ^= rng << 17; rng };
+        let mut shuffled: Vec<ChangeEvent> = h.events.iter().flat_map(|e| {
+            if next() % 3 == 0 { vec![e.clone(), e.clone()] } else { vec![e.clone()] }
+        }).collect();
+        for i in (1..shuffled.len()).rev() {
+            let j = usize::try_from(next() % (u64::try_from(i).unwrap() + 1)).unwrap();
+            shuffled.swap(i, j);
+        }
+        prop_assert_eq!(&apply_all(&m, &h.events).partition(), &expected, "in order");
+        prop_assert_eq!(&apply_all(&m, &shuffled).partition(), &expected, "shuffled and duplicated");
+    }
+
     #[test]
     fn aggregates_equal_a_direct_computation_over_the_final_rows(steps in proptest::collection::vec(step(), 1..80)) {
         let m = mapper();
@@ -683,4 +911,25 @@ fn a_row_that_would_exceed_the_merge_limit_is_refused_and_changes_nothing() {
         ),
     );
     assert!(err.is_err(), "merging 3 + 2 identifiers exceeds 3");
+}
+
+/// Connected components by a plain quadratic merge of sets: the test's own
+/// computation, independent of the crate's.
+fn union_find(rows: &[Vec<Ident>]) -> BTreeSet<BTreeSet<Ident>> {
+    let mut sets: Vec<BTreeSet<Ident>> = Vec::new();
+    for row in rows {
+        let mut joined: BTreeSet<Ident> = row.iter().cloned().collect();
+        sets.retain(|s| {
+            if s.iter().any(|i| joined.contains(i)) {
+                joined.extend(s.iter().cloned());
+                false
+            } else {
+                true
+            }
+        });
+        if !joined.is_empty() {
+            sets.push(joined);
+        }
+    }
+    sets.into_iter().collect()
 }

@@ -426,9 +426,11 @@ async fn a_small_memory_budget_is_honoured_and_the_store_stays_exact() {
         *w.changes.entry("crm").or_default() += 500;
         *w.changes.entry("shop").or_default() += 500;
     }
-    // A merge whose losing profile has a row the merge does not touch (contact
-    // 20002, the only one with a last name), then a change of the surviving
-    // profile's fields: its traits must still count that row.
+    // A merge whose losing profile has a row the merge does not touch (order
+    // 520002), then a change of the surviving profile's fields: its traits
+    // must still count that row. The account that moves to Ann's address
+    // leaves contact 20002 (the only one with a last name) joined to nobody
+    // in the merged profile: it splits off with its own profile.
     for (db, sql) in [
         (&crm, "update contacts set last_name = 'Only', row_version = row_version + 1, modified_at = now() where id = 20002"),
         (&shop, "update accounts set email = 'late20001@x.com' where id = 20002"),
@@ -448,7 +450,12 @@ async fn a_small_memory_budget_is_honoured_and_the_store_stays_exact() {
     let merged = traits_of(&fits, "crm_contact", "20001")
         .await
         .unwrap_or_default();
-    assert_eq!(merged.get("last_name"), Some(&json!("Only")), "{merged}");
+    assert_eq!(merged.get("order_count"), Some(&json!(2)), "{merged}");
+    assert_eq!(merged.get("last_name"), None, "{merged}");
+    let split = traits_of(&fits, "crm_contact", "20002")
+        .await
+        .unwrap_or_default();
+    assert_eq!(split.get("last_name"), Some(&json!("Only")), "{split}");
     // Then a random workload with merges, identifier changes and deletes.
     w.run(&crm, &shop, 3000, 21, |_| {}).await;
     for sink in [&fits, &none, &small] {
@@ -645,4 +652,46 @@ async fn a_batch_derived_beside_an_uncommitted_one_sees_its_changes() {
         "the moved order is account 2's latest: {two}"
     );
     assert_eq!(daemon.stop(), Some(0));
+}
+
+/// Profiles follow the sources' current rows: a store that streamed a random
+/// workload (merges, identifier changes and removals, deletes, re-inserts,
+/// orders moving between accounts) and a store snapshotted afresh from the
+/// final rows hold the same partition of identifiers into profiles, with the
+/// same aggregates. Under the grow-only rule the streamed store kept every
+/// link it had ever seen.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_streamed_store_and_a_fresh_snapshot_hold_the_same_partition() {
+    use crate::faults::{caught_up, Workload};
+    let pg = cluster();
+    let (crm, shop, streamed) = two_sources(&pg).await;
+    let fresh = create_db(&pg, "profiles_fresh").await;
+    let cfg = write_config(&pipeline_config(&crm, &shop, &streamed, "st"));
+    let daemon = Daemon::start(&cfg);
+    wait_snapshots(&streamed, 2).await;
+    let mut w = Workload::default();
+    w.run(&crm, &shop, 3000, 41, |_| {}).await;
+    wait_until("the store caught up", Duration::from_secs(120), || async {
+        caught_up(&shop, &streamed, &w).await
+    })
+    .await;
+    assert_eq!(daemon.stop(), Some(0));
+
+    let fresh_cfg = write_config(&pipeline_config(&crm, &shop, &fresh, "fs"));
+    let snapshotted = Daemon::start(&fresh_cfg);
+    wait_snapshots(&fresh, 2).await;
+    let partition = |sink: String| async move {
+        let mut conn = PgConnection::connect(&sink).await.unwrap();
+        sqlx::query_as::<_, (serde_json::Value, Option<i64>, Option<i64>)>(
+            "select identities, (traits ->> 'order_count')::bigint, (traits ->> 'lifetime_value_cents')::bigint
+               from tributary.profile_view order by identities::text",
+        )
+        .fetch_all(&mut conn)
+        .await
+        .unwrap()
+    };
+    let expected = partition(fresh.clone()).await;
+    assert!(expected.len() > 100, "the workload left profiles");
+    assert_eq!(partition(streamed.clone()).await, expected);
+    assert_eq!(snapshotted.stop(), Some(0));
 }
