@@ -513,10 +513,6 @@ impl SourceCtx {
     /// transactions, buffered the same way per transaction and dropped on
     /// Stream Abort (or only the aborted subtransaction's changes).
     async fn stream(&self, rep: &mut Replication, checkpoint: Lsn) -> Result<(), LoopError> {
-        let linger = Duration::from_millis(self.settings.batch_max_wait_ms);
-        let max = self.settings.batch_max_events;
-        let budget = self.settings.max_txn_memory_bytes;
-        let spill = self.settings.spill_dir.clone();
         let mut p = Pending {
             flushed: checkpoint,
             batch: Vec::new(),
@@ -524,6 +520,31 @@ impl SourceCtx {
             deadline: None,
             inflight: VecDeque::new(),
         };
+        let result = self.stream_into(rep, &mut p).await;
+        if result.is_err() {
+            // The batches already being written go on (they need the store,
+            // not this connection): waiting a while for them lets the
+            // reconnect resume after them instead of streaming them again.
+            // A store that does not answer is not waited for: what commits
+            // later is recognised as applied when it comes again.
+            let written = async {
+                while let Some(f) = p.inflight.pop_front() {
+                    if f.finish().await.is_err() {
+                        break;
+                    }
+                }
+            };
+            let _ = tokio::time::timeout(Duration::from_secs(5), written).await;
+        }
+        result
+    }
+
+    /// [`SourceCtx::stream`], with its pending batches in `p`.
+    async fn stream_into(&self, rep: &mut Replication, p: &mut Pending) -> Result<(), LoopError> {
+        let linger = Duration::from_millis(self.settings.batch_max_wait_ms);
+        let max = self.settings.batch_max_events;
+        let budget = self.settings.max_txn_memory_bytes;
+        let spill = self.settings.spill_dir.clone();
         let mut open: Option<TxnBuffer> = None; // the (non-streamed) transaction being received
         let mut streams: HashMap<u32, TxnBuffer> = HashMap::new(); // protocol v2, by top-level xid
         let mut in_stream: Option<u32> = None;
@@ -606,7 +627,7 @@ impl SourceCtx {
                                         continue; // the server may resend transactions at or before the checkpoint
                                     }
                                     if txn.spilled() || txn.len() > max {
-                                        self.apply_large(rep, &mut p, txn, end_lsn, None).await?;
+                                        self.apply_large(rep, p, txn, end_lsn, None).await?;
                                     } else {
                                         let mut chunks = txn.into_chunks(max).map_err(io)?;
                                         p.batch.extend(chunks.next_chunk().map_err(io)?);
@@ -619,7 +640,7 @@ impl SourceCtx {
                                 Decoded::StreamCommit { xid, commit_lsn, end_lsn, commit_time } => {
                                     let txn = streams.remove(&xid).unwrap_or_else(|| TxnBuffer::new(budget));
                                     if end_lsn > p.seen() {
-                                        self.apply_large(rep, &mut p, txn, end_lsn, Some((commit_lsn, commit_time))).await?;
+                                        self.apply_large(rep, p, txn, end_lsn, Some((commit_lsn, commit_time))).await?;
                                     }
                                 }
                                 Decoded::StreamAbort { xid, subxid } => {

@@ -508,7 +508,7 @@ pub(crate) async fn plan(
     let mut state = State::slice(mapper);
     let mut existing = Existing::default();
     // Each mapped event's row, its key rendered once.
-    let event_rows: Vec<Option<RowRef>> = expanded
+    let mut event_rows: Vec<Option<RowRef>> = expanded
         .iter()
         .map(|e| {
             mapper.table(&e.source, &e.table).map(|_| RowRef {
@@ -656,7 +656,14 @@ pub(crate) async fn plan(
                 skipped.insert((e.commit_lsn, e.seq));
             }
         }
-        expanded.retain(|e| !skipped.contains(&(e.commit_lsn, e.seq)));
+        let keep: Vec<bool> = expanded
+            .iter()
+            .map(|e| !skipped.contains(&(e.commit_lsn, e.seq)))
+            .collect();
+        let mut k = keep.iter();
+        expanded.retain(|_| k.next().copied().unwrap_or(true));
+        let mut k = keep.iter();
+        event_rows.retain(|_| k.next().copied().unwrap_or(true));
     }
     // The event log, as received (idempotent on (source, commit_lsn, seq)).
     let kept: Vec<&ChangeEvent> = events
@@ -671,6 +678,7 @@ pub(crate) async fn plan(
             state,
             existing,
             cache,
+            rows: event_rows,
         },
         expanded,
         skipped.len(),
@@ -747,6 +755,8 @@ struct Loaded<'c> {
     state: State,
     existing: Existing,
     cache: Option<&'c mut MergeCache>,
+    /// Each (expanded, unsuppressed) event's row, None for unmapped tables.
+    rows: Vec<Option<RowRef>>,
 }
 
 /// The suppressed identifiers among `idents`: from the cache's copy of
@@ -797,6 +807,7 @@ async fn derive(
         mut state,
         mut existing,
         mut cache,
+        rows: event_rows,
     } = loaded;
     let mut want: BTreeSet<ProfileId> = state
         .owners
@@ -901,7 +912,8 @@ async fn derive(
     // (event, the reason in full for the table, the reason without values for logs)
     let mut dead: Vec<(&ChangeEvent, String, String)> = Vec::new();
     let mut splitting = Splitting::default();
-    let candidates = withdrawing(mapper, &state, &expanded);
+    let candidates = withdrawing(mapper, &state, &expanded, &event_rows);
+    drop(event_rows);
     state.track_splits(candidates.is_some());
     if let Some(candidates) = candidates.filter(|c| !c.is_empty()) {
         load_for_split(
@@ -1157,24 +1169,15 @@ fn withdrawing(
     mapper: &Mapper,
     state: &State,
     events: &[Cow<'_, ChangeEvent>],
+    rows: &[Option<RowRef>],
 ) -> Option<Vec<ProfileId>> {
-    let rows: Vec<Option<RowRef>> = events
-        .iter()
-        .map(|e| {
-            mapper.table(&e.source, &e.table).map(|_| RowRef {
-                source: e.source.clone(),
-                table: e.table.clone(),
-                row_key: e.row_key(),
-            })
-        })
-        .collect();
     let mut changes: HashMap<&RowRef, usize> = HashMap::new();
     for row in rows.iter().flatten() {
         *changes.entry(row).or_default() += 1;
     }
     let mut out: BTreeSet<ProfileId> = BTreeSet::new();
     let mut any = false;
-    for (e, row) in events.iter().zip(&rows) {
+    for (e, row) in events.iter().zip(rows) {
         let (Some(m), Some(row)) = (mapper.table(&e.source, &e.table), row) else {
             continue;
         };
