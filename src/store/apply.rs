@@ -1132,12 +1132,7 @@ async fn load_for_split(
             state.contributions.insert(c.row.clone(), c);
         }
     }
-    let stored: Vec<(String, String, i64, Option<i64>)> = sqlx::query_as(
-        "select kind, value, profile_id, first_profile_id from identities where profile_id = any($1)",
-    )
-    .bind(&read)
-    .fetch_all(&mut *tx)
-    .await?;
+    let stored = identities_of(tx, &read).await?;
     // First profiles: the store's where it has one; else where this batch
     // moved the identifier (a merge); else the profile the store has it in.
     for (k, v, p, first) in stored {
@@ -1209,6 +1204,20 @@ fn withdrawing(
         }
     }
     any.then(|| out.into_iter().collect())
+}
+
+/// The identifiers the store has in `profiles`: kind, value, profile and
+/// first profile (see [`State::split_unlinked`]).
+pub(crate) async fn identities_of(
+    tx: &mut PgConnection,
+    profiles: &[ProfileId],
+) -> Result<Vec<(String, String, i64, Option<i64>)>, StoreError> {
+    Ok(sqlx::query_as(
+        "select kind, value, profile_id, first_profile_id from identities where profile_id = any($1)",
+    )
+    .bind(profiles)
+    .fetch_all(&mut *tx)
+    .await?)
 }
 
 /// What a batch's splits have read so far.

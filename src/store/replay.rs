@@ -20,7 +20,8 @@ use sqlx::types::Json;
 use sqlx::{PgConnection, Row};
 
 use super::apply::{
-    apply_in, contributions_by_profile, lock, provenance_json, stored_provenance, StoredProfile,
+    apply_in, contributions_by_profile, identities_of, lock, provenance_json, stored_provenance,
+    StoredProfile,
 };
 use super::{Store, StoreError};
 use crate::event::{ChangeEvent, Lsn, Op};
@@ -338,12 +339,7 @@ async fn regroup(
             state.contributions.insert(c.row.clone(), c);
         }
     }
-    let stored: Vec<(String, String, i64, Option<i64>)> = sqlx::query_as(
-        "select kind, value, profile_id, first_profile_id from identities where profile_id = any($1)",
-    )
-    .bind(&ids)
-    .fetch_all(&mut *tx)
-    .await?;
+    let stored = identities_of(tx, &ids).await?;
     let mut firsts: HashMap<Ident, ProfileId> = HashMap::new();
     for (k, v, p, first) in stored {
         firsts.insert((k.clone(), v.clone()), first.unwrap_or(p));
