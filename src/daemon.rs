@@ -209,22 +209,99 @@ impl LoopError {
 
 /// Snapshot batches go through the write path without a checkpoint: the
 /// snapshot is only complete, and streaming may start, once every table has
-/// been read.
+/// been read. Like the stream's, up to [`IN_FLIGHT`] batches are written at
+/// once, in order (one is derived while the one before commits), while the
+/// next one is read from the source.
 struct SnapshotWriter<'a> {
     ctx: &'a SourceCtx,
+    /// The slot's consistent point: where the snapshot's rows are.
+    consistent_point: Lsn,
+    inflight: VecDeque<InFlight>,
+}
+
+impl SnapshotWriter<'_> {
+    /// Waits until every batch handed over has committed.
+    async fn settle(&mut self) -> Result<(), LoopError> {
+        while let Some(f) = self.inflight.pop_front() {
+            f.finish().await?;
+        }
+        Ok(())
+    }
 }
 
 impl SnapshotSink for SnapshotWriter<'_> {
     async fn apply(&mut self, events: Vec<ChangeEvent>) -> anyhow::Result<()> {
-        metrics::counter!(crate::metrics::SNAPSHOT_ROWS, "source" => self.ctx.src.name.clone())
+        let ctx = self.ctx;
+        metrics::counter!(crate::metrics::SNAPSHOT_ROWS, "source" => ctx.src.name.clone())
             .increment(events.len() as u64);
-        self.ctx
-            .sink
-            .write(&self.ctx.src.name, &events, None)
-            .await?;
+        if self.inflight.len() >= IN_FLIGHT {
+            if let Some(oldest) = self.inflight.pop_front() {
+                oldest.finish().await?;
+            }
+        }
+        let after = self.inflight.back_mut().and_then(|f| f.placed.take());
+        let (sink, source) = (ctx.sink.clone(), ctx.src.name.clone());
+        let (placed_tx, placed) = oneshot::channel();
+        let task = tokio::spawn(async move {
+            Ok(sink
+                .write_after(&source, &events, None, after, Some(placed_tx))
+                .await?)
+        });
+        self.inflight.push_back(InFlight {
+            end: self.consistent_point,
+            started: std::time::Instant::now(),
+            task,
+            placed: Some(placed),
+        });
+        Ok(())
+    }
+
+    /// Once a table's rows are all written, the rows of it that the store
+    /// held from before but the snapshot did not see are gone upstream: they
+    /// are withdrawn at the consistent point, and the table is recorded as
+    /// done, so that a restart does not read it again.
+    async fn table_done(&mut self, table: &str) -> anyhow::Result<()> {
+        self.settle().await?;
+        let (src, cp) = (&self.ctx.src, self.consistent_point);
+        let store = self.ctx.sink.store();
+        let gone = store.live_keys_before(&src.name, table, cp).await?;
+        if !gone.is_empty() {
+            tracing::info!(source = %src.name, table, rows = gone.len(), "withdrawing rows not seen by the snapshot");
+            let deletes: Vec<ChangeEvent> = gone
+                .into_iter()
+                .enumerate()
+                .map(|(i, key)| {
+                    let key: Map<String, Value> = serde_json::from_str(&key).unwrap_or_default();
+                    ChangeEvent {
+                        source: src.name.clone(),
+                        table: table.to_owned(),
+                        op: Op::Delete,
+                        row: key.clone(),
+                        key,
+                        unchanged: Vec::new(),
+                        unreadable: Vec::new(),
+                        lsn: cp,
+                        commit_lsn: cp,
+                        // After every row the snapshot read (their seq
+                        // counts up from 0 over the tables).
+                        seq: WITHDRAWAL_SEQ_BASE + i as u64,
+                        xid: 0,
+                        commit_time: chrono::Utc::now(),
+                    }
+                })
+                .collect();
+            for chunk in deletes.chunks(self.ctx.settings.batch_max_events) {
+                self.ctx.sink.write(&src.name, chunk, None).await?;
+            }
+        }
+        store.snapshot_table_done(&src.name, table).await?;
         Ok(())
     }
 }
+
+/// The `seq` of the first withdrawal of an initial snapshot, above any row it
+/// can read (`seq` orders changes at one LSN).
+const WITHDRAWAL_SEQ_BASE: u64 = 1 << 62;
 
 impl SourceCtx {
     async fn run(&self) -> anyhow::Result<()> {
@@ -323,7 +400,10 @@ impl SourceCtx {
                 }
                 .into())
             }
-            _ => self.initial_snapshot(&mut rep, slot.is_some()).await?,
+            _ => {
+                self.initial_snapshot(&mut rep, slot.as_ref(), checkpoint.as_ref())
+                    .await?
+            }
         };
         self.sink
             .store()
@@ -418,11 +498,11 @@ impl SourceCtx {
                 match result {
                     // The re-snapshot cleared the record.
                     Ok(_) => {
-                        tracing::info!(source = %source, table = %table, "table read again after it was out of the publication")
+                        tracing::info!(source = %source, table = %table, "table read again (it was out of the publication, or its initial snapshot was interrupted)")
                     }
                     Err(e) => {
                         tracing::warn!(source = %source, table = %table, error = %format!("{e:#}"),
-                            "re-snapshot of a table that was out of the publication failed; it is tried again at the next connect");
+                            "re-snapshot of a pending table failed; it is tried again at the next connect");
                     }
                 }
             }
@@ -433,10 +513,14 @@ impl SourceCtx {
     async fn initial_snapshot(
         &self,
         rep: &mut Replication,
-        slot_exists: bool,
+        slot: Option<&crate::source::SlotInfo>,
+        checkpoint: Option<&crate::store::Checkpoint>,
     ) -> Result<Lsn, LoopError> {
         let src = &self.src;
-        if slot_exists {
+        if let Some(slot) = slot {
+            if let Some(cp) = self.resumable(slot, checkpoint) {
+                return self.resume_snapshot(cp, checkpoint).await;
+            }
             // A slot without a completed snapshot: a previous snapshot was
             // interrupted (or the store is new). Its exported snapshot is gone, so
             // start over; rows already applied are overwritten idempotently.
@@ -444,7 +528,15 @@ impl SourceCtx {
             rep.drop_slot(&src.slot).await?;
         }
         let created = rep.create_slot(&src.slot).await?;
-        let mut writer = SnapshotWriter { ctx: self };
+        let store = self.sink.store();
+        store
+            .begin_snapshot(&src.name, &src.slot, created.consistent_point)
+            .await?;
+        let mut writer = SnapshotWriter {
+            ctx: self,
+            consistent_point: created.consistent_point,
+            inflight: VecDeque::new(),
+        };
         let running =
             metrics::gauge!(crate::metrics::SNAPSHOT_RUNNING, "source" => src.name.clone());
         running.set(1.0);
@@ -457,46 +549,64 @@ impl SourceCtx {
         )
         .await;
         running.set(0.0);
-        let rows = rows?;
-        // Rows the store knows from before this snapshot but the snapshot did
-        // not see are gone upstream: withdraw them at the consistent point.
-        let gone = self
-            .sink
-            .store()
-            .live_rows_before(&src.name, created.consistent_point)
-            .await?;
-        if !gone.is_empty() {
-            tracing::info!(source = %src.name, rows = gone.len(), "withdrawing rows not seen by the snapshot");
-            let deletes: Vec<ChangeEvent> = gone
-                .into_iter()
-                .enumerate()
-                .map(|(i, (table, key))| {
-                    let key: Map<String, Value> = serde_json::from_str(&key).unwrap_or_default();
-                    ChangeEvent {
-                        source: src.name.clone(),
-                        table,
-                        op: Op::Delete,
-                        row: key.clone(),
-                        key,
-                        unchanged: Vec::new(),
-                        unreadable: Vec::new(),
-                        lsn: created.consistent_point,
-                        commit_lsn: created.consistent_point,
-                        seq: rows + i as u64,
-                        xid: 0,
-                        commit_time: chrono::Utc::now(),
-                    }
-                })
-                .collect();
-            for chunk in deletes.chunks(self.settings.batch_max_events) {
-                self.sink.write(&src.name, chunk, None).await?;
-            }
+        if rows.is_err() {
+            // What is in flight commits or fails on its own; a retry starts
+            // after it (the next write takes its place in the store's order).
+            let _ = writer.settle().await;
         }
+        let rows = rows?;
         self.sink
             .complete_snapshot(&src.name, &src.slot, created.consistent_point)
             .await?;
         tracing::info!(source = %src.name, rows, lsn = %created.consistent_point, "initial snapshot complete");
         Ok(created.consistent_point)
+    }
+
+    /// The consistent point of an interrupted initial snapshot that can be
+    /// resumed: the slot it was taken with still stands at that point, some
+    /// of its tables are done, and this process reads tables again itself
+    /// (it derives, and publishes nothing: a watermarked read is not sent to
+    /// Kafka, so a publishing process reads every table again instead).
+    fn resumable(
+        &self,
+        slot: &crate::source::SlotInfo,
+        checkpoint: Option<&crate::store::Checkpoint>,
+    ) -> Option<Lsn> {
+        let cp = checkpoint?;
+        let (slot_name, at) = cp.snapshot.as_ref()?;
+        (!cp.snapshot_completed
+            && !cp.snapshot_tables_done.is_empty()
+            && *slot_name == self.src.slot
+            && slot.confirmed_flush == *at
+            && self.sink.derives()
+            && !self.sink.publishes())
+        .then_some(*at)
+    }
+
+    /// Resumes an interrupted initial snapshot at `cp`: the tables it
+    /// finished stay, the others are read again (watermarked) once the
+    /// stream runs from `cp`, as a table added to a streaming source is.
+    async fn resume_snapshot(
+        &self,
+        cp: Lsn,
+        checkpoint: Option<&crate::store::Checkpoint>,
+    ) -> Result<Lsn, LoopError> {
+        let src = &self.src;
+        let done = checkpoint.map_or(&[][..], |c| &c.snapshot_tables_done[..]);
+        let rest: Vec<String> = src
+            .tables
+            .iter()
+            .map(|t| t.qualified.clone())
+            .filter(|t| !done.contains(t))
+            .collect();
+        tracing::warn!(source = %src.name, slot = %src.slot, lsn = %cp, done = ?done, rest = ?rest,
+            "resuming an interrupted initial snapshot: the tables it finished are kept, the rest are read again while the stream runs");
+        let store = self.sink.store();
+        store.add_pending_table_snapshots(&src.name, &rest).await?;
+        self.sink
+            .complete_snapshot(&src.name, &src.slot, cp)
+            .await?;
+        Ok(cp)
     }
 
     /// The streaming loop: read, batch, apply with checkpoint, acknowledge.

@@ -107,6 +107,11 @@ impl Sink {
         self.role != Role::Capture
     }
 
+    /// Does this process publish change events to Kafka?
+    pub fn publishes(&self) -> bool {
+        self.publisher.is_some()
+    }
+
     /// Writes changes of `source` read from the source itself, and moves its
     /// checkpoint to `checkpoint` when given: publish → apply → outbox →
     /// checkpoint → commit. Returns once committed; only then may the caller

@@ -16,10 +16,18 @@ use crate::event::{ChangeEvent, Lsn};
 
 /// Where snapshot batches go (the store, in the daemon).
 pub trait SnapshotSink {
-    /// Applies one batch of snapshot events.
+    /// Applies one batch of snapshot events (it may still be applying when
+    /// this returns: [`SnapshotSink::table_done`] waits for it).
     fn apply(
         &mut self,
         events: Vec<ChangeEvent>,
+    ) -> impl std::future::Future<Output = anyhow::Result<()>> + Send;
+
+    /// Every row of `table` was handed to [`SnapshotSink::apply`]: returns
+    /// once they are all applied.
+    fn table_done(
+        &mut self,
+        table: &str,
     ) -> impl std::future::Future<Output = anyhow::Result<()>> + Send;
 }
 
@@ -71,10 +79,11 @@ pub async fn snapshot(
             }
         }
         drop(rows);
+        if !pending.is_empty() {
+            sink.apply(std::mem::take(&mut pending)).await?;
+        }
+        sink.table_done(&t.qualified).await?;
         tracing::info!(source = %src.name, table = %t.qualified, rows = n, "snapshot of table done");
-    }
-    if !pending.is_empty() {
-        sink.apply(pending).await?;
     }
     tx.commit()
         .await

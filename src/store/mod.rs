@@ -335,23 +335,81 @@ pub struct Checkpoint {
     /// The source server's system identifier and timeline when last
     /// connected (None before the first connect that recorded them).
     pub generation: Option<(String, i64)>,
+    /// The slot the initial snapshot was taken with, and its consistent point
+    /// (recorded when the snapshot starts).
+    pub snapshot: Option<(String, crate::event::Lsn)>,
+    /// Tables whose initial snapshot is complete, while the snapshot as a
+    /// whole is not: a restart keeps them and reads only the rest.
+    pub snapshot_tables_done: Vec<String>,
 }
 
 impl Store {
     /// The stored checkpoint of a source.
     pub async fn checkpoint(&self, source: &str) -> Result<Option<Checkpoint>, StoreError> {
-        let row: Option<(String, bool, Option<String>, Option<i64>)> = sqlx::query_as(
-            "select lsn::text, snapshot_completed_at is not null, system_id, timeline
+        type Row = (
+            String,
+            bool,
+            Option<String>,
+            Option<i64>,
+            Option<String>,
+            Option<String>,
+            Vec<String>,
+        );
+        let row: Option<Row> = sqlx::query_as(
+            "select lsn::text, snapshot_completed_at is not null, system_id, timeline,
+                    slot, snapshot_lsn::text, snapshot_tables_done
                from checkpoints where source = $1",
         )
         .bind(source)
         .fetch_optional(&self.pool)
         .await?;
-        Ok(row.map(|(lsn, done, system_id, timeline)| Checkpoint {
-            lsn: lsn.parse().unwrap_or_default(),
-            snapshot_completed: done,
-            generation: system_id.zip(timeline),
-        }))
+        Ok(row.map(
+            |(lsn, done, system_id, timeline, slot, snapshot_lsn, tables_done)| Checkpoint {
+                lsn: lsn.parse().unwrap_or_default(),
+                snapshot_completed: done,
+                generation: system_id.zip(timeline),
+                snapshot: slot.zip(snapshot_lsn.and_then(|l| l.parse().ok())),
+                snapshot_tables_done: tables_done,
+            },
+        ))
+    }
+
+    /// Records that the initial snapshot of `source` starts with `slot` at
+    /// `consistent_point`, no table done yet.
+    pub async fn begin_snapshot(
+        &self,
+        source: &str,
+        slot: &str,
+        consistent_point: crate::event::Lsn,
+    ) -> Result<(), StoreError> {
+        sqlx::query(
+            "insert into checkpoints (source, lsn, slot, snapshot_lsn)
+             values ($1, $2::pg_lsn, $3, $2::pg_lsn)
+             on conflict (source) do update set lsn = excluded.lsn, slot = excluded.slot,
+               snapshot_lsn = excluded.snapshot_lsn, snapshot_completed_at = null,
+               snapshot_tables_done = '{}', updated_at = now()",
+        )
+        .bind(source)
+        .bind(consistent_point.to_string())
+        .bind(slot)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Records that every row of `table` is written by the initial snapshot
+    /// of `source` (and the rows it did not see withdrawn).
+    pub async fn snapshot_table_done(&self, source: &str, table: &str) -> Result<(), StoreError> {
+        sqlx::query(
+            "update checkpoints set snapshot_tables_done = array_append(snapshot_tables_done, $2),
+               updated_at = now()
+             where source = $1 and not ($2 = any(snapshot_tables_done))",
+        )
+        .bind(source)
+        .bind(table)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
     }
 
     /// Records that `tables` of `source` must be read again (see
@@ -420,7 +478,8 @@ impl Store {
             "insert into checkpoints (source, lsn, slot, snapshot_lsn, snapshot_completed_at)
              values ($1, $2::pg_lsn, $3, $2::pg_lsn, now())
              on conflict (source) do update set lsn = excluded.lsn, slot = excluded.slot,
-               snapshot_lsn = excluded.snapshot_lsn, snapshot_completed_at = now(), updated_at = now()",
+               snapshot_lsn = excluded.snapshot_lsn, snapshot_completed_at = now(),
+               snapshot_tables_done = '{}', updated_at = now()",
         )
         .bind(source)
         .bind(consistent_point.to_string())
@@ -428,19 +487,5 @@ impl Store {
         .execute(&self.pool)
         .await?;
         Ok(())
-    }
-
-    /// Keys of `source`'s live rows last written before `lsn`: after a snapshot
-    /// at `lsn`, these rows were not seen and no longer exist upstream.
-    pub async fn live_rows_before(
-        &self,
-        source: &str,
-        lsn: crate::event::Lsn,
-    ) -> Result<Vec<(String, String)>, StoreError> {
-        Ok(sqlx::query_as("select table_name, row_key from contributions where source = $1 and not deleted and lsn < $2::pg_lsn")
-            .bind(source)
-            .bind(lsn.to_string())
-            .fetch_all(&self.pool)
-            .await?)
     }
 }

@@ -116,3 +116,115 @@ async fn snapshot_brings_existing_rows_and_loses_no_concurrent_change() {
     );
     assert_eq!(daemon.stop(), Some(0));
 }
+
+/// A daemon killed in the middle of its initial snapshot resumes it: the
+/// tables it had finished are not read again, the one it was reading and the
+/// rest are read again (watermarked) while the stream runs, and every row,
+/// including changes made while it was down, is in the store exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_killed_midway_resumes_without_reading_finished_tables_again() {
+    let pg = cluster();
+    let (_, shop, sink) = two_sources(&pg).await;
+    exec(&shop, "insert into accounts (id, email) select g, 'u' || g || '@x.com' from generate_series(1, 3000) g").await;
+    exec(&shop, "insert into orders (id, account_id, status, total_cents) select g, 1 + g % 3000, 'paid', g from generate_series(1, 20000) g").await;
+    let tables = r#"
+  [[source.table]]
+  name = "public.accounts"
+  identity = { email = "email", shop_account = "id" }
+  fields = { phone = "phone" }
+  [[source.table]]
+  name = "public.orders"
+  identity = { shop_account = "account_id" }
+  [source.table.aggregates]
+  order_count = { fn = "count" }
+  lifetime_value_cents = { fn = "sum", column = "total_cents", only_when = { status = ["paid", "shipped"] } }
+"#;
+    let cfg = write_config(
+        &source_config(&sink, ("shop", &shop, "resume"), tables).replace(
+            "batch_max_wait_ms = 20",
+            "batch_max_wait_ms = 20\nbatch_max_events = 500",
+        ),
+    );
+    // Accounts are six writes, orders forty: the twelfth write is an
+    // orders batch, after the accounts were recorded as done.
+    let first = Daemon::start_with_env(&cfg, &[("TRIBUTARY_TEST_CRASH", "derived:12")]);
+    let (code, log) = exits_by_itself(first, Duration::from_secs(60)).await;
+    assert_ne!(code, Some(0), "the crash point was not reached:\n{log}");
+    let done: Vec<String> = scalar(
+        &sink,
+        "select snapshot_tables_done from tributary.checkpoints where source = 'shop'",
+    )
+    .await;
+    assert_eq!(done, ["public.accounts"], "{log}");
+    let orders_before: i64 = scalar(
+        &sink,
+        "select count(*) from tributary.contributions where table_name = 'public.orders'",
+    )
+    .await;
+    assert!(
+        orders_before < 20_000,
+        "the orders were all written before the crash ({orders_before})"
+    );
+
+    // Changes while it is down, to both tables: the stream brings them.
+    exec(&shop, "delete from accounts where id = 7").await;
+    exec(&shop, "update accounts set phone = '+100' where id = 8").await;
+    exec(
+        &shop,
+        "update orders set status = 'cancelled' where id <= 10",
+    )
+    .await;
+    exec(
+        &shop,
+        "insert into orders (id, account_id, status, total_cents) values (20001, 9, 'paid', 5)",
+    )
+    .await;
+
+    let daemon = Daemon::start(&cfg);
+    wait_snapshots(&sink, 1).await;
+    wait_until("the orders read again", Duration::from_secs(90), || async {
+        scalar::<i64>(&sink, "select count(*) from tributary.table_snapshots_pending").await == 0
+            && scalar::<i64>(&sink, "select count(*) from tributary.contributions where table_name = 'public.orders' and not deleted").await == 20_001
+            && scalar::<i64>(&sink, "select count(*) from tributary.contributions where table_name = 'public.accounts' and not deleted").await == 2_999
+    })
+    .await;
+
+    // The finished table was read once: one snapshot event per row.
+    let account_reads: i64 = scalar(
+        &sink,
+        "select count(*) from tributary.events where table_name = 'public.accounts' and op = 'snapshot'",
+    )
+    .await;
+    assert_eq!(account_reads, 3_000, "{}", daemon.log_text());
+    // Every order counted once, the changes made while it was down included.
+    let count: i64 = scalar(
+        &sink,
+        "select coalesce(sum((traits ->> 'order_count')::bigint), 0)::bigint
+           from tributary.profiles where merged_into is null",
+    )
+    .await;
+    let value: i64 = scalar(
+        &sink,
+        "select coalesce(sum((traits ->> 'lifetime_value_cents')::bigint), 0)::bigint
+           from tributary.profiles where merged_into is null",
+    )
+    .await;
+    let want_value: i64 = scalar(
+        &shop,
+        "select sum(total_cents)::bigint from orders where status in ('paid', 'shipped')",
+    )
+    .await;
+    assert_eq!(
+        (count, value),
+        (20_001, want_value),
+        "{}",
+        daemon.log_text()
+    );
+    assert_eq!(
+        traits_of(&sink, "shop_account", "8")
+            .await
+            .and_then(|t| t.get("phone").cloned()),
+        Some(serde_json::json!("+100"))
+    );
+    assert_eq!(daemon.stop(), Some(0));
+}
