@@ -139,7 +139,7 @@ normalize = "email"
     exec(&sink, "
         update tributary.profiles set traits = traits || '{\"first_name\": \"Drifted\"}'
          where profile_id in (select profile_id from tributary.profiles order by profile_id limit 5);
-        update tributary.contributions set fields = fields || '{\"last_name\": \"Stale\"}', digest = digest + 1
+        update tributary.contributions set fields = (fields::jsonb || '{\"last_name\": \"Stale\"}')::json, digest = digest + 1
          where row_key in (select row_key from tributary.contributions order by profile_id desc limit 5);").await?;
     let t = Instant::now();
     let drifted = reconcile(&cfg, &store, &opts).await?;

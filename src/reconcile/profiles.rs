@@ -10,6 +10,7 @@
 //! batch as drift.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
 
 use serde_json::{json, Value};
 
@@ -214,15 +215,14 @@ pub async fn check(
         }
     };
     let stage = progress.stage("profiles", Some(total));
+    let mapper = Arc::new(mapper.clone());
     let mut drifts = Vec::new();
     let mut checked = 0u64;
     let mut chunks = chunks.into_iter().peekable();
     while chunks.peek().is_some() {
         let mut group: Vec<futures_util::future::BoxFuture<'_, ChunkResult>> = Vec::new();
         for chunk in chunks.by_ref().take(PARALLEL) {
-            group.push(Box::pin(
-                async move { check_chunk(store, mapper, chunk).await },
-            ));
+            group.push(Box::pin(check_chunk(store, &mapper, chunk)));
         }
         for (d, n) in futures_util::future::try_join_all(group).await? {
             drifts.extend(d);
@@ -237,17 +237,23 @@ pub async fn check(
 
 type ChunkResult = Result<(Vec<Drift>, u64), StoreError>;
 
-async fn check_chunk(
-    store: &Store,
-    mapper: &Mapper,
-    chunk: ProfileChunk<'_>,
-) -> Result<(Vec<Drift>, u64), StoreError> {
+async fn check_chunk(store: &Store, mapper: &Arc<Mapper>, chunk: ProfileChunk<'_>) -> ChunkResult {
+    let state = store.profile_chunk(chunk).await?;
+    // The recomputation is CPU work: on a blocking thread, the chunks read
+    // at once are recomputed on every core while the next reads wait on the
+    // store.
+    let mapper = Arc::clone(mapper);
+    let compared = tokio::task::spawn_blocking(move || compare_chunk(&mapper, state)).await;
+    Ok(compared.unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic())))
+}
+
+fn compare_chunk(mapper: &Mapper, state: ProfileChunkState) -> (Vec<Drift>, u64) {
     let ProfileChunkState {
         contributions: by_profile,
         profiles,
         provenance,
         owners,
-    } = store.profile_chunk(chunk).await?;
+    } = state;
     let all: BTreeSet<i64> = by_profile
         .keys()
         .copied()
@@ -281,5 +287,5 @@ async fn check_chunk(
             owned.get(p).unwrap_or(&no_idents),
         ));
     }
-    Ok((drifts, all.len() as u64))
+    (drifts, all.len() as u64)
 }

@@ -161,39 +161,6 @@ pub(crate) fn row_of(r: &sqlx::postgres::PgRow) -> Result<Contribution, sqlx::Er
     })
 }
 
-/// A `profile_fields` row: the provenance of one winning value.
-#[derive(sqlx::FromRow)]
-pub(crate) struct ProvenanceRow {
-    pub(crate) profile_id: i64,
-    pub(crate) field: String,
-    value: Json<Value>,
-    source: String,
-    table_name: String,
-    row_key: String,
-    freshness: chrono::DateTime<chrono::Utc>,
-    lsn: String,
-}
-
-impl ProvenanceRow {
-    /// The columns to select, in a query over `profile_fields`.
-    pub(crate) const COLUMNS: &str =
-        "profile_id, field, value, source, table_name, row_key, freshness, lsn::text as lsn";
-
-    /// The winner it records.
-    pub(crate) fn winner(self) -> Winner {
-        Winner {
-            value: self.value.0,
-            row: RowRef {
-                source: self.source,
-                table: self.table_name,
-                row_key: self.row_key,
-            },
-            freshness: self.freshness,
-            lsn: self.lsn.parse().unwrap_or_default(),
-        }
-    }
-}
-
 pub(crate) const CONTRIBUTION_COLUMNS: &str =
     "c.source, c.table_name, c.row_key, c.profile_id, c.deleted, c.identities, c.fields, c.aggs, c.version, c.lsn::text as lsn, c.seq, c.freshness, c.priority";
 
@@ -2046,7 +2013,7 @@ const KEEP_PROVENANCE: &str = "null";
 /// the row is named once, not once per field (migration
 /// `20261206000001_compact_provenance.sql`).
 #[derive(serde::Serialize, serde::Deserialize)]
-struct ProvenanceGroup<S: Ord, V> {
+pub(crate) struct ProvenanceGroup<S: Ord, V> {
     s: S,
     t: S,
     k: S,
@@ -2117,10 +2084,10 @@ fn json_str(out: &mut Vec<u8>, s: &str) {
 }
 
 /// A `profiles.provenance` document as read.
-type ProvenanceDoc = Vec<ProvenanceGroup<String, Value>>;
+pub(crate) type ProvenanceDoc = Vec<ProvenanceGroup<String, Value>>;
 
 /// The winners by field that a `profiles.provenance` document holds.
-fn winners_of(groups: ProvenanceDoc) -> BTreeMap<String, Winner> {
+pub(crate) fn winners_of(groups: ProvenanceDoc) -> BTreeMap<String, Winner> {
     let mut winners = BTreeMap::new();
     for g in groups {
         let row = RowRef {

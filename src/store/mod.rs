@@ -186,10 +186,15 @@ impl Probe {
 impl Store {
     /// Connects (lazily checked by one round trip) with `search_path` set to the schema.
     pub async fn connect(cfg: &SinkConfig) -> Result<Store, StoreError> {
+        // No JIT: the store runs short statements over index probes, and a
+        // plan whose estimate passes `jit_above_cost` (a chunk of a
+        // reconciliation's reads, or any plan the write path's `enable_* =
+        // off` settings price at their disable cost) spent more time
+        // compiling expressions than running them (docs/design.md).
         let opts = cfg
             .conn
             .pg_options()
-            .options([("search_path", cfg.schema.as_str())]);
+            .options([("search_path", cfg.schema.as_str()), ("jit", "off")]);
         let probe_opts = opts
             .clone()
             .application_name(&format!("{} readyz", cfg.conn.application_name));
