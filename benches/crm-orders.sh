@@ -4,6 +4,10 @@
 #
 #   BENCH_SCHEMA    the two tables, for the source (and a native subscriber)
 #   bench_tables    prints the [[source.table]] sections of the mapping
+#   bench_config SRC_PORT SINK_PORT
+#                   prints Tributary's config: source `crm` on the first, the
+#                   store (database `profiles`) on the second, $SINK_EXTRA lines
+#                   in [sink]
 
 BENCH_SCHEMA="
 create table contacts(id bigint primary key, email text, first_name text, last_name text, phone text,
@@ -29,4 +33,18 @@ bench_tables() {
   shipped_orders = { fn = "count", only_when = { status = ["shipped"] } }
   lifetime_value_cents = { fn = "sum", column = "total_cents" }
 TABLES
+}
+
+bench_config() {
+  cat <<EOF
+[sink]
+url = "postgres://postgres@127.0.0.1:$2/profiles"
+${SINK_EXTRA:-}
+
+[[source]]
+name = "crm"
+url = "postgres://postgres@127.0.0.1:$1/postgres"
+
+$(bench_tables)
+EOF
 }

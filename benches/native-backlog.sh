@@ -129,17 +129,7 @@ q "$SRC_PORT" -c "select pg_create_logical_replication_slot('peek', 'pgoutput')"
 
 if [ -n "${TRIBUTARY:-}" ]; then
   q "$SINK_PORT" -c "create database profiles"
-  cat >"$TMP/tributary.toml" <<EOF
-[sink]
-url = "postgres://postgres@127.0.0.1:$SINK_PORT/profiles"
-${SINK_EXTRA:-}
-
-[[source]]
-name = "crm"
-url = "postgres://postgres@127.0.0.1:$SRC_PORT/postgres"
-
-$(bench_tables)
-EOF
+  bench_config "$SRC_PORT" "$SINK_PORT" >"$TMP/tributary.toml"
   # first run: migrate, create slot and publication, snapshot the empty tables; then stop
   "$TRIBUTARY" run --config "$TMP/tributary.toml" >"$TMP/tributary.log" 2>&1 &
   tpid=$!

@@ -78,17 +78,7 @@ q "$SRC_PORT" -c "select pg_drop_replication_slot(slot_name) from pg_replication
 
 # Tributary: the initial snapshot into an empty store.
 q "$SINK_PORT" -c "create database profiles"
-cat >"$TMP/tributary.toml" <<EOF
-[sink]
-url = "postgres://postgres@127.0.0.1:$SINK_PORT/profiles"
-${SINK_EXTRA:-}
-
-[[source]]
-name = "crm"
-url = "postgres://postgres@127.0.0.1:$SRC_PORT/postgres"
-
-$(bench_tables)
-EOF
+bench_config "$SRC_PORT" "$SINK_PORT" >"$TMP/tributary.toml"
 chown -R postgres "$TMP" 2>/dev/null || true
 t0=$(now)
 src_cpu0=$(cluster_cpu src); sink_cpu0=$(cluster_cpu sink)

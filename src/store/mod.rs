@@ -387,19 +387,8 @@ impl Store {
         slot: &str,
         consistent_point: crate::event::Lsn,
     ) -> Result<(), StoreError> {
-        sqlx::query(
-            "insert into checkpoints (source, lsn, slot, snapshot_lsn)
-             values ($1, $2::pg_lsn, $3, $2::pg_lsn)
-             on conflict (source) do update set lsn = excluded.lsn, slot = excluded.slot,
-               snapshot_lsn = excluded.snapshot_lsn, snapshot_completed_at = null,
-               snapshot_tables_done = '{}', updated_at = now()",
-        )
-        .bind(source)
-        .bind(consistent_point.to_string())
-        .bind(slot)
-        .execute(&self.pool)
-        .await?;
-        Ok(())
+        self.record_snapshot(source, slot, consistent_point, false)
+            .await
     }
 
     /// Records that every row of `table` is written by the initial snapshot
@@ -479,16 +468,31 @@ impl Store {
         slot: &str,
         consistent_point: crate::event::Lsn,
     ) -> Result<(), StoreError> {
+        self.record_snapshot(source, slot, consistent_point, true)
+            .await
+    }
+
+    /// The checkpoint of `source` at the slot's consistent point, with the
+    /// initial snapshot started (no table done) or complete.
+    async fn record_snapshot(
+        &self,
+        source: &str,
+        slot: &str,
+        consistent_point: crate::event::Lsn,
+        complete: bool,
+    ) -> Result<(), StoreError> {
         sqlx::query(
             "insert into checkpoints (source, lsn, slot, snapshot_lsn, snapshot_completed_at)
-             values ($1, $2::pg_lsn, $3, $2::pg_lsn, now())
+             values ($1, $2::pg_lsn, $3, $2::pg_lsn, case when $4 then now() end)
              on conflict (source) do update set lsn = excluded.lsn, slot = excluded.slot,
-               snapshot_lsn = excluded.snapshot_lsn, snapshot_completed_at = now(),
+               snapshot_lsn = excluded.snapshot_lsn,
+               snapshot_completed_at = excluded.snapshot_completed_at,
                snapshot_tables_done = '{}', updated_at = now()",
         )
         .bind(source)
         .bind(consistent_point.to_string())
         .bind(slot)
+        .bind(complete)
         .execute(&self.pool)
         .await?;
         Ok(())
