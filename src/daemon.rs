@@ -217,6 +217,8 @@ struct SnapshotWriter<'a> {
     /// The slot's consistent point: where the snapshot's rows are.
     consistent_point: Lsn,
     inflight: VecDeque<InFlight>,
+    /// Rows withdrawn so far (their `seq` follows on over the tables).
+    withdrawn: u64,
 }
 
 impl SnapshotWriter<'_> {
@@ -283,13 +285,15 @@ impl SnapshotSink for SnapshotWriter<'_> {
                         lsn: cp,
                         commit_lsn: cp,
                         // After every row the snapshot read (their seq
-                        // counts up from 0 over the tables).
-                        seq: WITHDRAWAL_SEQ_BASE + i as u64,
+                        // counts up from 0 over the tables), and unique
+                        // over the tables' withdrawals.
+                        seq: WITHDRAWAL_SEQ_BASE + self.withdrawn + i as u64,
                         xid: 0,
                         commit_time: chrono::Utc::now(),
                     }
                 })
                 .collect();
+            self.withdrawn += deletes.len() as u64;
             for chunk in deletes.chunks(self.ctx.settings.batch_max_events) {
                 self.ctx.sink.write(&src.name, chunk, None).await?;
             }
@@ -536,6 +540,7 @@ impl SourceCtx {
             ctx: self,
             consistent_point: created.consistent_point,
             inflight: VecDeque::new(),
+            withdrawn: 0,
         };
         let running =
             metrics::gauge!(crate::metrics::SNAPSHOT_RUNNING, "source" => src.name.clone());
