@@ -22,6 +22,11 @@ use tributary::config::Config;
 use tributary::reconcile::{reconcile, Options};
 use tributary::store::Store;
 
+// The allocator `tributary reconcile` runs with (src/main.rs), so that the
+// figures are the command's.
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 async fn exec(url: &str, sql: &str) -> anyhow::Result<()> {
     let mut c = PgConnection::connect(url).await?;
     sqlx::raw_sql(sqlx::AssertSqlSafe(sql.to_owned()))
