@@ -529,7 +529,9 @@ pub(crate) async fn plan(
     }
     // Identifiers of the new images (unchanged TOAST ones come from the loaded rows).
     let mut idents: BTreeSet<Ident> = BTreeSet::new();
-    let mut event_idents: Vec<Vec<Ident>> = vec![Vec::new(); expanded.len()];
+    // Each event's new image's identifiers (None: a delete or truncate, an
+    // unmapped table, or an image that cannot be mapped).
+    let mut event_idents: Vec<Option<Vec<Ident>>> = vec![None; expanded.len()];
     for (i, e) in expanded
         .iter()
         .enumerate()
@@ -539,7 +541,7 @@ pub(crate) async fn plan(
             let prev = state.contributions.get(row);
             if let Ok(ids) = m.identities(e, prev.filter(|p| !p.deleted)) {
                 idents.extend(ids.iter().cloned());
-                event_idents[i] = ids;
+                event_idents[i] = Some(ids);
             }
         }
     }
@@ -619,7 +621,7 @@ pub(crate) async fn plan(
     let mut skipped: HashSet<(Lsn, u64)> = HashSet::new();
     if !suppressed.is_empty() {
         for (e, ids) in expanded.iter().zip(&event_idents) {
-            if ids.iter().any(|i| suppressed.contains(i)) {
+            if ids.iter().flatten().any(|i| suppressed.contains(i)) {
                 skipped.insert((e.commit_lsn, e.seq));
             }
         }
@@ -627,10 +629,9 @@ pub(crate) async fn plan(
             .iter()
             .map(|e| !skipped.contains(&(e.commit_lsn, e.seq)))
             .collect();
-        let mut k = keep.iter();
-        expanded.retain(|_| k.next().copied().unwrap_or(true));
-        let mut k = keep.iter();
-        event_rows.retain(|_| k.next().copied().unwrap_or(true));
+        retain_kept(&mut expanded, &keep);
+        retain_kept(&mut event_rows, &keep);
+        retain_kept(&mut event_idents, &keep);
     }
     // The event log, as received (idempotent on (source, commit_lsn, seq)).
     let kept: Vec<&ChangeEvent> = events
@@ -646,6 +647,7 @@ pub(crate) async fn plan(
             existing,
             cache,
             rows: event_rows,
+            idents: event_idents,
         },
         expanded,
         skipped.len(),
@@ -724,6 +726,16 @@ struct Loaded<'c> {
     cache: Option<&'c mut MergeCache>,
     /// Each (expanded, unsuppressed) event's row, None for unmapped tables.
     rows: Vec<Option<RowRef>>,
+    /// Each such event's new image's identifiers, as the plan mapped them
+    /// (None: a delete or truncate, or not mapped).
+    idents: Vec<Option<Vec<Ident>>>,
+}
+
+/// Keeps the items of `v` whose entry in `keep` is true (`keep` runs
+/// beside `v`).
+fn retain_kept<T>(v: &mut Vec<T>, keep: &[bool]) {
+    let mut k = keep.iter();
+    v.retain(|_| k.next().copied().unwrap_or(true));
 }
 
 /// The suppressed identifiers among `idents`: from the cache's copy of
@@ -775,6 +787,7 @@ async fn derive(
         mut existing,
         mut cache,
         rows: event_rows,
+        idents: event_idents,
     } = loaded;
     let mut want: BTreeSet<ProfileId> = state
         .owners
@@ -863,11 +876,7 @@ async fn derive(
     }
     state.next_profile_id = match cache.as_deref().and_then(MergeCache::next_profile_id) {
         Some(n) => n,
-        None => {
-            sqlx::query_scalar::<_, i64>("select coalesce(max(profile_id), 0) + 1 from profiles")
-                .fetch_one(&mut *tx)
-                .await?
-        }
+        None => next_profile_id(tx).await?,
     };
 
     // 4. The pure core, event by event.
@@ -879,8 +888,8 @@ async fn derive(
     // (event, the reason in full for the table, the reason without values for logs)
     let mut dead: Vec<(&ChangeEvent, String, String)> = Vec::new();
     let mut splitting = Splitting::default();
-    let candidates = withdrawing(mapper, &state, &expanded, &event_rows);
-    drop(event_rows);
+    let candidates = withdrawing(&state, &event_rows, &event_idents);
+    drop((event_rows, event_idents));
     state.track_splits(candidates.is_some());
     if let Some(candidates) = candidates.filter(|c| !c.is_empty()) {
         load_for_split(
@@ -1127,11 +1136,14 @@ async fn load_for_split(
 /// candidates are read when their transaction ends. None when no change of
 /// the batch can withdraw anything (each row changes once and keeps its
 /// identifiers: the usual batch), so nothing can split.
+///
+/// `rows` and `images` run beside the batch's events: each one's row (None
+/// for an unmapped table) and new image's identifiers as the plan mapped them
+/// (None for a delete or truncate, or an image that cannot be mapped).
 fn withdrawing(
-    mapper: &Mapper,
     state: &State,
-    events: &[Cow<'_, ChangeEvent>],
     rows: &[Option<RowRef>],
+    images: &[Option<Vec<Ident>>],
 ) -> Option<Vec<ProfileId>> {
     let mut changes: HashMap<&RowRef, usize> = HashMap::new();
     for row in rows.iter().flatten() {
@@ -1139,15 +1151,9 @@ fn withdrawing(
     }
     let mut out: BTreeSet<ProfileId> = BTreeSet::new();
     let mut any = false;
-    for (e, row) in events.iter().zip(rows) {
-        let (Some(m), Some(row)) = (mapper.table(&e.source, &e.table), row) else {
-            continue;
-        };
+    for (row, image) in rows.iter().zip(images) {
+        let Some(row) = row else { continue };
         let prev = state.contributions.get(row).filter(|c| !c.deleted);
-        let image = match e.op {
-            Op::Delete | Op::Truncate => None,
-            Op::Insert | Op::Update | Op::Snapshot => m.identities(e, prev).ok(),
-        };
         if changes.get(row).is_some_and(|n| *n > 1) {
             // A row changed more than once in the batch: a later change may
             // withdraw what an earlier one linked, from any profile its
@@ -1161,7 +1167,7 @@ fn withdrawing(
         }
         let Some(prev) = prev else { continue };
         let Some(p) = prev.profile_id else { continue };
-        let withdraws = match &image {
+        let withdraws = match image {
             Some(ids) => !prev.identities.iter().all(|i| ids.contains(i)),
             None => true,
         };
@@ -1171,6 +1177,15 @@ fn withdrawing(
         }
     }
     any.then(|| out.into_iter().collect())
+}
+
+/// The id the store's next new profile takes (ids are never reused).
+pub(crate) async fn next_profile_id(tx: &mut PgConnection) -> Result<ProfileId, StoreError> {
+    Ok(
+        sqlx::query_scalar::<_, i64>("select coalesce(max(profile_id), 0) + 1 from profiles")
+            .fetch_one(&mut *tx)
+            .await?,
+    )
 }
 
 /// The identifiers the store has in `profiles`: kind, value, profile and

@@ -20,8 +20,8 @@ use sqlx::types::Json;
 use sqlx::{PgConnection, Row};
 
 use super::apply::{
-    apply_in, contributions_by_profile, identities_of, lock, provenance_json, stored_provenance,
-    StoredProfile,
+    apply_in, contributions_by_profile, identities_of, lock, next_profile_id, provenance_json,
+    stored_provenance, StoredProfile,
 };
 use super::{Store, StoreError};
 use crate::event::{ChangeEvent, Lsn, Op};
@@ -348,10 +348,7 @@ async fn regroup(
     for p in &ids {
         state.profiles.insert(*p, ProfileState::default());
     }
-    state.next_profile_id =
-        sqlx::query_scalar::<_, i64>("select coalesce(max(profile_id), 0) + 1 from profiles")
-            .fetch_one(&mut *tx)
-            .await?;
+    state.next_profile_id = next_profile_id(tx).await?;
     state.log.unlinked = profiles.clone();
     state.split_unlinked(&mut firsts.into_iter().collect(), None);
     let log = std::mem::take(&mut state.log);
