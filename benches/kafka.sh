@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Benchmark (not a test): N row changes (default 1,000,000) published to Kafka by
-# `run --role capture` and applied from Kafka by two `run --role apply` instances,
-# next to a single-process `run` (`--role all`, no Kafka) draining the same backlog,
-# in the same run, on the same machine. Prints events/s for each and writes
-# target/bench/kafka.json.
+# `run --role capture` and applied from Kafka by two `run --role apply` instances
+# (one owns the apply lease and writes, the other stands by), next to a
+# single-process `run` (`--role all`, no Kafka) draining the same backlog, in the
+# same run, on the same machine. Prints events/s for each, the ratio of apply to
+# the single process, and writes target/bench/kafka.json.
 #
 #   benches/kafka.sh              # N=1000000
 #   N=100000 benches/kafka.sh     # quicker
@@ -104,27 +105,42 @@ until [ "$(q "$SRC_PORT" postgres -c "select coalesce(confirmed_flush_lsn >= '$e
 capture_s=$(awk "BEGIN{print $(now) - $t0}")
 echo "capture (publish to Kafka): $rows events in ${capture_s}s = $(awk "BEGIN{printf \"%d\", $rows / $capture_s}") events/s"
 
-# 2. Apply: Kafka -> store, two instances in one consumer group.
+broker_cpu() { local t=0 p; for p in $(pgrep -f "tansu broker.*:$KAFKA_PORT"); do t=$((t + $(proc_cpu "$p"))); done; echo "$t"; }
+
+# 2. Apply: Kafka -> store, two instances: the lease's owner writes, the other stands by.
+sink_cpu0=$(cluster_cpu sink); broker_cpu0=$(broker_cpu)
 t0=$(now)
-for i in 1 2; do "$BIN" --config "$TMP/split.toml" run --role apply >"$TMP/apply$i.log" 2>&1 & pids+=($!); done
+apply_pids=()
+for i in 1 2; do "$BIN" --config "$TMP/split.toml" run --role apply >"$TMP/apply$i.log" 2>&1 & pids+=($!); apply_pids+=($!); done
 until [ "$(shipped split)" = "$want" ]; do sleep 0.2; done
 apply_s=$(awk "BEGIN{print $(now) - $t0}")
-echo "apply (2 instances from Kafka): $rows events in ${apply_s}s = $(awk "BEGIN{printf \"%d\", $rows / $apply_s}") events/s"
+apply_cpu=$(($(proc_cpu "${apply_pids[0]}") + $(proc_cpu "${apply_pids[1]}")))
+apply_sink_cpu=$(($(cluster_cpu sink) - sink_cpu0)); apply_broker_cpu=$(($(broker_cpu) - broker_cpu0))
+echo "apply (lease owner + standby, from Kafka): $rows events in ${apply_s}s = $(awk "BEGIN{printf \"%d\", $rows / $apply_s}") events/s"
+echo "  cpu: apply instances $(secs "$apply_cpu") s, store $(secs "$apply_sink_cpu") s, broker $(secs "$apply_broker_cpu") s"
 
 # 3. Single process, no Kafka, the same backlog into another store.
+sink_cpu0=$(cluster_cpu sink); src_cpu0=$(cluster_cpu src)
 t0=$(now)
-"$BIN" --config "$TMP/single.toml" run >"$TMP/single.log" 2>&1 & pids+=($!)
+"$BIN" --config "$TMP/single.toml" run >"$TMP/single.log" 2>&1 & pids+=($!); single_pid=$!
 until [ "$(shipped single)" = "$want" ]; do sleep 0.2; done
 single_s=$(awk "BEGIN{print $(now) - $t0}")
+single_cpu=$(proc_cpu "$single_pid")
+single_sink_cpu=$(($(cluster_cpu sink) - sink_cpu0)); single_src_cpu=$(($(cluster_cpu src) - src_cpu0))
 echo "single process (--role all): $rows events in ${single_s}s = $(awk "BEGIN{printf \"%d\", $rows / $single_s}") events/s"
+echo "  cpu: daemon $(secs "$single_cpu") s, store $(secs "$single_sink_cpu") s, source $(secs "$single_src_cpu") s"
 
 same=$(diff <(q "$SINK_PORT" split -c "select traits::text from tributary.profile_view order by traits->>'email'") \
             <(q "$SINK_PORT" single -c "select traits::text from tributary.profile_view order by traits->>'email'") >/dev/null && echo true || echo false)
+ratio=$(awk "BEGIN{printf \"%.2f\", $single_s / $apply_s}")
+echo "apply / single process: $ratio"
 echo "stores equal: $same"
 cat >"$root/target/bench/kafka.json" <<JSON
 {"rows": $rows, "capture_s": $capture_s, "apply_s": $apply_s, "single_s": $single_s,
  "capture_events_per_s": $(awk "BEGIN{printf \"%d\", $rows / $capture_s}"),
  "apply_events_per_s": $(awk "BEGIN{printf \"%d\", $rows / $apply_s}"),
  "single_events_per_s": $(awk "BEGIN{printf \"%d\", $rows / $single_s}"),
- "stores_equal": $same}
+ "apply_vs_single": $ratio, "stores_equal": $same,
+ "cpu_s": {"apply_instances": $(secs "$apply_cpu"), "apply_store": $(secs "$apply_sink_cpu"), "apply_broker": $(secs "$apply_broker_cpu"),
+   "single_daemon": $(secs "$single_cpu"), "single_store": $(secs "$single_sink_cpu"), "single_source": $(secs "$single_src_cpu")}}
 JSON

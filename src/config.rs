@@ -204,6 +204,7 @@ struct RawKafka {
     partitions: Option<i32>,
     replication_factor: Option<i32>,
     group_id: Option<String>,
+    lease_ttl_ms: Option<u64>,
     options: Option<BTreeMap<String, Expanded>>,
 }
 
@@ -411,6 +412,9 @@ pub struct KafkaConfig {
     pub replication_factor: i32,
     /// Consumer group of `run --role apply` instances.
     pub group_id: String,
+    /// How long the apply lease lasts unless its owner renews it: a standby
+    /// takes over at most this long after the owner died.
+    pub lease_ttl: std::time::Duration,
     /// librdkafka properties passed through (security.protocol, sasl.*, ssl.*).
     pub options: KafkaOptions,
 }
@@ -707,6 +711,13 @@ fn validate(raw: RawConfig, path: &Path) -> Result<Config, ConfigError> {
                     format!("`{topic_prefix}`: use letters, digits, `.`, `_` and `-` (Kafka topic names)"),
                 ));
             }
+            let lease_ttl_ms = k.lease_ttl_ms.unwrap_or(5000);
+            if !(1000..=600_000).contains(&lease_ttl_ms) {
+                return Err(invalid(
+                    "kafka.lease_ttl_ms".into(),
+                    format!("{lease_ttl_ms}: use 1000 to 600000 (a standby takes over this long after the owner died; the owner renews it every third of it)"),
+                ));
+            }
             Some(KafkaConfig {
                 brokers: k.brokers.0,
                 topic_prefix: topic_prefix.clone(),
@@ -715,6 +726,7 @@ fn validate(raw: RawConfig, path: &Path) -> Result<Config, ConfigError> {
                 group_id: k
                     .group_id
                     .unwrap_or_else(|| format!("{topic_prefix}-apply")),
+                lease_ttl: std::time::Duration::from_millis(lease_ttl_ms),
                 options: KafkaOptions(
                     k.options
                         .unwrap_or_default()
@@ -916,6 +928,16 @@ strategy = "priority"
             .unwrap_err()
             .to_string()
             .contains("kafka.partitions"));
+        assert_eq!(k.lease_ttl, std::time::Duration::from_secs(5));
+        let short = text.replace(
+            "brokers = \"k:9092\"",
+            "brokers = \"k:9092\"\nlease_ttl_ms = 10",
+        );
+        let err = parse(&short).unwrap_err().to_string();
+        assert!(
+            err.contains("kafka.lease_ttl_ms") && err.contains("1000 to 600000"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -75,6 +75,10 @@ pub const CACHE_IDENTIFIERS: &str = "tributary_merge_cache_identifiers_total";
 /// `unplanned` (no merge state in memory).
 pub const WRITES: &str = "tributary_sink_writes_total";
 
+/// 1 while this `run --role apply` instance owns the apply lease (writes
+/// profiles), 0 while it stands by; only apply instances export it.
+pub const APPLY_LEASE_OWNER: &str = "tributary_apply_lease_owner";
+
 /// The merge-state metrics: exported once the cache is used (not with
 /// `memory_budget_mb = 0`; evictions only once the budget is exceeded), so
 /// they are not in [`ALL`].
@@ -292,4 +296,8 @@ fn describe() {
     metrics::describe_gauge!(SNAPSHOT_RUNNING, "1 while the initial snapshot runs");
     metrics::describe_gauge!(PROFILES, "Live (unmerged) profiles");
     metrics::describe_gauge!(IDENTITIES, "Identifiers in the identity graph");
+    metrics::describe_gauge!(
+        APPLY_LEASE_OWNER,
+        "1 while this apply instance owns profile writes (the apply lease), 0 while it stands by"
+    );
 }

@@ -94,6 +94,9 @@ fn layer_action(err: &(dyn std::error::Error + 'static)) -> Option<Action> {
     if let Some(e) = err.downcast_ref::<PublishError>() {
         return Some(e.action());
     }
+    if let Some(e) = err.downcast_ref::<crate::kafka::consume::ConsumeError>() {
+        return Some(e.action());
+    }
     if let Some(e) = err.downcast_ref::<PgWireError>() {
         return Some(e.action());
     }

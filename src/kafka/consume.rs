@@ -1,32 +1,58 @@
-//! `tributary run --role apply`: consume the change topics in a consumer group
-//! and apply them to the store.
+//! `tributary run --role apply`: one owner applies the change topics to the
+//! store; the other instances stand by and take over when it dies.
 //!
-//! One loop: poll up to `batch_max_events` messages (or `batch_max_wait_ms`),
-//! apply them per source in the order they came (each partition's order is
-//! its rows' commit order), then commit the consumed offsets. A crash or a
-//! rebalance between the apply and the commit redelivers messages that are
-//! already applied: the store's monotonic per-row upserts make that a no-op,
-//! and the event log ignores a change it already has. Different instances may
-//! apply the rows of one person at the same time; the apply lock serialises
-//! their profile writes, so merges and aggregates stay exact.
+//! Identity resolution is one global graph, so profile writes have one owner
+//! at a time: the instance that holds the store's apply lease
+//! (`store::lease`). It reads every partition of the change topics (assigned,
+//! not through a group rebalance), and each of its writes moves the consumed
+//! offsets in the store, in the write's own transaction, after checking that
+//! the lease is still its own. A standby that takes the lease over (it
+//! expired: the owner died; or it was released: a clean stop) starts at the
+//! store's offsets, so a takeover neither loses nor applies a change twice,
+//! and waits for no consumer-group rebalance: it happens within
+//! `lease_ttl_ms` plus one try (a fifth of it, at most a second).
 //!
-//! Writes go through the one write path ([`crate::sink::Sink::write_consumed`]).
-//! A transient store failure (the store restarting, a connection cut) is
-//! retried with the same backoff as the source loops, for the same batch and
-//! before any offset is committed; a definite one stops the process.
+//! The owner's loop: poll up to `batch_max_events` messages (or
+//! `batch_max_wait_ms`), then hand the batch, per source in the order it came
+//! (each partition's order is its rows' commit order), to the write path
+//! ([`crate::sink::Sink::write_consumed`]), up to two writes in flight: one
+//! is derived while the one before commits, and the next batch is polled
+//! meanwhile. The last write of a batch carries the batch's offsets; writes
+//! commit in order, and a failed one fails those after it, so stored offsets
+//! never pass a change that is not in the store. A transient failure (the
+//! store restarting, the broker away) restarts the owner's loop from the
+//! store's offsets after a backoff; a lost lease makes the instance a
+//! standby again; a definite failure stops the process.
+//!
+//! After the store, the offsets are also committed to the consumer group
+//! `[kafka] group_id` (best effort), so that the usual lag tools show the
+//! owner's progress; they are read only when the store has none yet (an
+//! upgrade from instances that kept their offsets in Kafka alone).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::sync::Arc;
 use std::time::Duration;
 
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::message::Message;
 use rdkafka::{Offset, TopicPartitionList};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, KafkaConfig};
 use crate::event::ChangeEvent;
 use crate::retry::Action;
 use crate::sink::{Sink, SinkError};
+use crate::store::apply::{ApplyStats, DeadLetter};
+use crate::store::lease::{Consumed, Lease};
+use crate::store::{Store, StoreError};
+
+/// Writes in flight at once: one commits while the next is derived.
+const IN_FLIGHT: usize = 2;
+
+/// How often the owner looks for partitions added to the change topics.
+const PARTITIONS_EVERY: Duration = Duration::from_secs(30);
 
 /// Runs until `shutdown`; an error here stops the daemon (exit 3).
 pub async fn apply_from_kafka(
@@ -35,12 +61,237 @@ pub async fn apply_from_kafka(
     sink: Sink,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
+    let holder = instance_id();
+    let store = sink.store().clone();
+    metrics::gauge!(crate::metrics::APPLY_LEASE_OWNER).set(0.0);
+    tracing::info!(holder = %holder, group = %k.group_id, "apply instance started; waiting for the apply lease");
+    loop {
+        let Some(lease) = standby(&store, &holder, &k, &shutdown).await else {
+            tracing::info!("apply role stopped cleanly");
+            return Ok(());
+        };
+        metrics::gauge!(crate::metrics::APPLY_LEASE_OWNER).set(1.0);
+        tracing::info!(holder = %holder, epoch = lease.epoch, "took the apply lease: this instance owns profile writes");
+        let lost = CancellationToken::new();
+        let renewing = tokio::spawn(renew(store.clone(), lease.clone(), lost.clone()));
+        let owned = own(&cfg, &k, &sink, &lease, &shutdown, &lost).await;
+        renewing.abort();
+        metrics::gauge!(crate::metrics::APPLY_LEASE_OWNER).set(0.0);
+        match owned {
+            Ok(()) => {
+                // A clean stop: every write committed; the standby need not
+                // wait for the lease to expire.
+                if let Err(e) = store.release_lease(&lease).await {
+                    tracing::warn!(error = %format!("{e:#}"), "could not release the apply lease; a standby takes it once it expires");
+                }
+                tracing::info!("apply role stopped cleanly");
+                return Ok(());
+            }
+            Err(OwnerError::LeaseLost) => {
+                tracing::warn!(
+                    epoch = lease.epoch,
+                    "lost the apply lease (not renewed in time; another instance took it): standing by"
+                );
+            }
+            Err(OwnerError::Stop(e)) => {
+                let _ = store.release_lease(&lease).await;
+                return Err(e);
+            }
+        }
+    }
+}
+
+/// Who this instance is in the lease: host, process id, a random part.
+fn instance_id() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "host".into());
+    format!(
+        "{host}:{}:{:04x}",
+        std::process::id(),
+        rand::random::<u16>()
+    )
+}
+
+/// Waits until this instance holds the lease (None: shut down first).
+async fn standby(
+    store: &Store,
+    holder: &str,
+    k: &KafkaConfig,
+    shutdown: &CancellationToken,
+) -> Option<Lease> {
+    let every = (k.lease_ttl / 5).min(Duration::from_secs(1));
+    let mut said: Option<i64> = None;
+    loop {
+        match store.acquire_lease(holder, &k.group_id, k.lease_ttl).await {
+            Ok(Some(lease)) => return Some(lease),
+            Ok(None) => {
+                if let Ok(Some(h)) = store.lease_holder().await {
+                    if said != Some(h.epoch) {
+                        tracing::info!(owner = %h.holder, epoch = h.epoch, expires_in_ms = h.expires_in_ms,
+                            "standing by: another apply instance owns profile writes; taking over when its lease expires");
+                        said = Some(h.epoch);
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %format!("{e:#}"), "cannot reach the store to take the apply lease; trying again");
+            }
+        }
+        tokio::select! {
+            () = tokio::time::sleep(every) => {}
+            () = shutdown.cancelled() => return None,
+        }
+    }
+}
+
+/// Renews `lease` every third of its time to live; cancels `lost` once it
+/// is another instance's. A store that cannot be reached is tried again: the
+/// writes themselves check the lease, so an expired one never writes.
+async fn renew(store: Store, lease: Lease, lost: CancellationToken) {
+    loop {
+        tokio::time::sleep(lease.ttl / 3).await;
+        match store.renew_lease(&lease).await {
+            Ok(true) => {}
+            Ok(false) => {
+                lost.cancel();
+                return;
+            }
+            Err(e) => {
+                tracing::warn!(error = %format!("{e:#}"), "renewing the apply lease failed; trying again");
+            }
+        }
+    }
+}
+
+/// Why the owner stopped owning.
+enum OwnerError {
+    /// Another instance holds the lease now.
+    LeaseLost,
+    /// A definite failure: the process stops.
+    Stop(anyhow::Error),
+}
+
+/// The owner's work until shutdown (Ok) or until it is no longer the owner.
+/// Transient failures start it over from the store's offsets.
+async fn own(
+    cfg: &Config,
+    k: &KafkaConfig,
+    sink: &Sink,
+    lease: &Lease,
+    shutdown: &CancellationToken,
+    lost: &CancellationToken,
+) -> Result<(), OwnerError> {
+    let mut backoff = crate::retry::backoff();
+    loop {
+        let err = match apply_owned(cfg, k, sink, lease, shutdown, lost).await {
+            Ok(()) => return Ok(()),
+            Err(e) => e,
+        };
+        if lost.is_cancelled() || is_lease_lost(&err) {
+            return Err(OwnerError::LeaseLost);
+        }
+        if crate::retry::classify_anyhow(&err) == Action::Stop {
+            return Err(OwnerError::Stop(err));
+        }
+        let delay = backoff.next().unwrap_or(Duration::from_secs(30));
+        tracing::warn!(error = %format!("{err:#}"), retry_in_ms = delay.as_millis(),
+            "applying from kafka failed; starting again from the store's offsets");
+        tokio::select! {
+            () = tokio::time::sleep(delay) => {}
+            () = shutdown.cancelled() => return Ok(()),
+            () = lost.cancelled() => return Err(OwnerError::LeaseLost),
+        }
+    }
+}
+
+fn is_lease_lost(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        matches!(
+            c.downcast_ref::<StoreError>(),
+            Some(StoreError::LeaseLost { .. })
+        ) || matches!(
+            c.downcast_ref::<SinkError>(),
+            Some(SinkError::Store(StoreError::LeaseLost { .. }))
+        )
+    })
+}
+
+/// A Kafka failure while consuming (the broker away, a partition leader
+/// moving): retried from the store's offsets.
+#[derive(Debug, thiserror::Error)]
+#[error("kafka: {what}: {error}")]
+pub struct ConsumeError {
+    what: &'static str,
+    #[source]
+    error: rdkafka::error::KafkaError,
+}
+
+impl ConsumeError {
+    /// What the retry policy does about it: the broker may be back.
+    pub fn action(&self) -> Action {
+        Action::Retry
+    }
+}
+
+/// A write handed to the write path, not yet known to have committed.
+struct InFlight {
+    source: String,
+    task: JoinHandle<Result<ApplyStats, SinkError>>,
+    /// Its place in the write order, for the write after it.
+    placed: Option<oneshot::Receiver<Option<u64>>>,
+    /// One commit time per transaction (for the latency metrics).
+    times: Vec<chrono::DateTime<chrono::Utc>>,
+    started: std::time::Instant,
+    /// The offsets it moves (the last write of a batch).
+    offsets: Vec<(String, i32, i64)>,
+}
+
+impl InFlight {
+    async fn finish(self, consumer: &StreamConsumer) -> anyhow::Result<()> {
+        let stats = self.task.await??;
+        tracing::debug!(source = %self.source, events = stats.events, stale = stats.stale, "batch applied from kafka");
+        crate::metrics::batch_applied(&self.source, &stats, &self.times, self.started.elapsed());
+        commit_to_group(consumer, &self.offsets);
+        Ok(())
+    }
+}
+
+/// Commits `offsets` to the consumer group too, for lag tools (best effort:
+/// the store's are the ones that count).
+fn commit_to_group(consumer: &StreamConsumer, offsets: &[(String, i32, i64)]) {
+    if offsets.is_empty() {
+        return;
+    }
+    let mut tpl = TopicPartitionList::new();
+    for (topic, partition, next) in offsets {
+        let _ = tpl.add_partition_offset(topic, *partition, Offset::Offset(*next));
+    }
+    if let Err(e) = consumer.commit(&tpl, CommitMode::Async) {
+        tracing::debug!(error = %e, "committing offsets to the consumer group failed (the store has them)");
+    }
+}
+
+/// The owner's loop proper (see the module doc): Ok at shutdown, Err on any
+/// failure, with the writes in flight settled or abandoned.
+async fn apply_owned(
+    cfg: &Config,
+    k: &KafkaConfig,
+    sink: &Sink,
+    lease: &Lease,
+    shutdown: &CancellationToken,
+    lost: &CancellationToken,
+) -> anyhow::Result<()> {
     let c = super::client_config(
-        &k,
+        k,
         "tributary-apply",
         &[
             ("group.id", k.group_id.as_str()),
             ("enable.auto.commit", "false"),
+            ("enable.auto.offset.store", "false"),
             ("auto.offset.reset", "earliest"),
         ],
     );
@@ -49,17 +300,176 @@ pub async fn apply_from_kafka(
             "kafka: cannot create the consumer (check [kafka] brokers and options): {e}"
         )
     })?;
-    let topics: Vec<String> = super::change_topics(&cfg, &k).into_iter().collect();
-    let names: Vec<&str> = topics.iter().map(String::as_str).collect();
-    consumer.subscribe(&names)?;
-    tracing::info!(group = %k.group_id, topics = topics.len(), "applying change topics from Kafka");
+    let consumer = Arc::new(consumer);
+    let topics: Vec<String> = super::change_topics(cfg, k).into_iter().collect();
+    let mut positions = start_positions(&consumer, sink.store(), &topics, &lease.group).await?;
+    assign(&consumer, &positions)?;
+    tracing::info!(group = %k.group_id, topics = topics.len(), partitions = positions.len(), "applying change topics from Kafka");
+    let mut inflight: VecDeque<InFlight> = VecDeque::new();
+    let out = consume(
+        cfg,
+        k,
+        sink,
+        lease,
+        shutdown,
+        lost,
+        &consumer,
+        &topics,
+        &mut positions,
+        &mut inflight,
+    )
+    .await;
+    match out {
+        Ok(()) => {
+            // A clean stop: what was handed over commits.
+            while let Some(f) = inflight.pop_front() {
+                f.finish(&consumer).await?;
+            }
+            Ok(())
+        }
+        Err(e) => {
+            // Not aborted: a write stopped inside its commit would leave the
+            // write order waiting for it. Those after a failed one fail at
+            // once; the others commit, and the store's offsets say so.
+            for f in inflight {
+                let _ = f.task.await;
+            }
+            Err(e)
+        }
+    }
+}
+
+/// Where to start in each partition: the store's offset, else (a store
+/// without any, after an upgrade) the consumer group's, else the beginning.
+async fn start_positions(
+    consumer: &Arc<StreamConsumer>,
+    store: &Store,
+    topics: &[String],
+    group: &str,
+) -> anyhow::Result<BTreeMap<(String, i32), Offset>> {
+    let parts = partitions(consumer, topics).await?;
+    let stored: BTreeMap<(String, i32), i64> = store
+        .consumer_offsets(group)
+        .await?
+        .into_iter()
+        .map(|(t, p, o)| ((t, p), o))
+        .collect();
+    let mut start: BTreeMap<(String, i32), Offset> = parts
+        .iter()
+        .map(|tp| {
+            let at = stored
+                .get(tp)
+                .map_or(Offset::Beginning, |o| Offset::Offset(*o));
+            (tp.clone(), at)
+        })
+        .collect();
+    if stored.is_empty() && !parts.is_empty() {
+        let mut tpl = TopicPartitionList::new();
+        for (t, p) in &parts {
+            tpl.add_partition(t, *p);
+        }
+        let c = consumer.clone();
+        let committed =
+            tokio::task::spawn_blocking(move || c.committed_offsets(tpl, Duration::from_secs(10)))
+                .await?;
+        match committed {
+            Ok(tpl) => {
+                for e in tpl.elements() {
+                    if let Offset::Offset(o) = e.offset() {
+                        start.insert((e.topic().to_owned(), e.partition()), Offset::Offset(o));
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the consumer group's offsets; starting at the beginning of each partition (re-applying is idempotent)");
+            }
+        }
+    }
+    Ok(start)
+}
+
+/// Every partition of `topics` (a topic not created yet has none).
+async fn partitions(
+    consumer: &Arc<StreamConsumer>,
+    topics: &[String],
+) -> anyhow::Result<BTreeSet<(String, i32)>> {
+    let c = consumer.clone();
+    let topics = topics.to_vec();
+    let parts = tokio::task::spawn_blocking(move || {
+        let mut parts = BTreeSet::new();
+        for t in &topics {
+            let md = c
+                .fetch_metadata(Some(t), Duration::from_secs(10))
+                .map_err(|error| ConsumeError {
+                    what: "reading the change topics' partitions",
+                    error,
+                })?;
+            for topic in md.topics() {
+                for p in topic.partitions() {
+                    parts.insert((topic.name().to_owned(), p.id()));
+                }
+            }
+        }
+        Ok::<_, ConsumeError>(parts)
+    })
+    .await??;
+    Ok(parts)
+}
+
+fn assign(
+    consumer: &StreamConsumer,
+    positions: &BTreeMap<(String, i32), Offset>,
+) -> anyhow::Result<()> {
+    let mut tpl = TopicPartitionList::new();
+    for ((t, p), at) in positions {
+        tpl.add_partition_offset(t, *p, *at)?;
+    }
+    consumer.assign(&tpl).map_err(|error| ConsumeError {
+        what: "assigning the change topics' partitions",
+        error,
+    })?;
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn consume(
+    cfg: &Config,
+    k: &KafkaConfig,
+    sink: &Sink,
+    lease: &Lease,
+    shutdown: &CancellationToken,
+    lost: &CancellationToken,
+    consumer: &Arc<StreamConsumer>,
+    topics: &[String],
+    positions: &mut BTreeMap<(String, i32), Offset>,
+    inflight: &mut VecDeque<InFlight>,
+) -> anyhow::Result<()> {
     let max = cfg.sink.batch_max_events;
     let linger = Duration::from_millis(cfg.sink.batch_max_wait_ms);
+    let mut looked = tokio::time::Instant::now();
     loop {
+        if looked.elapsed() >= PARTITIONS_EVERY {
+            looked = tokio::time::Instant::now();
+            let now = partitions(consumer, topics).await?;
+            let new: Vec<_> = now
+                .difference(&positions.keys().cloned().collect())
+                .cloned()
+                .collect();
+            if !new.is_empty() {
+                tracing::info!(
+                    partitions = new.len(),
+                    "new partitions on the change topics; reading them from their beginning"
+                );
+                for tp in new {
+                    positions.insert(tp, Offset::Beginning);
+                }
+                assign(consumer, positions)?;
+            }
+        }
         // Collect a batch: wait for the first message, then up to `linger` more.
         let mut batch: Vec<ChangeEvent> = Vec::new();
         let mut offsets: BTreeMap<(String, i32), i64> = BTreeMap::new();
-        let mut undecodable: Vec<crate::store::apply::DeadLetter> = Vec::new();
+        let mut undecodable: Vec<DeadLetter> = Vec::new();
         let mut deadline: Option<tokio::time::Instant> = None;
         while batch.len() < max {
             let wait = match deadline {
@@ -68,15 +478,25 @@ pub async fn apply_from_kafka(
             };
             let msg = tokio::select! {
                 () = shutdown.cancelled() => break,
+                () = lost.cancelled() => break,
                 m = tokio::time::timeout(wait, consumer.recv()) => m,
             };
             let Ok(msg) = msg else {
                 if deadline.is_some() {
                     break; // linger over
                 }
+                // Idle: let the writes in flight commit meanwhile.
+                while inflight.front().is_some_and(|f| f.task.is_finished()) {
+                    if let Some(f) = inflight.pop_front() {
+                        f.finish(consumer).await?;
+                    }
+                }
                 continue;
             };
-            let m = msg?;
+            let m = msg.map_err(|error| ConsumeError {
+                what: "receiving from the change topics",
+                error,
+            })?;
             deadline.get_or_insert_with(|| tokio::time::Instant::now() + linger);
             offsets.insert((m.topic().to_owned(), m.partition()), m.offset());
             match super::envelope::decode(m.key(), m.payload().unwrap_or_default()) {
@@ -96,85 +516,82 @@ pub async fn apply_from_kafka(
                 }
             }
         }
+        if lost.is_cancelled() {
+            // Nothing of this batch is written; the new owner reads it again.
+            return Err(StoreError::LeaseLost { epoch: lease.epoch }.into());
+        }
+        let next: Vec<(String, i32, i64)> = offsets
+            .iter()
+            .map(|((t, p), o)| (t.clone(), *p, o + 1))
+            .collect();
+        for (t, p, o) in &next {
+            positions.insert((t.clone(), *p), Offset::Offset(*o));
+        }
         // Per source, in arrival order (each partition's order is kept).
         let mut by_source: BTreeMap<String, Vec<ChangeEvent>> = BTreeMap::new();
         for e in batch {
             by_source.entry(e.source.clone()).or_default().push(e);
         }
-        for (source, events) in &by_source {
-            let started = std::time::Instant::now();
-            let what = format!("applying a batch of source {source} from kafka");
-            let Some(stats) =
-                retrying(&what, &shutdown, || sink.write_consumed(source, events)).await?
-            else {
-                // Shut down while retrying: nothing of this batch is committed,
-                // nor its offsets; the group delivers it again.
-                tracing::info!("apply role stopped cleanly");
-                return Ok(());
+        if !undecodable.is_empty() {
+            // Rare: written alone, after every write before it committed,
+            // with the batch's offsets when nothing else carries them.
+            while let Some(f) = inflight.pop_front() {
+                f.finish(consumer).await?;
+            }
+            let consumed = Consumed {
+                lease: lease.clone(),
+                offsets: if by_source.is_empty() {
+                    next.clone()
+                } else {
+                    Vec::new()
+                },
             };
-            tracing::debug!(source = %source, events = stats.events, stale = stats.stale, "batch applied from kafka");
+            sink.write_undecodable(undecodable, &consumed).await?;
+            if by_source.is_empty() {
+                commit_to_group(consumer, &next);
+            }
+        }
+        let writes = by_source.len();
+        for (i, (source, events)) in by_source.into_iter().enumerate() {
+            if inflight.len() >= IN_FLIGHT {
+                if let Some(oldest) = inflight.pop_front() {
+                    oldest.finish(consumer).await?;
+                }
+            }
             let mut commits: Vec<(crate::event::Lsn, chrono::DateTime<chrono::Utc>)> = events
                 .iter()
                 .map(|e| (e.commit_lsn, e.commit_time))
                 .collect();
             commits.sort();
             commits.dedup_by_key(|c| c.0);
-            let times: Vec<_> = commits.into_iter().map(|c| c.1).collect();
-            crate::metrics::batch_applied(source, &stats, &times, started.elapsed());
-        }
-        if !undecodable.is_empty()
-            && retrying("recording undecodable messages", &shutdown, || {
-                sink.write_undecodable(undecodable.clone())
-            })
-            .await?
-            .is_none()
-        {
-            tracing::info!("apply role stopped cleanly");
-            return Ok(());
-        }
-        if !offsets.is_empty() {
-            let mut tpl = TopicPartitionList::new();
-            for ((topic, partition), offset) in &offsets {
-                tpl.add_partition_offset(topic, *partition, Offset::Offset(offset + 1))?;
-            }
-            // After a rebalance the commit of a revoked partition fails; its new
-            // owner re-applies from the last commit, which changes nothing.
-            if let Err(e) = consumer.commit(&tpl, CommitMode::Sync) {
-                tracing::warn!(error = %e, "offset commit failed (rebalance?); messages will be applied again, idempotently");
-            }
+            let times = commits.into_iter().map(|c| c.1).collect();
+            let offsets = if i + 1 == writes {
+                next.clone()
+            } else {
+                Vec::new()
+            };
+            let consumed = Consumed {
+                lease: lease.clone(),
+                offsets: offsets.clone(),
+            };
+            let after = inflight.back_mut().and_then(|f| f.placed.take());
+            let (placed_tx, placed) = oneshot::channel();
+            let (sink, src) = (sink.clone(), source.clone());
+            let task = tokio::spawn(async move {
+                sink.write_consumed(&src, &events, consumed, after, Some(placed_tx))
+                    .await
+            });
+            inflight.push_back(InFlight {
+                source,
+                task,
+                placed: Some(placed),
+                times,
+                started: std::time::Instant::now(),
+                offsets,
+            });
         }
         if shutdown.is_cancelled() {
-            tracing::info!("apply role stopped cleanly");
             return Ok(());
-        }
-    }
-}
-
-/// Runs `write` until it succeeds (`Some` of its result), retrying transient
-/// failures with the daemon's backoff, or until `shutdown` (`None`). `what`
-/// names the write in the log.
-async fn retrying<T, F, Fut>(
-    what: &str,
-    shutdown: &CancellationToken,
-    mut write: F,
-) -> Result<Option<T>, SinkError>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<T, SinkError>>,
-{
-    let mut backoff = crate::retry::backoff();
-    loop {
-        match write().await {
-            Ok(out) => return Ok(Some(out)),
-            Err(e) if e.action() == Action::Retry => {
-                let delay = backoff.next().unwrap_or(Duration::from_secs(30));
-                tracing::warn!(error = %format!("{e:#}"), retry_in_ms = delay.as_millis(), "{what} failed; retrying");
-                tokio::select! {
-                    () = tokio::time::sleep(delay) => {}
-                    () = shutdown.cancelled() => return Ok(None),
-                }
-            }
-            Err(e) => return Err(e),
         }
     }
 }

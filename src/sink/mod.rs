@@ -30,8 +30,10 @@
 //! written and committed in its turn, in one order for every writer.
 //!
 //! Changes consumed from Kafka (`--role apply`) enter at step 2 through
-//! [`Sink::write_consumed`]: they are on Kafka already, and their position is
-//! the consumer group's offset, committed by the caller after the write.
+//! [`Sink::write_consumed`]: they are on Kafka already. Their position, the
+//! consumed offsets, takes the checkpoint's place in step 4, in the same
+//! transaction, which also checks that the writer still owns the apply lease
+//! (`store::lease`).
 
 use std::sync::Arc;
 
@@ -176,22 +178,50 @@ impl Sink {
         Ok(self.store.finish(prepared, outbox).await?)
     }
 
-    /// Writes change events consumed from Kafka (`--role apply`): apply →
-    /// outbox → commit. The caller commits the consumer offsets afterwards.
+    /// Writes change events consumed from Kafka by the apply lease's owner
+    /// (`--role apply`): apply → outbox → offsets → commit, only while the
+    /// lease in `consumed` is the owner's. Like [`Sink::write_after`] it
+    /// follows the write with ticket `after` (the one consumed before it),
+    /// sends its own to `placed`, and is derived while that one commits. The
+    /// events are on Kafka already: they are not published again.
     pub async fn write_consumed(
         &self,
         source: &str,
         events: &[ChangeEvent],
+        consumed: crate::store::lease::Consumed,
+        after: Option<tokio::sync::oneshot::Receiver<Option<u64>>>,
+        placed: Option<tokio::sync::oneshot::Sender<Option<u64>>>,
     ) -> Result<ApplyStats, SinkError> {
-        self.commit(source, events, None).await
+        let after = match after {
+            Some(before) => before.await.map_err(|_| StoreError::EarlierWriteFailed)?,
+            None => None,
+        };
+        let mut prepared = self
+            .store
+            .prepare_after(
+                &self.mapper,
+                source,
+                events,
+                None,
+                after,
+                self.publisher.is_some(),
+            )
+            .await?;
+        prepared.consumed(consumed);
+        if let Some(p) = placed {
+            let _ = p.send(Some(prepared.ticket()));
+        }
+        let outbox = self.publisher.as_deref().map(|p| p as &dyn Outbox);
+        Ok(self.store.finish(prepared, outbox).await?)
     }
 
     /// Records Kafka messages that are not change events (`--role apply`) in
-    /// `dead_letters` and on the dead-letter topic. The caller commits their
-    /// offsets afterwards.
+    /// `dead_letters` and on the dead-letter topic, with `consumed`'s offsets
+    /// (checked against its lease). The caller has no write in flight.
     pub async fn write_undecodable(
         &self,
         letters: Vec<crate::store::apply::DeadLetter>,
+        consumed: &crate::store::lease::Consumed,
     ) -> Result<(), SinkError> {
         let source = letters
             .first()
@@ -200,7 +230,7 @@ impl Sink {
         let outbox = self.publisher.as_deref().map(|p| p as &dyn Outbox);
         Ok(self
             .store
-            .record_undecodable(&source, letters, outbox)
+            .record_undecodable(&source, letters, Some(consumed), outbox)
             .await?)
     }
 
@@ -216,19 +246,6 @@ impl Sink {
         Ok(self
             .store
             .complete_snapshot(source, slot, consistent_point)
-            .await?)
-    }
-
-    async fn commit(
-        &self,
-        source: &str,
-        events: &[ChangeEvent],
-        checkpoint: Option<Lsn>,
-    ) -> Result<ApplyStats, SinkError> {
-        let outbox = self.publisher.as_deref().map(|p| p as &dyn Outbox);
-        Ok(self
-            .store
-            .apply_via(&self.mapper, source, events, checkpoint, outbox)
             .await?)
     }
 }

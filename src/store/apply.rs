@@ -213,17 +213,22 @@ impl Store {
     /// Records messages that are not change events (the Kafka apply role):
     /// into `dead_letters` (no LSN: they have none) and through `outbox` to the
     /// dead-letter topic, in one transaction, before the caller commits their
-    /// offsets. `source` names them for the outbox.
+    /// offsets. `source` names them for the outbox. With `consumed`, it commits
+    /// only while the owner's lease holds, and moves its offsets.
     pub async fn record_undecodable(
         &self,
         source: &str,
         letters: Vec<DeadLetter>,
+        consumed: Option<&super::lease::Consumed>,
         outbox: Option<&dyn super::Outbox>,
     ) -> Result<(), StoreError> {
-        if letters.is_empty() {
+        if letters.is_empty() && consumed.is_none() {
             return Ok(());
         }
         let mut tx = self.pool().begin().await?;
+        if let Some(c) = consumed {
+            super::lease::hold(&mut tx, c).await?;
+        }
         sqlx::query(
             "insert into dead_letters (source, lsn, table_name, row, error)
              select s, null, t, r::jsonb, e from unnest($1::text[], $2::text[], $3::text[], $4::text[]) as u(s, t, r, e)",
@@ -234,7 +239,7 @@ impl Store {
         .bind(letters.iter().map(|d| d.error.clone()).collect::<Vec<_>>())
         .execute(&mut *tx)
         .await?;
-        if let Some(o) = outbox {
+        if let Some(o) = outbox.filter(|_| !letters.is_empty()) {
             let stats = ApplyStats {
                 dead_letters: letters.len(),
                 dead: letters,

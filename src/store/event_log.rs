@@ -21,7 +21,8 @@
 //! (a large batch's log has a transaction of its own, see
 //! `apply::write_plan`), when a
 //! large transaction's earlier chunks stream again after a crash, or when a
-//! Kafka partition changes hands between two apply instances. The insert skips
+//! Kafka apply owner re-reads changes whose write failed after its log
+//! committed. The insert skips
 //! such changes (`ON CONFLICT DO NOTHING`); the `COPY` runs under a savepoint,
 //! and on a unique violation the savepoint is rolled back and the same bytes go
 //! through `event_log_staging` (an unlogged table, empty outside a transaction)

@@ -2,6 +2,7 @@
 //! source transactions together with its checkpoint in one sink transaction
 //! (`apply`), and every other statement that names a store table: replay and
 //! rebuild (`replay`), forget (`forget`), watermarked re-reads (`watermarked`),
+//! the Kafka apply role's lease and offsets (`lease`),
 //! reconciliation's runs, digests and chunks (`reconcile`), and the reads of
 //! `status`, `check` and the metrics (`stats`). No module outside this one
 //! speaks the store's SQL (the test `docs::only_the_store_module_names_the_store_tables_in_sql`
@@ -14,6 +15,7 @@ pub mod apply;
 pub mod digest;
 pub(crate) mod event_log;
 pub mod forget;
+pub mod lease;
 pub mod pipeline;
 pub mod reconcile;
 pub mod replay;
@@ -58,6 +60,14 @@ pub enum StoreError {
     /// was rolled back and is retried.
     #[error("delivering the batch's profile changes before commit failed")]
     Outbox(#[source] Box<dyn std::error::Error + Send + Sync>),
+    /// The apply lease is no longer this instance's (it expired and a standby
+    /// took it): nothing of the write was committed, and the instance stands
+    /// by again.
+    #[error("the apply lease (epoch {epoch}) is no longer this instance's; another apply instance owns profile writes now")]
+    LeaseLost {
+        /// The epoch this instance held.
+        epoch: i64,
+    },
 }
 
 impl StoreError {
@@ -68,7 +78,7 @@ impl StoreError {
             StoreError::Connect { source, .. } | StoreError::Query(source) => {
                 crate::retry::sqlx_error(source)
             }
-            StoreError::Migrate(_) => crate::retry::Action::Stop,
+            StoreError::Migrate(_) | StoreError::LeaseLost { .. } => crate::retry::Action::Stop,
             StoreError::Outbox(_) | StoreError::EarlierWriteFailed => crate::retry::Action::Retry,
         }
     }

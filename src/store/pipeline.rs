@@ -270,6 +270,9 @@ pub struct Prepared<'a> {
     plan: Option<Plan>,
     /// Planned while an earlier write was still uncommitted.
     overlapped: bool,
+    /// Consumed from Kafka by the apply lease's owner: checked against the
+    /// lease and moving its offsets, in the write's transaction.
+    consumed: Option<super::lease::Consumed>,
     finished: bool,
 }
 
@@ -289,6 +292,12 @@ impl Prepared<'_> {
     /// ([`Store::prepare_after`]).
     pub fn ticket(&self) -> u64 {
         self.ticket
+    }
+
+    /// Makes it a write of changes consumed from Kafka: it commits only while
+    /// `consumed`'s lease is the owner's, and moves its offsets with it.
+    pub fn consumed(&mut self, consumed: super::lease::Consumed) {
+        self.consumed = Some(consumed);
     }
 }
 
@@ -348,6 +357,7 @@ impl Store {
             after,
             plan: None,
             overlapped: false,
+            consumed: None,
             finished: false,
         };
         let Some(mut cache) = cache else {
@@ -558,6 +568,10 @@ impl Store {
             };
             plan.stats
         };
+        if let Some(c) = &p.consumed {
+            // Last before the outbox: the owner's lease holds until commit.
+            super::lease::hold(&mut tx, c).await?;
+        }
         failpoint::hit(Stage::Derived);
         if let Some(o) =
             outbox.filter(|_| !stats.profile_changes.is_empty() || !stats.dead.is_empty())

@@ -151,7 +151,7 @@ fn every_config_example_in_the_docs_parses() {
 }
 
 /// The profile store's tables, as SQL names them.
-const STORE_TABLES: [&str; 15] = [
+const STORE_TABLES: [&str; 17] = [
     "events",
     "event_log_staging",
     "contributions",
@@ -167,6 +167,8 @@ const STORE_TABLES: [&str; 15] = [
     "write_generation",
     "_sqlx_migrations",
     "events_partitions",
+    "apply_lease",
+    "consumer_offsets",
 ];
 
 /// `(keyword, table)` pairs in `line` where a store table follows an SQL

@@ -369,10 +369,46 @@ fn start_role(cfg: &std::path::Path, role: &str) -> Daemon {
     Daemon::spawn_args(cfg, &["run", "--role", role], &log)
 }
 
-/// One capture and two apply instances over Kafka: both apply instances take
-/// part, one is SIGKILLed mid-stream and the other takes its partitions over,
-/// and the final store equals a single-process (`--role all`) run of the same
-/// workload into a second store.
+/// Waits for `what` in `d`'s log; returns how long it took.
+async fn wait_log(d: &Daemon, what: &str, within: Duration) -> Duration {
+    let t0 = std::time::Instant::now();
+    while !d.log_text().contains(what) {
+        assert!(
+            t0.elapsed() < within,
+            "timed out after {within:?} waiting for `{what}` in the log:\n{}",
+            quiet(d)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    t0.elapsed()
+}
+
+/// A daemon's log without its debug lines (for a failure message).
+fn quiet(d: &Daemon) -> String {
+    d.log_text()
+        .lines()
+        .filter(|l| !l.contains("DEBUG"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// How many batches an apply instance has written.
+fn applied(d: &Daemon) -> usize {
+    d.log_text().matches("batch applied from kafka").count()
+}
+
+/// The `[kafka]` section of the scale-out tests: a 2 s apply lease.
+fn lease_kafka(broker: &str, prefix: &str) -> String {
+    format!(
+        "\n[kafka]\nbrokers = \"{broker}\"\ntopic_prefix = \"{prefix}\"\npartitions = 3\nlease_ttl_ms = 2000\n"
+    )
+}
+
+/// One capture and two apply instances over Kafka: exactly one apply
+/// instance (the lease's owner) writes while the other stands by; the owner
+/// is SIGKILLed mid-stream, the standby takes over within the lease's time
+/// to live, and the final store equals a single-process (`--role all`) run
+/// of the same workload into a second store: nothing lost, nothing doubled.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn capture_and_two_apply_instances_equal_a_single_process_run() {
     let broker = broker();
@@ -380,72 +416,183 @@ async fn capture_and_two_apply_instances_equal_a_single_process_run() {
     let (crm, shop, sink) = two_sources(&pg).await;
     let reference = create_db(&pg, "reference").await;
     let prefix = prefix("scale");
-    let kafka = format!(
-        "\n[kafka]\nbrokers = \"{broker}\"\ntopic_prefix = \"{prefix}\"\npartitions = 3\n\
-         options = {{ \"session.timeout.ms\" = \"6000\", \"heartbeat.interval.ms\" = \"500\" }}\n"
-    );
     let split = write_config(&format!(
-        "{}{kafka}",
-        pipeline_config(&crm, &shop, &sink, "sp")
+        "{}{}",
+        pipeline_config(&crm, &shop, &sink, "sp"),
+        lease_kafka(&broker, &prefix)
     ));
     let single = write_config(&pipeline_config(&crm, &shop, &reference, "sg"));
     let one = Daemon::start(&single);
     let capture = start_role(&split, "capture");
-    let apply_a = start_role(&split, "apply");
-    let apply_b = start_role(&split, "apply");
+    let owner = start_role(&split, "apply");
+    wait_log(&owner, "took the apply lease", Duration::from_secs(60)).await;
+    let standby = start_role(&split, "apply");
+    wait_log(&standby, "standing by", Duration::from_secs(60)).await;
     wait_snapshots(&reference, 2).await;
     wait_snapshots(&sink, 2).await;
     let mut w = Workload::default();
     w.run(&crm, &shop, 1500, 41, |_| {}).await;
-    // Both apply instances have applied batches before one of them dies. The
-    // changes keep coming until they have: an instance whose partitions were
-    // assigned only after the first changes were consumed (a late rebalance)
-    // has nothing to apply otherwise, and the test failed that way in CI.
-    let busy = |d: &Daemon| d.log_text().contains("batch applied from kafka");
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    let mut round = 0;
-    // Their logs go with a failure. They showed the cause of a flake here (about
-    // one run in twenty): an instance that had stopped at start, having lost a
-    // race to create the store's schema (now tolerated; the test
-    // `several_processes_migrating_a_new_store_at_once_all_succeed`).
-    let quiet = |d: &Daemon| {
-        d.log_text()
-            .lines()
-            .filter(|l| !l.contains("DEBUG"))
-            .collect::<Vec<_>>()
-            .join("\n")
-    };
-    while !(busy(&apply_a) && busy(&apply_b)) {
+    while applied(&owner) == 0 {
         assert!(
             std::time::Instant::now() < deadline,
-            "timed out after 60s waiting for: both apply instances at work\napply a:\n{}\napply b:\n{}",
-            quiet(&apply_a),
-            quiet(&apply_b),
+            "the owner applied nothing:\n{}",
+            quiet(&owner)
         );
-        round += 1;
-        w.run(&crm, &shop, 100, 1000 + round, |_| {}).await;
-        tokio::time::sleep(Duration::from_millis(500)).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    apply_a.kill9();
-    w.run(&crm, &shop, 1500, 42, |_| {}).await;
+    assert_eq!(
+        applied(&standby),
+        0,
+        "the standby wrote while another instance owned the lease:\n{}",
+        quiet(&standby)
+    );
+    // Mid-stream: the second half of the workload runs while the owner dies.
+    let more = {
+        let (crm, shop) = (crm.clone(), shop.clone());
+        let mut w2 = std::mem::take(&mut w);
+        tokio::spawn(async move {
+            w2.run(&crm, &shop, 1500, 42, |_| {}).await;
+            w2
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    owner.kill9();
+    let takeover = wait_log(&standby, "took the apply lease", Duration::from_secs(30)).await;
+    eprintln!("takeover after SIGKILL of the owner: {takeover:?}");
+    assert!(
+        takeover < Duration::from_millis(2000 + 2000),
+        "the standby took {takeover:?} to take over a 2 s lease"
+    );
+    let w = more.await.unwrap();
     let deadline = std::time::Instant::now() + Duration::from_secs(120);
     while !(caught_up(&shop, &reference, &w).await
         && profiles(&sink).await == profiles(&reference).await)
     {
         assert!(
             std::time::Instant::now() < deadline,
-            "the split run did not converge to the single-process run:\ncapture:\n{}\napply b:\n{}",
+            "the split run did not converge to the single-process run:\ncapture:\n{}\nstandby:\n{}",
             quiet(&capture),
-            quiet(&apply_b),
+            quiet(&standby),
         );
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
+    assert!(
+        caught_up(&shop, &sink, &w).await,
+        "aggregates exact in the split store"
+    );
     assert_eq!(
         provenance(&sink).await,
         provenance(&reference).await,
         "field provenance equal too"
     );
-    assert_eq!(apply_b.stop(), Some(0));
+    let logged = |db: String| async move {
+        scalar::<i64>(
+            &db,
+            "select count(*) from tributary.events where op <> 'snapshot'",
+        )
+        .await
+    };
+    assert_eq!(
+        logged(sink.clone()).await,
+        logged(reference.clone()).await,
+        "every streamed change logged once in both stores"
+    );
+    assert_eq!(standby.stop(), Some(0));
+    assert_eq!(capture.stop(), Some(0));
+    assert_eq!(one.stop(), Some(0));
+}
+
+/// An owner that stops answering (SIGSTOP: a stall, a partition) loses the
+/// lease to the standby; woken up, it writes nothing more (its writes check
+/// the lease inside their transaction) and stands by again. A clean stop of
+/// the new owner releases the lease, and the first one takes over at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_apply_owner_is_fenced_off_and_a_clean_stop_hands_over_at_once() {
+    let broker = broker();
+    let pg = cluster();
+    let (crm, shop, sink) = two_sources(&pg).await;
+    let reference = create_db(&pg, "reference").await;
+    let prefix = prefix("fence");
+    let split = write_config(&format!(
+        "{}{}",
+        pipeline_config(&crm, &shop, &sink, "fp"),
+        lease_kafka(&broker, &prefix)
+    ));
+    let single = write_config(&pipeline_config(&crm, &shop, &reference, "fg"));
+    let one = Daemon::start(&single);
+    let capture = start_role(&split, "capture");
+    let first = start_role(&split, "apply");
+    wait_log(&first, "took the apply lease", Duration::from_secs(60)).await;
+    let second = start_role(&split, "apply");
+    wait_log(&second, "standing by", Duration::from_secs(60)).await;
+    wait_snapshots(&sink, 2).await;
+    let mut w = Workload::default();
+    w.run(&crm, &shop, 300, 7, |_| {}).await;
+    wait_until(
+        "the owner applied the changes",
+        Duration::from_secs(60),
+        || {
+            let (shop, sink, w) = (&shop, &sink, &w);
+            async move { caught_up(shop, sink, w).await }
+        },
+    )
+    .await;
+    // Idle for a poll, so every write it made is logged.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let before = applied(&first);
+    assert!(before > 0, "the owner applied nothing:\n{}", quiet(&first));
+    let signal = |sig: &str, pid: u32| {
+        let ok = std::process::Command::new("kill")
+            .args([sig, &pid.to_string()])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill {sig} {pid}");
+    };
+    signal("-STOP", first.pid());
+    wait_log(&second, "took the apply lease", Duration::from_secs(30)).await;
+    w.run(&crm, &shop, 300, 8, |_| {}).await;
+    signal("-CONT", first.pid());
+    wait_log(&first, "lost the apply lease", Duration::from_secs(30)).await;
+    wait_log(&first, "standing by", Duration::from_secs(30)).await;
+    assert_eq!(
+        applied(&first),
+        before,
+        "the fenced-off owner committed a write after its lease was taken:\n{}",
+        quiet(&first)
+    );
+    let epoch = |db: String| async move {
+        scalar::<i64>(&db, "select epoch from tributary.apply_lease").await
+    };
+    assert_eq!(epoch(sink.clone()).await, 2);
+    assert_eq!(second.stop(), Some(0), "a clean stop of the owner");
+    let t0 = std::time::Instant::now();
+    let handed = first.log_text().matches("took the apply lease").count();
+    while first.log_text().matches("took the apply lease").count() == handed {
+        assert!(
+            t0.elapsed() < Duration::from_millis(1500),
+            "a released lease waited for its expiry:\n{}",
+            quiet(&first)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    w.run(&crm, &shop, 300, 9, |_| {}).await;
+    wait_until(
+        "the store equals the single-process run",
+        Duration::from_secs(90),
+        || {
+            let (shop, sink, reference, w) = (&shop, &sink, &reference, &w);
+            async move {
+                caught_up(shop, reference, w).await
+                    && caught_up(shop, sink, w).await
+                    && profiles(sink).await == profiles(reference).await
+            }
+        },
+    )
+    .await;
+    assert_eq!(epoch(sink.clone()).await, 3);
+    assert_eq!(first.stop(), Some(0));
     assert_eq!(capture.stop(), Some(0));
     assert_eq!(one.stop(), Some(0));
 }
@@ -671,4 +818,125 @@ async fn forget_sends_tombstones_for_the_profile_and_every_row() {
     .into();
     assert_eq!(tombstones, want, "{got:?}");
     assert_eq!(daemon.stop(), Some(0));
+}
+
+/// The fence, at the store: a write made under a lease that expired and was
+/// taken over commits nothing (neither its rows nor its offsets); the new
+/// owner's writes commit, and offsets never move backwards. Needs no broker.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_under_a_lease_taken_over_commits_nothing() {
+    use tributary::cli::Role;
+    use tributary::config::Config;
+    use tributary::event::{ChangeEvent, Lsn, Op};
+    use tributary::mapping::Mapper;
+    use tributary::sink::{Sink, SinkError};
+    use tributary::store::{Store, StoreError};
+
+    let pg = cluster();
+    let (crm, shop, sink) = two_sources(&pg).await;
+    let cfg = write_config(&pipeline_config(&crm, &shop, &sink, "fs"));
+    let config = Config::load(&cfg).unwrap();
+    let store = Store::connect(&config.sink).await.unwrap();
+    store.migrate().await.unwrap();
+    let writer = Sink::new(
+        store.clone(),
+        std::sync::Arc::new(Mapper::new(&config)),
+        None,
+        Role::Apply,
+    );
+    let contact = |id: i64, lsn: u64| {
+        let key: serde_json::Map<String, Value> =
+            serde_json::from_value(serde_json::json!({ "id": id })).unwrap();
+        let row = serde_json::from_value(
+            serde_json::json!({ "id": id, "email": format!("c{id}@x.com"), "first_name": "C",
+                "last_name": null, "phone": null, "opted_in": null, "bio": null,
+                "row_version": 1, "modified_at": null }),
+        )
+        .unwrap();
+        vec![ChangeEvent {
+            source: "crm".into(),
+            table: "public.contacts".into(),
+            op: Op::Insert,
+            key,
+            row,
+            unchanged: Vec::new(),
+            unreadable: Vec::new(),
+            lsn: Lsn(lsn),
+            commit_lsn: Lsn(lsn),
+            seq: 0,
+            xid: 1,
+            commit_time: chrono::Utc::now(),
+        }]
+    };
+    let ttl = Duration::from_millis(1000);
+    let a = store
+        .acquire_lease("a", "g", ttl)
+        .await
+        .unwrap()
+        .expect("a free lease");
+    assert!(
+        store.acquire_lease("b", "g", ttl).await.unwrap().is_none(),
+        "a held lease must not be taken"
+    );
+    let consumed =
+        |lease: &tributary::store::lease::Lease, next: i64| tributary::store::lease::Consumed {
+            lease: lease.clone(),
+            offsets: vec![("topic".into(), 0, next)],
+        };
+    writer
+        .write_consumed("crm", &contact(1, 100), consumed(&a, 5), None, None)
+        .await
+        .expect("the owner writes");
+    tokio::time::sleep(ttl + Duration::from_millis(200)).await;
+    let b = store
+        .acquire_lease("b", "g", ttl)
+        .await
+        .unwrap()
+        .expect("an expired lease is taken");
+    assert_eq!(b.epoch, a.epoch + 1);
+    let late = writer
+        .write_consumed("crm", &contact(2, 200), consumed(&a, 9), None, None)
+        .await;
+    assert!(
+        matches!(late, Err(SinkError::Store(StoreError::LeaseLost { .. }))),
+        "a write under a lost lease must fail: {late:?}"
+    );
+    assert!(
+        traits_of(&sink, "email", "c2@x.com").await.is_none(),
+        "its rows were committed"
+    );
+    assert_eq!(
+        store.consumer_offsets("g").await.unwrap(),
+        vec![("topic".into(), 0, 5)]
+    );
+    assert!(
+        !store.renew_lease(&a).await.unwrap(),
+        "the old owner renewed a lease it lost"
+    );
+    writer
+        .write_consumed("crm", &contact(3, 300), consumed(&b, 12), None, None)
+        .await
+        .expect("the new owner writes");
+    writer
+        .write_consumed("crm", &contact(4, 400), consumed(&b, 7), None, None)
+        .await
+        .expect("a write with older offsets");
+    assert!(traits_of(&sink, "email", "c1@x.com").await.is_some());
+    assert!(traits_of(&sink, "email", "c3@x.com").await.is_some());
+    assert_eq!(
+        scalar::<i64>(&sink, "select count(*) from tributary.dead_letters").await,
+        0
+    );
+    assert_eq!(
+        store.consumer_offsets("g").await.unwrap(),
+        vec![("topic".into(), 0, 12)],
+        "offsets never move backwards"
+    );
+    store.release_lease(&b).await.unwrap();
+    let c = store.acquire_lease("c", "g", ttl).await.unwrap();
+    assert_eq!(
+        c.map(|l| l.epoch),
+        Some(b.epoch + 1),
+        "a released lease is free at once"
+    );
 }

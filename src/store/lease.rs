@@ -1,0 +1,194 @@
+//! The apply lease: exactly one `run --role apply` instance writes profiles
+//! at a time, and where it is in the change topics is stored with its writes.
+//!
+//! An instance that holds the lease (`apply_lease`, one row) is the owner; it
+//! renews the lease every third of its time to live. The others stand by and
+//! take the lease once it has expired (the owner died) or was released (the
+//! owner stopped cleanly); every take moves `epoch`. Every write of an owner
+//! checks, inside its own transaction, that the lease is still its epoch and
+//! unexpired, and holds the lease row (`FOR SHARE`) until it commits: a
+//! standby cannot take the lease between that check and the commit, so an
+//! owner that was only paused (a long GC-like stall, a network partition)
+//! never writes after its successor started. The same transaction moves the
+//! owner's offsets in `consumer_offsets`, so a new owner starts exactly after
+//! the last change the store has.
+
+use std::time::Duration;
+
+use sqlx::PgConnection;
+
+use super::{Store, StoreError};
+
+/// The lease's one row: one owner of profile writes per store.
+const LEASE: &str = "profiles";
+
+/// An owner's hold on the lease.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Lease {
+    /// This instance (host, process, a random part).
+    pub holder: String,
+    /// Counts the owners: this one's.
+    pub epoch: i64,
+    /// The consumer group its offsets belong to.
+    pub group: String,
+    /// How long the lease lasts unless renewed.
+    pub ttl: Duration,
+}
+
+/// A write of changes consumed from Kafka by the lease's owner: checked
+/// against the lease, and moving these partitions' offsets.
+#[derive(Debug, Clone)]
+pub struct Consumed {
+    /// The owner's lease.
+    pub lease: Lease,
+    /// `(topic, partition, next offset to read)`.
+    pub offsets: Vec<(String, i32, i64)>,
+}
+
+/// Who holds the lease, for a standby's log.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct LeaseHolder {
+    /// The owner instance.
+    pub holder: String,
+    /// Its epoch.
+    pub epoch: i64,
+    /// Milliseconds until it expires unless renewed (negative: expired).
+    pub expires_in_ms: i64,
+}
+
+fn ttl_ms(ttl: Duration) -> i64 {
+    i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX)
+}
+
+impl Store {
+    /// Takes the lease for `holder` when nobody holds it, it expired, or it was
+    /// released; None while another instance holds it.
+    pub async fn acquire_lease(
+        &self,
+        holder: &str,
+        group: &str,
+        ttl: Duration,
+    ) -> Result<Option<Lease>, StoreError> {
+        let epoch: Option<i64> = sqlx::query_scalar(
+            "insert into apply_lease (name, holder, epoch, group_id, expires_at)
+             values ($1, $2, 1, $3, clock_timestamp() + $4 * interval '1 millisecond')
+             on conflict (name) do update
+                set holder = excluded.holder, epoch = apply_lease.epoch + 1,
+                    group_id = excluded.group_id, acquired_at = now(), expires_at = excluded.expires_at
+              where apply_lease.expires_at < clock_timestamp()
+             returning epoch",
+        )
+        .bind(LEASE)
+        .bind(holder)
+        .bind(group)
+        .bind(ttl_ms(ttl))
+        .fetch_optional(self.pool())
+        .await?;
+        Ok(epoch.map(|epoch| Lease {
+            holder: holder.to_owned(),
+            epoch,
+            group: group.to_owned(),
+            ttl,
+        }))
+    }
+
+    /// Who holds the lease now (None: nobody ever took it).
+    pub async fn lease_holder(&self) -> Result<Option<LeaseHolder>, StoreError> {
+        Ok(sqlx::query_as(
+            "select holder, epoch,
+                    (extract(epoch from expires_at - clock_timestamp()) * 1000)::bigint as expires_in_ms
+               from apply_lease where name = $1",
+        )
+        .bind(LEASE)
+        .fetch_optional(self.pool())
+        .await?)
+    }
+
+    /// Extends `lease` by its time to live; false when it is no longer this
+    /// owner's (a standby took it after it expired).
+    pub async fn renew_lease(&self, lease: &Lease) -> Result<bool, StoreError> {
+        let done = sqlx::query(
+            "update apply_lease set expires_at = clock_timestamp() + $4 * interval '1 millisecond'
+              where name = $1 and holder = $2 and epoch = $3",
+        )
+        .bind(LEASE)
+        .bind(&lease.holder)
+        .bind(lease.epoch)
+        .bind(ttl_ms(lease.ttl))
+        .execute(self.pool())
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    /// Gives the lease up (a clean stop): a standby takes it at its next try
+    /// instead of waiting for it to expire.
+    pub async fn release_lease(&self, lease: &Lease) -> Result<(), StoreError> {
+        sqlx::query(
+            "update apply_lease set expires_at = clock_timestamp() - interval '1 millisecond'
+              where name = $1 and holder = $2 and epoch = $3",
+        )
+        .bind(LEASE)
+        .bind(&lease.holder)
+        .bind(lease.epoch)
+        .execute(self.pool())
+        .await?;
+        Ok(())
+    }
+
+    /// The offsets the store has for `group`: `(topic, partition, next offset)`.
+    pub async fn consumer_offsets(
+        &self,
+        group: &str,
+    ) -> Result<Vec<(String, i32, i64)>, StoreError> {
+        Ok(sqlx::query_as(
+            "select topic, partition, next_offset from consumer_offsets where group_id = $1",
+        )
+        .bind(group)
+        .fetch_all(self.pool())
+        .await?)
+    }
+}
+
+/// Inside a write's transaction: fails with [`StoreError::LeaseLost`] unless
+/// `consumed`'s lease is still the owner's and unexpired, then holds the
+/// lease row until the transaction ends and moves the offsets (never
+/// backwards).
+pub(crate) async fn hold(tx: &mut PgConnection, consumed: &Consumed) -> Result<(), StoreError> {
+    let lease = &consumed.lease;
+    let held: Option<i32> = sqlx::query_scalar(
+        "select 1 from apply_lease
+          where name = $1 and holder = $2 and epoch = $3 and expires_at > clock_timestamp()
+          for share",
+    )
+    .bind(LEASE)
+    .bind(&lease.holder)
+    .bind(lease.epoch)
+    .fetch_optional(&mut *tx)
+    .await?;
+    if held.is_none() {
+        return Err(StoreError::LeaseLost { epoch: lease.epoch });
+    }
+    if consumed.offsets.is_empty() {
+        return Ok(());
+    }
+    sqlx::query(
+        "insert into consumer_offsets (group_id, topic, partition, next_offset)
+         select $1, t, p, o from unnest($2::text[], $3::int[], $4::bigint[]) as u(t, p, o)
+         on conflict (group_id, topic, partition) do update
+            set next_offset = excluded.next_offset, updated_at = now()
+          where consumer_offsets.next_offset < excluded.next_offset",
+    )
+    .bind(&lease.group)
+    .bind(
+        consumed
+            .offsets
+            .iter()
+            .map(|o| o.0.clone())
+            .collect::<Vec<_>>(),
+    )
+    .bind(consumed.offsets.iter().map(|o| o.1).collect::<Vec<_>>())
+    .bind(consumed.offsets.iter().map(|o| o.2).collect::<Vec<_>>())
+    .execute(&mut *tx)
+    .await?;
+    Ok(())
+}
