@@ -2,9 +2,11 @@
 # Benchmark (not a test): N row changes (default 1,000,000) published to Kafka by
 # `run --role capture` and applied from Kafka by two `run --role apply` instances
 # (one owns the apply lease and writes, the other stands by), next to a
-# single-process `run` (`--role all`, no Kafka) draining the same backlog, in the
-# same run, on the same machine. Prints events/s for each, the ratio of apply to
-# the single process, and writes target/bench/kafka.json.
+# single-process `run` (`--role all`, no Kafka) draining the same backlog, and a
+# single process with `[kafka]` (the same outputs as the split: change events and
+# profile changes on Kafka), in the same run, on the same machine. Prints events/s
+# for each, the ratios of apply to both, the CPU of each part, and writes
+# target/bench/kafka.json.
 #
 #   benches/kafka.sh              # N=1000000
 #   N=100000 benches/kafka.sh     # quicker
@@ -43,9 +45,9 @@ now() { date +%s.%N; }
 start src "$SRC_PORT"
 start sink "$SINK_PORT"
 q "$SRC_PORT" postgres -c "$BENCH_SCHEMA"
-q "$SINK_PORT" postgres -c "create database split" -c "create database single"
+q "$SINK_PORT" postgres -c "create database split" -c "create database single" -c "create database singlek"
 prefix="bench$(date +%s)"
-config() { # db tag [kafka]
+config() { # db tag [kafka [prefix]]
   cat <<CFG
 [sink]
 url = "postgres://postgres@127.0.0.1:$SINK_PORT/$1"
@@ -57,13 +59,14 @@ publication = "crm_$2"
 $(bench_tables)
 CFG
   if [ -n "${3:-}" ]; then
-    printf '[kafka]\nbrokers = "127.0.0.1:%s"\ntopic_prefix = "%s"\npartitions = 6\n' "$KAFKA_PORT" "$prefix"
+    printf '[kafka]\nbrokers = "127.0.0.1:%s"\ntopic_prefix = "%s"\npartitions = 6\n' "$KAFKA_PORT" "${4:-$prefix}"
   fi
 }
 config split split kafka >"$TMP/split.toml"
 config single single >"$TMP/single.toml"
+config singlek singlek kafka "${prefix}k" >"$TMP/singlek.toml"
 # First runs: slots, publications, (empty) snapshots, topics; then stop.
-for c in "split.toml --role capture" "single.toml"; do
+for c in "split.toml --role capture" "single.toml" "singlek.toml"; do
   set -- $c
   "$BIN" --config "$TMP/$1" run "${@:2}" >>"$TMP/setup.log" 2>&1 &
   p=$!
@@ -118,6 +121,7 @@ apply_cpu=$(($(proc_cpu "${apply_pids[0]}") + $(proc_cpu "${apply_pids[1]}")))
 apply_sink_cpu=$(($(cluster_cpu sink) - sink_cpu0)); apply_broker_cpu=$(($(broker_cpu) - broker_cpu0))
 echo "apply (lease owner + standby, from Kafka): $rows events in ${apply_s}s = $(awk "BEGIN{printf \"%d\", $rows / $apply_s}") events/s"
 echo "  cpu: apply instances $(secs "$apply_cpu") s, store $(secs "$apply_sink_cpu") s, broker $(secs "$apply_broker_cpu") s"
+for p in "${apply_pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
 
 # 3. Single process, no Kafka, the same backlog into another store.
 sink_cpu0=$(cluster_cpu sink); src_cpu0=$(cluster_cpu src)
@@ -129,18 +133,35 @@ single_cpu=$(proc_cpu "$single_pid")
 single_sink_cpu=$(($(cluster_cpu sink) - sink_cpu0)); single_src_cpu=$(($(cluster_cpu src) - src_cpu0))
 echo "single process (--role all): $rows events in ${single_s}s = $(awk "BEGIN{printf \"%d\", $rows / $single_s}") events/s"
 echo "  cpu: daemon $(secs "$single_cpu") s, store $(secs "$single_sink_cpu") s, source $(secs "$single_src_cpu") s"
+kill -TERM "$single_pid" 2>/dev/null || true
+
+# 4. Single process with [kafka]: the same outputs as capture + apply (change
+# events and profile changes on Kafka, the store), in one process.
+sink_cpu0=$(cluster_cpu sink); broker_cpu0=$(broker_cpu)
+t0=$(now)
+"$BIN" --config "$TMP/singlek.toml" run >"$TMP/singlek.log" 2>&1 & pids+=($!); singlek_pid=$!
+until [ "$(shipped singlek)" = "$want" ]; do sleep 0.2; done
+singlek_s=$(awk "BEGIN{print $(now) - $t0}")
+singlek_cpu=$(proc_cpu "$singlek_pid")
+singlek_sink_cpu=$(($(cluster_cpu sink) - sink_cpu0)); singlek_broker_cpu=$(($(broker_cpu) - broker_cpu0))
+echo "single process with [kafka] (publishes changes and profile changes): $rows events in ${singlek_s}s = $(awk "BEGIN{printf \"%d\", $rows / $singlek_s}") events/s"
+echo "  cpu: daemon $(secs "$singlek_cpu") s, store $(secs "$singlek_sink_cpu") s, broker $(secs "$singlek_broker_cpu") s"
+kill -TERM "$singlek_pid" 2>/dev/null || true
 
 same=$(diff <(q "$SINK_PORT" split -c "select traits::text from tributary.profile_view order by traits->>'email'") \
             <(q "$SINK_PORT" single -c "select traits::text from tributary.profile_view order by traits->>'email'") >/dev/null && echo true || echo false)
 ratio=$(awk "BEGIN{printf \"%.2f\", $single_s / $apply_s}")
-echo "apply / single process: $ratio"
+ratio_k=$(awk "BEGIN{printf \"%.2f\", $singlek_s / $apply_s}")
+echo "apply / single process: $ratio (against the single process with [kafka]: $ratio_k)"
 echo "stores equal: $same"
 cat >"$root/target/bench/kafka.json" <<JSON
 {"rows": $rows, "capture_s": $capture_s, "apply_s": $apply_s, "single_s": $single_s,
  "capture_events_per_s": $(awk "BEGIN{printf \"%d\", $rows / $capture_s}"),
  "apply_events_per_s": $(awk "BEGIN{printf \"%d\", $rows / $apply_s}"),
  "single_events_per_s": $(awk "BEGIN{printf \"%d\", $rows / $single_s}"),
- "apply_vs_single": $ratio, "stores_equal": $same,
+ "singlek_s": $singlek_s, "singlek_events_per_s": $(awk "BEGIN{printf \"%d\", $rows / $singlek_s}"),
+ "apply_vs_single": $ratio, "apply_vs_single_with_kafka": $ratio_k, "stores_equal": $same,
  "cpu_s": {"apply_instances": $(secs "$apply_cpu"), "apply_store": $(secs "$apply_sink_cpu"), "apply_broker": $(secs "$apply_broker_cpu"),
-   "single_daemon": $(secs "$single_cpu"), "single_store": $(secs "$single_sink_cpu"), "single_source": $(secs "$single_src_cpu")}}
+   "single_daemon": $(secs "$single_cpu"), "single_store": $(secs "$single_sink_cpu"), "single_source": $(secs "$single_src_cpu"),
+   "singlek_daemon": $(secs "$singlek_cpu"), "singlek_store": $(secs "$singlek_sink_cpu"), "singlek_broker": $(secs "$singlek_broker_cpu")}}
 JSON

@@ -37,7 +37,9 @@ const CHUNK_ROWS: i64 = 20_000;
 /// source with heartbeats so that its stream moves.
 ///
 /// Applied means: the store's checkpoint, or the position the daemon has
-/// confirmed to the slot, is past `lsn`. The daemon confirms only what the
+/// confirmed to the slot, is past `lsn`, and, in a deployment split over
+/// Kafka, the apply owner has applied every message the capture had
+/// published by then (`store::lease`). The daemon confirms only what the
 /// store has committed, and confirms keepalive positions of an idle stream
 /// without writing the store (a write per keepalive would, with the store on
 /// the same server, make WAL that makes the next keepalive).
@@ -50,6 +52,9 @@ pub async fn wait_until_applied(
     let started = Instant::now();
     let mut last_prod: Option<Instant> = None;
     let mut conn = query_conn(src).await?;
+    // Split over Kafka: where the capture had published when its checkpoint
+    // passed `lsn`; the apply owner must have applied up to there.
+    let mut published: Option<crate::store::lease::Published> = None;
     loop {
         let cp = store.checkpoint(&src.name).await?.map(|c| c.lsn);
         let confirmed: Option<String> = sqlx::query_scalar(
@@ -63,9 +68,24 @@ pub async fn wait_until_applied(
         let confirmed: Option<Lsn> = confirmed.and_then(|l| l.parse().ok());
         // The slot only counts once the store has a checkpoint (a snapshot done).
         let applied = cp.map(|c| c.max(confirmed.unwrap_or_default()));
-        if applied.is_some_and(|a| a > lsn) {
-            conn.close().await.ok();
-            return Ok(());
+        if published.is_none() && applied.is_some_and(|a| a > lsn) {
+            published = Some(store.published_offsets(&src.name).await?);
+        }
+        if let Some(p) = &published {
+            if store.apply_caught_up(p).await? {
+                conn.close().await.ok();
+                return Ok(());
+            }
+            if started.elapsed() >= timeout {
+                anyhow::bail!(
+                    "source {}: the stream past {lsn} is published to Kafka but the apply owner has not applied it within {} s; \
+                     is a `tributary run --role apply` instance running and owning the lease? (raise --wait-secs for a slow one)",
+                    src.name,
+                    timeout.as_secs()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
         }
         if started.elapsed() >= timeout {
             anyhow::bail!(

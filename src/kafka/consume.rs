@@ -530,7 +530,12 @@ async fn consume(
         // Per source, in arrival order (each partition's order is kept).
         let mut by_source: BTreeMap<String, Vec<ChangeEvent>> = BTreeMap::new();
         for e in batch {
-            by_source.entry(e.source.clone()).or_default().push(e);
+            match by_source.get_mut(&e.source) {
+                Some(events) => events.push(e),
+                None => {
+                    by_source.insert(e.source.clone(), vec![e]);
+                }
+            }
         }
         if !undecodable.is_empty() {
             // Rare: written alone, after every write before it committed,

@@ -201,7 +201,11 @@ impl Publisher {
 
     /// Publishes `events` in order and returns once the broker acknowledged
     /// every one of them.
-    pub async fn publish(&self, events: &[ChangeEvent]) -> Result<(), PublishError> {
+    /// Returns, per `(topic, partition)`, the offset after the last message.
+    pub async fn publish(
+        &self,
+        events: &[ChangeEvent],
+    ) -> Result<crate::store::lease::Published, PublishError> {
         let now = chrono::Utc::now().timestamp_millis();
         self.send_all(events.iter().map(|e| {
             (
@@ -237,7 +241,7 @@ impl Publisher {
                 envelope::dead_letter_value(d, now),
             )
         });
-        self.send_all(changes.chain(letters)).await
+        self.send_all(changes.chain(letters)).await.map(|_| ())
     }
 
     /// Tombstones (a key with no value) for a forgotten person: their
@@ -260,7 +264,7 @@ impl Publisher {
                 None,
             )
         });
-        self.send_records(profiles.chain(rows)).await
+        self.send_records(profiles.chain(rows)).await.map(|_| ())
     }
 
     /// Enqueues every `(topic, key, value)` in order, then waits for all
@@ -268,7 +272,7 @@ impl Publisher {
     async fn send_all(
         &self,
         messages: impl Iterator<Item = (String, Option<String>, String)>,
-    ) -> Result<(), PublishError> {
+    ) -> Result<crate::store::lease::Published, PublishError> {
         self.send_records(messages.map(|(t, k, v)| (t, k, Some(v))))
             .await
     }
@@ -277,7 +281,12 @@ impl Publisher {
     async fn send_records(
         &self,
         messages: impl Iterator<Item = (String, Option<String>, Option<String>)>,
-    ) -> Result<(), PublishError> {
+    ) -> Result<crate::store::lease::Published, PublishError> {
+        let mut published = crate::store::lease::Published::new();
+        let mut delivered = |topic: String, d: rdkafka::producer::future_producer::Delivery| {
+            let next = published.entry((topic, d.partition)).or_insert(0);
+            *next = (*next).max(d.offset + 1);
+        };
         let mut pending: std::collections::VecDeque<(String, DeliveryFuture)> =
             std::collections::VecDeque::new();
         for (topic, key, value) in messages {
@@ -297,7 +306,10 @@ impl Publisher {
                     Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
                         record = r;
                         match pending.pop_front() {
-                            Some((t, f)) => Self::confirm(t, f).await?,
+                            Some((t, f)) => {
+                                let d = Self::confirm(&t, f).await?;
+                                delivered(t, d);
+                            }
                             None => self.producer.poll(Duration::from_millis(10)),
                         }
                     }
@@ -306,17 +318,24 @@ impl Publisher {
             }
         }
         for (topic, f) in pending {
-            Self::confirm(topic, f).await?;
+            let d = Self::confirm(&topic, f).await?;
+            delivered(topic, d);
         }
-        Ok(())
+        Ok(published)
     }
 
-    async fn confirm(topic: String, f: DeliveryFuture) -> Result<(), PublishError> {
+    async fn confirm(
+        topic: &str,
+        f: DeliveryFuture,
+    ) -> Result<rdkafka::producer::future_producer::Delivery, PublishError> {
         match f.await {
-            Ok(Ok(_)) => Ok(()),
-            Ok(Err((error, _))) => Err(PublishError::Delivery { topic, error }),
+            Ok(Ok(d)) => Ok(d),
+            Ok(Err((error, _))) => Err(PublishError::Delivery {
+                topic: topic.to_owned(),
+                error,
+            }),
             Err(_) => Err(PublishError::Delivery {
-                topic,
+                topic: topic.to_owned(),
                 error: KafkaError::Canceled,
             }),
         }

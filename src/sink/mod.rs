@@ -15,7 +15,9 @@
 //! 3. **outbox**: the profile changes and dead letters the apply produced are
 //!    delivered to Kafka, still inside the transaction;
 //! 4. **checkpoint**: the source's checkpoint moves to the write's end LSN,
-//!    in the same transaction (monotonic: it never moves backwards);
+//!    in the same transaction (monotonic: it never moves backwards); a
+//!    `capture` process records there too where it published the changes
+//!    (`published_offsets`);
 //! 5. **commit**;
 //! 6. **acknowledge**: only after [`Sink::write`] returned may the caller
 //!    report the checkpoint to the source as flushed.
@@ -146,9 +148,10 @@ impl Sink {
             Some(before) => before.await.map_err(|_| StoreError::EarlierWriteFailed)?,
             None => None,
         };
+        let mut published = None;
         if let Some(p) = &self.publisher {
             if !events.is_empty() {
-                p.publish(events).await?;
+                published = Some(p.publish(events).await?);
                 crate::failpoint::hit(crate::failpoint::Stage::AfterPublish);
             }
         }
@@ -160,7 +163,7 @@ impl Sink {
             }
             return Ok(ApplyStats::default());
         }
-        let prepared = self
+        let mut prepared = self
             .store
             .prepare_after(
                 &self.mapper,
@@ -171,6 +174,11 @@ impl Sink {
                 self.publisher.is_some(),
             )
             .await?;
+        if let Some(published) = published.filter(|_| !self.derives()) {
+            // Split over Kafka: the store records where the changes went, so
+            // that "applied up to here" can be told from "published".
+            prepared.published(published);
+        }
         if let Some(p) = placed {
             let _ = p.send(Some(prepared.ticket()));
         }

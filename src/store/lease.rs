@@ -12,6 +12,12 @@
 //! never writes after its successor started. The same transaction moves the
 //! owner's offsets in `consumer_offsets`, so a new owner starts exactly after
 //! the last change the store has.
+//!
+//! A capture process records, with each checkpoint, where in the change
+//! topics it published the changes that checkpoint covers
+//! (`published_offsets`); comparing those with the owner's offsets tells
+//! whether the store has *applied* a source up to a position, not only
+//! published it ([`Store::apply_caught_up`]).
 
 use std::time::Duration;
 
@@ -147,6 +153,73 @@ impl Store {
         .fetch_all(self.pool())
         .await?)
     }
+}
+
+/// Offsets after the last published message, per `(topic, partition)`.
+pub type Published = std::collections::BTreeMap<(String, i32), i64>;
+
+impl Store {
+    /// Where the capture process has published `source` so far, as recorded
+    /// with its checkpoints (empty: never published, or not split over Kafka).
+    pub async fn published_offsets(&self, source: &str) -> Result<Published, StoreError> {
+        let rows: Vec<(String, i32, i64)> = sqlx::query_as(
+            "select topic, partition, next_offset from published_offsets where source = $1",
+        )
+        .bind(source)
+        .fetch_all(self.pool())
+        .await?;
+        Ok(rows.into_iter().map(|(t, p, o)| ((t, p), o)).collect())
+    }
+
+    /// Has the apply owner applied every message up to `published`? True when
+    /// nothing in the store applies from Kafka (no apply lease was ever taken):
+    /// then the capture's checkpoint is all there is.
+    pub async fn apply_caught_up(&self, published: &Published) -> Result<bool, StoreError> {
+        if published.is_empty() {
+            return Ok(true);
+        }
+        let behind: Option<i64> = sqlx::query_scalar(
+            "select count(*) from unnest($1::text[], $2::int[], $3::bigint[]) as p(topic, partition, next_offset)
+               cross join apply_lease l
+              where l.name = $4
+                and coalesce((select c.next_offset from consumer_offsets c
+                               where c.group_id = l.group_id and c.topic = p.topic and c.partition = p.partition), 0)
+                    < p.next_offset",
+        )
+        .bind(published.keys().map(|k| k.0.clone()).collect::<Vec<_>>())
+        .bind(published.keys().map(|k| k.1).collect::<Vec<_>>())
+        .bind(published.values().copied().collect::<Vec<_>>())
+        .bind(LEASE)
+        .fetch_one(self.pool())
+        .await?;
+        Ok(behind.unwrap_or(0) == 0)
+    }
+}
+
+/// Inside a capture's checkpoint transaction: records where `source`'s
+/// changes up to that checkpoint were published (never backwards).
+pub(crate) async fn record_published(
+    tx: &mut PgConnection,
+    source: &str,
+    published: &Published,
+) -> Result<(), StoreError> {
+    if published.is_empty() {
+        return Ok(());
+    }
+    sqlx::query(
+        "insert into published_offsets (source, topic, partition, next_offset)
+         select $1, t, p, o from unnest($2::text[], $3::int[], $4::bigint[]) as u(t, p, o)
+         on conflict (topic, partition) do update
+            set next_offset = excluded.next_offset, source = excluded.source, updated_at = now()
+          where published_offsets.next_offset < excluded.next_offset",
+    )
+    .bind(source)
+    .bind(published.keys().map(|k| k.0.clone()).collect::<Vec<_>>())
+    .bind(published.keys().map(|k| k.1).collect::<Vec<_>>())
+    .bind(published.values().copied().collect::<Vec<_>>())
+    .execute(&mut *tx)
+    .await?;
+    Ok(())
 }
 
 /// Inside a write's transaction: fails with [`StoreError::LeaseLost`] unless

@@ -273,6 +273,9 @@ pub struct Prepared<'a> {
     /// Consumed from Kafka by the apply lease's owner: checked against the
     /// lease and moving its offsets, in the write's transaction.
     consumed: Option<super::lease::Consumed>,
+    /// Published to Kafka by a capture process: where, recorded with the
+    /// checkpoint.
+    published: Option<super::lease::Published>,
     finished: bool,
 }
 
@@ -298,6 +301,12 @@ impl Prepared<'_> {
     /// `consumed`'s lease is the owner's, and moves its offsets with it.
     pub fn consumed(&mut self, consumed: super::lease::Consumed) {
         self.consumed = Some(consumed);
+    }
+
+    /// Makes it the write of a capture process that published its changes
+    /// to these offsets: they are recorded in its transaction.
+    pub fn published(&mut self, published: super::lease::Published) {
+        self.published = Some(published);
     }
 }
 
@@ -358,6 +367,7 @@ impl Store {
             plan: None,
             overlapped: false,
             consumed: None,
+            published: None,
             finished: false,
         };
         let Some(mut cache) = cache else {
@@ -590,6 +600,9 @@ impl Store {
             .bind(lsn.to_string())
             .execute(&mut *tx)
             .await?;
+        }
+        if let Some(published) = &p.published {
+            super::lease::record_published(&mut tx, p.source, published).await?;
         }
         failpoint::pause(Stage::BeforeCommit).await;
         failpoint::hit(Stage::BeforeCommit);

@@ -151,7 +151,7 @@ fn every_config_example_in_the_docs_parses() {
 }
 
 /// The profile store's tables, as SQL names them.
-const STORE_TABLES: [&str; 17] = [
+const STORE_TABLES: [&str; 18] = [
     "events",
     "event_log_staging",
     "contributions",
@@ -169,6 +169,7 @@ const STORE_TABLES: [&str; 17] = [
     "events_partitions",
     "apply_lease",
     "consumer_offsets",
+    "published_offsets",
 ];
 
 /// `(keyword, table)` pairs in `line` where a store table follows an SQL

@@ -940,3 +940,76 @@ async fn a_write_under_a_lease_taken_over_commits_nothing() {
         "a released lease is free at once"
     );
 }
+
+/// Reconciliation of a deployment split over Kafka waits for the apply owner,
+/// not only for the capture's checkpoint (which says "published", not
+/// "applied"): with the owner stopped, changes the capture published are not
+/// reported as drift; reconcile waits and says the owner is behind. Once the
+/// owner runs again, the run is clean.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconcile_of_a_split_deployment_waits_for_the_apply_owner() {
+    let broker = broker();
+    let pg = cluster();
+    let (crm, shop, sink) = two_sources(&pg).await;
+    let prefix = prefix("recon");
+    let split = write_config(&format!(
+        "{}{}",
+        pipeline_config(&crm, &shop, &sink, "rc"),
+        lease_kafka(&broker, &prefix)
+    ));
+    let capture = start_role(&split, "capture");
+    let owner = start_role(&split, "apply");
+    wait_log(&owner, "took the apply lease", Duration::from_secs(60)).await;
+    wait_snapshots(&sink, 2).await;
+    exec(
+        &crm,
+        "insert into contacts (id, email, first_name) select g, 'r' || g || '@x.com', 'F' from generate_series(1, 50) g",
+    )
+    .await;
+    wait_until(
+        "the owner applied the rows",
+        Duration::from_secs(60),
+        || async { traits_of(&sink, "email", "r50@x.com").await.is_some() },
+    )
+    .await;
+    let signal = |sig: &str| {
+        let ok = std::process::Command::new("kill")
+            .args([sig, &owner.pid().to_string()])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill {sig}");
+    };
+    signal("-STOP");
+    exec(
+        &crm,
+        "update contacts set first_name = 'G', row_version = row_version + 1 where id <= 10",
+    )
+    .await;
+    let out = run_cmd(&split, &["--json", "reconcile", "--wait-secs", "3"]);
+    let said = text(&out);
+    signal("-CONT");
+    assert!(
+        !out.status.success() && said.contains("apply owner has not applied"),
+        "reconcile did not wait for the stopped apply owner: {said}"
+    );
+    assert_eq!(
+        scalar::<i64>(&sink, "select count(*) from tributary.reconcile_drift").await,
+        0,
+        "changes published but not yet applied were reported as drift"
+    );
+    wait_until(
+        "the owner applied the updates",
+        Duration::from_secs(60),
+        || async {
+            traits_of(&sink, "email", "r1@x.com")
+                .await
+                .is_some_and(|t| t["first_name"] == "G")
+        },
+    )
+    .await;
+    let out = run_cmd(&split, &["--json", "reconcile", "--wait-secs", "60"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(owner.stop(), Some(0));
+    assert_eq!(capture.stop(), Some(0));
+}
