@@ -74,7 +74,15 @@ pub async fn apply_from_kafka(
         tracing::info!(holder = %holder, epoch = lease.epoch, "took the apply lease: this instance owns profile writes");
         let lost = CancellationToken::new();
         let renewing = tokio::spawn(renew(store.clone(), lease.clone(), lost.clone()));
-        let owned = own(&cfg, &k, &sink, &lease, &shutdown, &lost).await;
+        let owner = Owner {
+            cfg: &cfg,
+            k: &k,
+            sink: &sink,
+            lease: &lease,
+            shutdown: &shutdown,
+            lost: &lost,
+        };
+        let owned = own(owner).await;
         renewing.abort();
         metrics::gauge!(crate::metrics::APPLY_LEASE_OWNER).set(0.0);
         match owned {
@@ -175,19 +183,25 @@ enum OwnerError {
     Stop(anyhow::Error),
 }
 
+/// What the owner works with while it holds the lease.
+#[derive(Clone, Copy)]
+struct Owner<'a> {
+    cfg: &'a Config,
+    k: &'a KafkaConfig,
+    sink: &'a Sink,
+    lease: &'a Lease,
+    shutdown: &'a CancellationToken,
+    /// Cancelled once the lease is another instance's.
+    lost: &'a CancellationToken,
+}
+
 /// The owner's work until shutdown (Ok) or until it is no longer the owner.
 /// Transient failures start it over from the store's offsets.
-async fn own(
-    cfg: &Config,
-    k: &KafkaConfig,
-    sink: &Sink,
-    lease: &Lease,
-    shutdown: &CancellationToken,
-    lost: &CancellationToken,
-) -> Result<(), OwnerError> {
+async fn own(o: Owner<'_>) -> Result<(), OwnerError> {
+    let Owner { shutdown, lost, .. } = o;
     let mut backoff = crate::retry::backoff();
     loop {
-        let err = match apply_owned(cfg, k, sink, lease, shutdown, lost).await {
+        let err = match apply_owned(o).await {
             Ok(()) => return Ok(()),
             Err(e) => e,
         };
@@ -277,14 +291,14 @@ fn commit_to_group(consumer: &StreamConsumer, offsets: &[(String, i32, i64)]) {
 
 /// The owner's loop proper (see the module doc): Ok at shutdown, Err on any
 /// failure, with the writes in flight settled or abandoned.
-async fn apply_owned(
-    cfg: &Config,
-    k: &KafkaConfig,
-    sink: &Sink,
-    lease: &Lease,
-    shutdown: &CancellationToken,
-    lost: &CancellationToken,
-) -> anyhow::Result<()> {
+async fn apply_owned(o: Owner<'_>) -> anyhow::Result<()> {
+    let Owner {
+        cfg,
+        k,
+        sink,
+        lease,
+        ..
+    } = o;
     let c = super::client_config(
         k,
         "tributary-apply",
@@ -306,19 +320,7 @@ async fn apply_owned(
     assign(&consumer, &positions)?;
     tracing::info!(group = %k.group_id, topics = topics.len(), partitions = positions.len(), "applying change topics from Kafka");
     let mut inflight: VecDeque<InFlight> = VecDeque::new();
-    let out = consume(
-        cfg,
-        k,
-        sink,
-        lease,
-        shutdown,
-        lost,
-        &consumer,
-        &topics,
-        &mut positions,
-        &mut inflight,
-    )
-    .await;
+    let out = consume(o, &consumer, &topics, &mut positions, &mut inflight).await;
     match out {
         Ok(()) => {
             // A clean stop: what was handed over commits.
@@ -431,19 +433,24 @@ fn assign(
     Ok(())
 }
 
-#[allow(clippy::too_many_arguments)]
+/// Polls batches and hands them to the write path until shutdown (Ok) or a
+/// failure; `positions` follows what was consumed, `inflight` holds the
+/// writes not yet known to have committed.
 async fn consume(
-    cfg: &Config,
-    k: &KafkaConfig,
-    sink: &Sink,
-    lease: &Lease,
-    shutdown: &CancellationToken,
-    lost: &CancellationToken,
+    o: Owner<'_>,
     consumer: &Arc<StreamConsumer>,
     topics: &[String],
     positions: &mut BTreeMap<(String, i32), Offset>,
     inflight: &mut VecDeque<InFlight>,
 ) -> anyhow::Result<()> {
+    let Owner {
+        cfg,
+        k,
+        sink,
+        lease,
+        shutdown,
+        lost,
+    } = o;
     let max = cfg.sink.batch_max_events;
     let linger = Duration::from_millis(cfg.sink.batch_max_wait_ms);
     let mut looked = tokio::time::Instant::now();

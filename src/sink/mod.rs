@@ -144,10 +144,7 @@ impl Sink {
         after: Option<tokio::sync::oneshot::Receiver<Option<u64>>>,
         placed: Option<tokio::sync::oneshot::Sender<Option<u64>>>,
     ) -> Result<ApplyStats, SinkError> {
-        let after = match after {
-            Some(before) => before.await.map_err(|_| StoreError::EarlierWriteFailed)?,
-            None => None,
-        };
+        let after = turn_after(after).await?;
         let mut published = None;
         if let Some(p) = &self.publisher {
             if !events.is_empty() {
@@ -156,13 +153,35 @@ impl Sink {
             }
         }
         let events = if self.derives() { events } else { &[] };
-        if events.is_empty() && checkpoint.is_none() {
+        // Split over Kafka: the store records where the changes went (initial
+        // snapshot rows too), so that "applied up to here" can be told from
+        // "published".
+        let position = match published.filter(|_| !self.derives()) {
+            Some(p) => Position::Published(p),
+            None => Position::Checkpoint,
+        };
+        if events.is_empty() && checkpoint.is_none() && matches!(position, Position::Checkpoint) {
             // Nothing to write: the next batch follows the one before.
             if let Some(p) = placed {
                 let _ = p.send(after);
             }
             return Ok(ApplyStats::default());
         }
+        self.write_in_order(source, events, checkpoint, after, position, placed)
+            .await
+    }
+
+    /// Steps 2-5 of a write whose turn follows the write with ticket `after`:
+    /// prepare (its ticket goes to `placed`), then finish with the outbox.
+    async fn write_in_order(
+        &self,
+        source: &str,
+        events: &[ChangeEvent],
+        checkpoint: Option<Lsn>,
+        after: Option<u64>,
+        position: Position,
+        placed: Option<tokio::sync::oneshot::Sender<Option<u64>>>,
+    ) -> Result<ApplyStats, SinkError> {
         let mut prepared = self
             .store
             .prepare_after(
@@ -174,10 +193,10 @@ impl Sink {
                 self.publisher.is_some(),
             )
             .await?;
-        if let Some(published) = published.filter(|_| !self.derives()) {
-            // Split over Kafka: the store records where the changes went, so
-            // that "applied up to here" can be told from "published".
-            prepared.published(published);
+        match position {
+            Position::Checkpoint => {}
+            Position::Published(p) => prepared.published(p),
+            Position::Consumed(c) => prepared.consumed(c),
         }
         if let Some(p) = placed {
             let _ = p.send(Some(prepared.ticket()));
@@ -200,27 +219,16 @@ impl Sink {
         after: Option<tokio::sync::oneshot::Receiver<Option<u64>>>,
         placed: Option<tokio::sync::oneshot::Sender<Option<u64>>>,
     ) -> Result<ApplyStats, SinkError> {
-        let after = match after {
-            Some(before) => before.await.map_err(|_| StoreError::EarlierWriteFailed)?,
-            None => None,
-        };
-        let mut prepared = self
-            .store
-            .prepare_after(
-                &self.mapper,
-                source,
-                events,
-                None,
-                after,
-                self.publisher.is_some(),
-            )
-            .await?;
-        prepared.consumed(consumed);
-        if let Some(p) = placed {
-            let _ = p.send(Some(prepared.ticket()));
-        }
-        let outbox = self.publisher.as_deref().map(|p| p as &dyn Outbox);
-        Ok(self.store.finish(prepared, outbox).await?)
+        let after = turn_after(after).await?;
+        self.write_in_order(
+            source,
+            events,
+            None,
+            after,
+            Position::Consumed(consumed),
+            placed,
+        )
+        .await
     }
 
     /// Records Kafka messages that are not change events (`--role apply`) in
@@ -255,5 +263,26 @@ impl Sink {
             .store
             .complete_snapshot(source, slot, consistent_point)
             .await?)
+    }
+}
+
+/// Where a write's changes stand besides its checkpoint.
+enum Position {
+    /// Read from the source; the checkpoint says it all.
+    Checkpoint,
+    /// Published to Kafka by a capture process, to these offsets.
+    Published(crate::store::lease::Published),
+    /// Consumed from Kafka by the apply lease's owner.
+    Consumed(crate::store::lease::Consumed),
+}
+
+/// The ticket of the write this one follows, once that one took its place
+/// (None: it follows none); Err when that one was dropped unfired (failed).
+async fn turn_after(
+    after: Option<tokio::sync::oneshot::Receiver<Option<u64>>>,
+) -> Result<Option<u64>, SinkError> {
+    match after {
+        Some(before) => Ok(before.await.map_err(|_| StoreError::EarlierWriteFailed)?),
+        None => Ok(None),
     }
 }
