@@ -54,7 +54,7 @@ pub async fn wait_until_applied(
     let mut conn = query_conn(src).await?;
     // Split over Kafka: where the capture had published when its checkpoint
     // passed `lsn`; the apply owner must have applied up to there.
-    let mut published: Option<crate::store::lease::Published> = None;
+    let mut published: Option<crate::store::lease::Offsets> = None;
     loop {
         let cp = store.checkpoint(&src.name).await?.map(|c| c.lsn);
         let confirmed: Option<String> = sqlx::query_scalar(

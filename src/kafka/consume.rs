@@ -45,7 +45,7 @@ use crate::event::ChangeEvent;
 use crate::retry::Action;
 use crate::sink::{Sink, SinkError};
 use crate::store::apply::{ApplyStats, DeadLetter};
-use crate::store::lease::{Consumed, Lease};
+use crate::store::lease::{Consumed, Lease, Offsets};
 use crate::store::{Store, StoreError};
 
 /// Writes in flight at once: one commits while the next is derived.
@@ -261,7 +261,7 @@ struct InFlight {
     times: Vec<chrono::DateTime<chrono::Utc>>,
     started: std::time::Instant,
     /// The offsets it moves (the last write of a batch).
-    offsets: Vec<(String, i32, i64)>,
+    offsets: Offsets,
 }
 
 impl InFlight {
@@ -276,12 +276,12 @@ impl InFlight {
 
 /// Commits `offsets` to the consumer group too, for lag tools (best effort:
 /// the store's are the ones that count).
-fn commit_to_group(consumer: &StreamConsumer, offsets: &[(String, i32, i64)]) {
+fn commit_to_group(consumer: &StreamConsumer, offsets: &Offsets) {
     if offsets.is_empty() {
         return;
     }
     let mut tpl = TopicPartitionList::new();
-    for (topic, partition, next) in offsets {
+    for ((topic, partition), next) in offsets {
         let _ = tpl.add_partition_offset(topic, *partition, Offset::Offset(*next));
     }
     if let Err(e) = consumer.commit(&tpl, CommitMode::Async) {
@@ -350,12 +350,7 @@ async fn start_positions(
     group: &str,
 ) -> anyhow::Result<BTreeMap<(String, i32), Offset>> {
     let parts = partitions(consumer, topics).await?;
-    let stored: BTreeMap<(String, i32), i64> = store
-        .consumer_offsets(group)
-        .await?
-        .into_iter()
-        .map(|(t, p, o)| ((t, p), o))
-        .collect();
+    let stored = store.consumer_offsets(group).await?;
     let mut start: BTreeMap<(String, i32), Offset> = parts
         .iter()
         .map(|tp| {
@@ -475,7 +470,8 @@ async fn consume(
         }
         // Collect a batch: wait for the first message, then up to `linger` more.
         let mut batch: Vec<ChangeEvent> = Vec::new();
-        let mut offsets: BTreeMap<(String, i32), i64> = BTreeMap::new();
+        // The next offset to read in each partition the batch came from.
+        let mut next = Offsets::new();
         let mut undecodable: Vec<DeadLetter> = Vec::new();
         let mut deadline: Option<tokio::time::Instant> = None;
         while batch.len() < max {
@@ -505,7 +501,7 @@ async fn consume(
                 error,
             })?;
             deadline.get_or_insert_with(|| tokio::time::Instant::now() + linger);
-            offsets.insert((m.topic().to_owned(), m.partition()), m.offset());
+            next.insert((m.topic().to_owned(), m.partition()), m.offset() + 1);
             match super::envelope::decode(m.key(), m.payload().unwrap_or_default()) {
                 Ok(e) => batch.push(e),
                 Err(error) => {
@@ -527,12 +523,8 @@ async fn consume(
             // Nothing of this batch is written; the new owner reads it again.
             return Err(StoreError::LeaseLost { epoch: lease.epoch }.into());
         }
-        let next: Vec<(String, i32, i64)> = offsets
-            .iter()
-            .map(|((t, p), o)| (t.clone(), *p, o + 1))
-            .collect();
-        for (t, p, o) in &next {
-            positions.insert((t.clone(), *p), Offset::Offset(*o));
+        for (tp, o) in &next {
+            positions.insert(tp.clone(), Offset::Offset(*o));
         }
         // Per source, in arrival order (each partition's order is kept).
         let mut by_source: BTreeMap<String, Vec<ChangeEvent>> = BTreeMap::new();
@@ -555,7 +547,7 @@ async fn consume(
                 offsets: if by_source.is_empty() {
                     next.clone()
                 } else {
-                    Vec::new()
+                    Offsets::new()
                 },
             };
             sink.write_undecodable(undecodable, &consumed).await?;
@@ -580,7 +572,7 @@ async fn consume(
             let offsets = if i + 1 == writes {
                 next.clone()
             } else {
-                Vec::new()
+                Offsets::new()
             };
             let consumed = Consumed {
                 lease: lease.clone(),

@@ -205,7 +205,7 @@ impl Publisher {
     pub async fn publish(
         &self,
         events: &[ChangeEvent],
-    ) -> Result<crate::store::lease::Published, PublishError> {
+    ) -> Result<crate::store::lease::Offsets, PublishError> {
         let now = chrono::Utc::now().timestamp_millis();
         self.send_all(events.iter().map(|e| {
             (
@@ -272,7 +272,7 @@ impl Publisher {
     async fn send_all(
         &self,
         messages: impl Iterator<Item = (String, Option<String>, String)>,
-    ) -> Result<crate::store::lease::Published, PublishError> {
+    ) -> Result<crate::store::lease::Offsets, PublishError> {
         self.send_records(messages.map(|(t, k, v)| (t, k, Some(v))))
             .await
     }
@@ -281,8 +281,8 @@ impl Publisher {
     async fn send_records(
         &self,
         messages: impl Iterator<Item = (String, Option<String>, Option<String>)>,
-    ) -> Result<crate::store::lease::Published, PublishError> {
-        let mut published = crate::store::lease::Published::new();
+    ) -> Result<crate::store::lease::Offsets, PublishError> {
+        let mut published = crate::store::lease::Offsets::new();
         let mut delivered = |topic: String, d: rdkafka::producer::future_producer::Delivery| {
             let next = published.entry((topic, d.partition)).or_insert(0);
             *next = (*next).max(d.offset + 1);

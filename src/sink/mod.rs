@@ -271,7 +271,7 @@ enum Position {
     /// Read from the source; the checkpoint says it all.
     Checkpoint,
     /// Published to Kafka by a capture process, to these offsets.
-    Published(crate::store::lease::Published),
+    Published(crate::store::lease::Offsets),
     /// Consumed from Kafka by the apply lease's owner.
     Consumed(crate::store::lease::Consumed),
 }

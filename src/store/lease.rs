@@ -28,6 +28,24 @@ use super::{Store, StoreError};
 /// The lease's one row: one owner of profile writes per store.
 const LEASE: &str = "profiles";
 
+/// Positions in the change topics: per `(topic, partition)`, the offset
+/// after the last message (the next one to read). What a capture published
+/// is compared with what the owner consumed.
+pub type Offsets = std::collections::BTreeMap<(String, i32), i64>;
+
+/// `offsets` as the three arrays an `unnest($n::text[], $m::int[],
+/// $k::bigint[])` takes.
+fn columns(offsets: &Offsets) -> (Vec<String>, Vec<i32>, Vec<i64>) {
+    let topics = offsets.keys().map(|k| k.0.clone()).collect();
+    let partitions = offsets.keys().map(|k| k.1).collect();
+    (topics, partitions, offsets.values().copied().collect())
+}
+
+/// Rows of `(topic, partition, next_offset)` as [`Offsets`].
+fn offsets_of(rows: Vec<(String, i32, i64)>) -> Offsets {
+    rows.into_iter().map(|(t, p, o)| ((t, p), o)).collect()
+}
+
 /// An owner's hold on the lease.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Lease {
@@ -47,8 +65,8 @@ pub struct Lease {
 pub struct Consumed {
     /// The owner's lease.
     pub lease: Lease,
-    /// `(topic, partition, next offset to read)`.
-    pub offsets: Vec<(String, i32, i64)>,
+    /// The next offset to read in each partition the write consumed from.
+    pub offsets: Offsets,
 }
 
 /// Who holds the lease, for a standby's log.
@@ -141,43 +159,37 @@ impl Store {
         Ok(())
     }
 
-    /// The offsets the store has for `group`: `(topic, partition, next offset)`.
-    pub async fn consumer_offsets(
-        &self,
-        group: &str,
-    ) -> Result<Vec<(String, i32, i64)>, StoreError> {
-        Ok(sqlx::query_as(
+    /// The offsets the store has for `group`.
+    pub async fn consumer_offsets(&self, group: &str) -> Result<Offsets, StoreError> {
+        let rows = sqlx::query_as(
             "select topic, partition, next_offset from consumer_offsets where group_id = $1",
         )
         .bind(group)
         .fetch_all(self.pool())
-        .await?)
+        .await?;
+        Ok(offsets_of(rows))
     }
-}
 
-/// Offsets after the last published message, per `(topic, partition)`.
-pub type Published = std::collections::BTreeMap<(String, i32), i64>;
-
-impl Store {
     /// Where the capture process has published `source` so far, as recorded
     /// with its checkpoints (empty: never published, or not split over Kafka).
-    pub async fn published_offsets(&self, source: &str) -> Result<Published, StoreError> {
-        let rows: Vec<(String, i32, i64)> = sqlx::query_as(
+    pub async fn published_offsets(&self, source: &str) -> Result<Offsets, StoreError> {
+        let rows = sqlx::query_as(
             "select topic, partition, next_offset from published_offsets where source = $1",
         )
         .bind(source)
         .fetch_all(self.pool())
         .await?;
-        Ok(rows.into_iter().map(|(t, p, o)| ((t, p), o)).collect())
+        Ok(offsets_of(rows))
     }
 
     /// Has the apply owner applied every message up to `published`? True when
     /// nothing in the store applies from Kafka (no apply lease was ever taken):
     /// then the capture's checkpoint is all there is.
-    pub async fn apply_caught_up(&self, published: &Published) -> Result<bool, StoreError> {
+    pub async fn apply_caught_up(&self, published: &Offsets) -> Result<bool, StoreError> {
         if published.is_empty() {
             return Ok(true);
         }
+        let (topics, partitions, next) = columns(published);
         let behind: Option<i64> = sqlx::query_scalar(
             "select count(*) from unnest($1::text[], $2::int[], $3::bigint[]) as p(topic, partition, next_offset)
                cross join apply_lease l
@@ -186,9 +198,9 @@ impl Store {
                                where c.group_id = l.group_id and c.topic = p.topic and c.partition = p.partition), 0)
                     < p.next_offset",
         )
-        .bind(published.keys().map(|k| k.0.clone()).collect::<Vec<_>>())
-        .bind(published.keys().map(|k| k.1).collect::<Vec<_>>())
-        .bind(published.values().copied().collect::<Vec<_>>())
+        .bind(topics)
+        .bind(partitions)
+        .bind(next)
         .bind(LEASE)
         .fetch_one(self.pool())
         .await?;
@@ -201,11 +213,12 @@ impl Store {
 pub(crate) async fn record_published(
     tx: &mut PgConnection,
     source: &str,
-    published: &Published,
+    published: &Offsets,
 ) -> Result<(), StoreError> {
     if published.is_empty() {
         return Ok(());
     }
+    let (topics, partitions, next) = columns(published);
     sqlx::query(
         "insert into published_offsets (source, topic, partition, next_offset)
          select $1, t, p, o from unnest($2::text[], $3::int[], $4::bigint[]) as u(t, p, o)
@@ -214,9 +227,9 @@ pub(crate) async fn record_published(
           where published_offsets.next_offset < excluded.next_offset",
     )
     .bind(source)
-    .bind(published.keys().map(|k| k.0.clone()).collect::<Vec<_>>())
-    .bind(published.keys().map(|k| k.1).collect::<Vec<_>>())
-    .bind(published.values().copied().collect::<Vec<_>>())
+    .bind(topics)
+    .bind(partitions)
+    .bind(next)
     .execute(&mut *tx)
     .await?;
     Ok(())
@@ -244,6 +257,7 @@ pub(crate) async fn hold(tx: &mut PgConnection, consumed: &Consumed) -> Result<(
     if consumed.offsets.is_empty() {
         return Ok(());
     }
+    let (topics, partitions, next) = columns(&consumed.offsets);
     sqlx::query(
         "insert into consumer_offsets (group_id, topic, partition, next_offset)
          select $1, t, p, o from unnest($2::text[], $3::int[], $4::bigint[]) as u(t, p, o)
@@ -252,15 +266,9 @@ pub(crate) async fn hold(tx: &mut PgConnection, consumed: &Consumed) -> Result<(
           where consumer_offsets.next_offset < excluded.next_offset",
     )
     .bind(&lease.group)
-    .bind(
-        consumed
-            .offsets
-            .iter()
-            .map(|o| o.0.clone())
-            .collect::<Vec<_>>(),
-    )
-    .bind(consumed.offsets.iter().map(|o| o.1).collect::<Vec<_>>())
-    .bind(consumed.offsets.iter().map(|o| o.2).collect::<Vec<_>>())
+    .bind(topics)
+    .bind(partitions)
+    .bind(next)
     .execute(&mut *tx)
     .await?;
     Ok(())

@@ -275,7 +275,7 @@ pub struct Prepared<'a> {
     consumed: Option<super::lease::Consumed>,
     /// Published to Kafka by a capture process: where, recorded with the
     /// checkpoint.
-    published: Option<super::lease::Published>,
+    published: Option<super::lease::Offsets>,
     finished: bool,
 }
 
@@ -305,7 +305,7 @@ impl Prepared<'_> {
 
     /// Makes it the write of a capture process that published its changes
     /// to these offsets: they are recorded in its transaction.
-    pub fn published(&mut self, published: super::lease::Published) {
+    pub fn published(&mut self, published: super::lease::Offsets) {
         self.published = Some(published);
     }
 }

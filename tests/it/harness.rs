@@ -182,12 +182,23 @@ impl Daemon {
         Daemon { child, log }
     }
 
-    /// Sends a signal with kill(1).
-    fn signal(&self, sig: &str) {
-        let _ = Command::new("kill")
+    /// Sends a signal with kill(1); true when it was delivered.
+    fn signal(&self, sig: &str) -> bool {
+        Command::new("kill")
             .arg(format!("-{sig}"))
             .arg(self.child.id().to_string())
-            .status();
+            .status()
+            .is_ok_and(|s| s.success())
+    }
+
+    /// SIGSTOP: the process stalls (a pause, a partition) without dying.
+    pub fn pause(&self) {
+        assert!(self.signal("STOP"), "kill -STOP {}", self.child.id());
+    }
+
+    /// SIGCONT after [`Daemon::pause`].
+    pub fn resume(&self) {
+        assert!(self.signal("CONT"), "kill -CONT {}", self.child.id());
     }
 
     /// SIGKILL: no chance to flush anything.

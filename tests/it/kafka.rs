@@ -397,11 +397,19 @@ fn applied(d: &Daemon) -> usize {
     d.log_text().matches("batch applied from kafka").count()
 }
 
-/// The `[kafka]` section of the scale-out tests: a 2 s apply lease.
-fn lease_kafka(broker: &str, prefix: &str) -> String {
-    format!(
-        "\n[kafka]\nbrokers = \"{broker}\"\ntopic_prefix = \"{prefix}\"\npartitions = 3\nlease_ttl_ms = 2000\n"
-    )
+/// The config of the scale-out tests: [`kafka_config`] with a 2 s apply lease.
+fn split_config(
+    crm: &str,
+    shop: &str,
+    sink: &str,
+    tag: &str,
+    broker: &str,
+    prefix: &str,
+) -> ConfigFile {
+    write_config(&format!(
+        "{}lease_ttl_ms = 2000\n",
+        kafka_config(crm, shop, sink, tag, broker, prefix)
+    ))
 }
 
 /// One capture and two apply instances over Kafka: exactly one apply
@@ -416,11 +424,7 @@ async fn capture_and_two_apply_instances_equal_a_single_process_run() {
     let (crm, shop, sink) = two_sources(&pg).await;
     let reference = create_db(&pg, "reference").await;
     let prefix = prefix("scale");
-    let split = write_config(&format!(
-        "{}{}",
-        pipeline_config(&crm, &shop, &sink, "sp"),
-        lease_kafka(&broker, &prefix)
-    ));
+    let split = split_config(&crm, &shop, &sink, "sp", &broker, &prefix);
     let single = write_config(&pipeline_config(&crm, &shop, &reference, "sg"));
     let one = Daemon::start(&single);
     let capture = start_role(&split, "capture");
@@ -514,11 +518,7 @@ async fn a_stalled_apply_owner_is_fenced_off_and_a_clean_stop_hands_over_at_once
     let (crm, shop, sink) = two_sources(&pg).await;
     let reference = create_db(&pg, "reference").await;
     let prefix = prefix("fence");
-    let split = write_config(&format!(
-        "{}{}",
-        pipeline_config(&crm, &shop, &sink, "fp"),
-        lease_kafka(&broker, &prefix)
-    ));
+    let split = split_config(&crm, &shop, &sink, "fp", &broker, &prefix);
     let single = write_config(&pipeline_config(&crm, &shop, &reference, "fg"));
     let one = Daemon::start(&single);
     let capture = start_role(&split, "capture");
@@ -542,18 +542,10 @@ async fn a_stalled_apply_owner_is_fenced_off_and_a_clean_stop_hands_over_at_once
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let before = applied(&first);
     assert!(before > 0, "the owner applied nothing:\n{}", quiet(&first));
-    let signal = |sig: &str, pid: u32| {
-        let ok = std::process::Command::new("kill")
-            .args([sig, &pid.to_string()])
-            .status()
-            .unwrap()
-            .success();
-        assert!(ok, "kill {sig} {pid}");
-    };
-    signal("-STOP", first.pid());
+    first.pause();
     wait_log(&second, "took the apply lease", Duration::from_secs(30)).await;
     w.run(&crm, &shop, 300, 8, |_| {}).await;
-    signal("-CONT", first.pid());
+    first.resume();
     wait_log(&first, "lost the apply lease", Duration::from_secs(30)).await;
     wait_log(&first, "standing by", Duration::from_secs(30)).await;
     assert_eq!(
@@ -830,6 +822,7 @@ async fn a_write_under_a_lease_taken_over_commits_nothing() {
     use tributary::event::{ChangeEvent, Lsn, Op};
     use tributary::mapping::Mapper;
     use tributary::sink::{Sink, SinkError};
+    use tributary::store::lease::Offsets;
     use tributary::store::{Store, StoreError};
 
     let pg = cluster();
@@ -878,10 +871,11 @@ async fn a_write_under_a_lease_taken_over_commits_nothing() {
         store.acquire_lease("b", "g", ttl).await.unwrap().is_none(),
         "a held lease must not be taken"
     );
+    let at = |next: i64| Offsets::from([(("topic".to_owned(), 0), next)]);
     let consumed =
         |lease: &tributary::store::lease::Lease, next: i64| tributary::store::lease::Consumed {
             lease: lease.clone(),
-            offsets: vec![("topic".into(), 0, next)],
+            offsets: at(next),
         };
     writer
         .write_consumed("crm", &contact(1, 100), consumed(&a, 5), None, None)
@@ -905,10 +899,7 @@ async fn a_write_under_a_lease_taken_over_commits_nothing() {
         traits_of(&sink, "email", "c2@x.com").await.is_none(),
         "its rows were committed"
     );
-    assert_eq!(
-        store.consumer_offsets("g").await.unwrap(),
-        vec![("topic".into(), 0, 5)]
-    );
+    assert_eq!(store.consumer_offsets("g").await.unwrap(), at(5));
     assert!(
         !store.renew_lease(&a).await.unwrap(),
         "the old owner renewed a lease it lost"
@@ -929,7 +920,7 @@ async fn a_write_under_a_lease_taken_over_commits_nothing() {
     );
     assert_eq!(
         store.consumer_offsets("g").await.unwrap(),
-        vec![("topic".into(), 0, 12)],
+        at(12),
         "offsets never move backwards"
     );
     store.release_lease(&b).await.unwrap();
@@ -952,11 +943,7 @@ async fn reconcile_of_a_split_deployment_waits_for_the_apply_owner() {
     let pg = cluster();
     let (crm, shop, sink) = two_sources(&pg).await;
     let prefix = prefix("recon");
-    let split = write_config(&format!(
-        "{}{}",
-        pipeline_config(&crm, &shop, &sink, "rc"),
-        lease_kafka(&broker, &prefix)
-    ));
+    let split = split_config(&crm, &shop, &sink, "rc", &broker, &prefix);
     let capture = start_role(&split, "capture");
     let owner = start_role(&split, "apply");
     wait_log(&owner, "took the apply lease", Duration::from_secs(60)).await;
@@ -972,15 +959,7 @@ async fn reconcile_of_a_split_deployment_waits_for_the_apply_owner() {
         || async { traits_of(&sink, "email", "r50@x.com").await.is_some() },
     )
     .await;
-    let signal = |sig: &str| {
-        let ok = std::process::Command::new("kill")
-            .args([sig, &owner.pid().to_string()])
-            .status()
-            .unwrap()
-            .success();
-        assert!(ok, "kill {sig}");
-    };
-    signal("-STOP");
+    owner.pause();
     exec(
         &crm,
         "update contacts set first_name = 'G', row_version = row_version + 1 where id <= 10",
@@ -988,7 +967,7 @@ async fn reconcile_of_a_split_deployment_waits_for_the_apply_owner() {
     .await;
     let out = run_cmd(&split, &["--json", "reconcile", "--wait-secs", "3"]);
     let said = text(&out);
-    signal("-CONT");
+    owner.resume();
     assert!(
         !out.status.success() && said.contains("apply owner has not applied"),
         "reconcile did not wait for the stopped apply owner: {said}"
