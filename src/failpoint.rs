@@ -10,8 +10,8 @@
 //! |---|---|
 //! | `after_publish` | Kafka acknowledged the events, nothing is in the store |
 //! | `event_log` | a write's event log is half done: a chunk written on its own connection, more follow |
-//! | `derived` | event log, contributions, identities and profiles written, nothing committed |
-//! | `before_commit` | outbox delivered and checkpoint written, neither transaction committed |
+//! | `derived` | event log, contributions, identities and profiles written and the outbox delivered (beside them), nothing committed |
+//! | `before_commit` | checkpoint written, neither transaction committed |
 //! | `log_committed` | a large batch's event log committed (its own transaction), the batch's not |
 //! | `after_commit` | committed, the source not yet acknowledged |
 //!

@@ -12,12 +12,12 @@
 //! and waits for no consumer-group rebalance: it happens within
 //! `lease_ttl_ms` plus one try (a fifth of it, at most a second).
 //!
-//! The owner's loop: poll up to `batch_max_events` messages (or
-//! `batch_max_wait_ms`), then hand the batch, per source in the order it came
-//! (each partition's order is its rows' commit order), to the write path
-//! ([`crate::sink::Sink::write_consumed`]), up to two writes in flight: one
-//! is derived while the one before commits, and the next batch is polled
-//! meanwhile. The last write of a batch carries the batch's offsets; writes
+//! The owner's loop: read messages into a batch, and hand it over once it
+//! holds `batch_max_events` (or is `batch_max_wait_ms` old) and one of two
+//! write slots is free, per source in the order it came (each partition's
+//! order is its rows' commit order), to the write path
+//! ([`crate::sink::Sink::write_consumed`]): one write is derived while the
+//! one before commits, and the next batch is read meanwhile. The last write of a batch carries the batch's offsets; writes
 //! commit in order, and a failed one fails those after it, so stored offsets
 //! never pass a change that is not in the store. A transient failure (the
 //! store restarting, the broker away) restarts the owner's loop from the
@@ -265,8 +265,20 @@ struct InFlight {
 }
 
 impl InFlight {
-    async fn finish(self, consumer: &StreamConsumer) -> anyhow::Result<()> {
-        let stats = self.task.await??;
+    /// Waits for the write to complete, then [`InFlight::done`].
+    async fn finish(mut self, consumer: &StreamConsumer) -> anyhow::Result<()> {
+        let res = (&mut self.task).await;
+        self.done(res, consumer)
+    }
+
+    /// Settles a completed write: its error, or its metrics and the group
+    /// commit of its offsets.
+    fn done(
+        self,
+        res: Result<Result<ApplyStats, SinkError>, tokio::task::JoinError>,
+        consumer: &StreamConsumer,
+    ) -> anyhow::Result<()> {
+        let stats = res??;
         tracing::debug!(source = %self.source, events = stats.events, stale = stats.stale, "batch applied from kafka");
         crate::metrics::batch_applied(&self.source, &stats, &self.times, self.started.elapsed());
         commit_to_group(consumer, &self.offsets);
@@ -428,9 +440,37 @@ fn assign(
     Ok(())
 }
 
-/// Polls batches and hands them to the write path until shutdown (Ok) or a
-/// failure; `positions` follows what was consumed, `inflight` holds the
-/// writes not yet known to have committed.
+/// Messages read and not yet handed to the write path.
+#[derive(Default)]
+struct Batch {
+    events: Vec<ChangeEvent>,
+    /// The next offset to read in each partition the batch came from.
+    next: Offsets,
+    undecodable: Vec<DeadLetter>,
+    /// When the batch is due even if not full (`batch_max_wait_ms` after its
+    /// first message).
+    deadline: Option<tokio::time::Instant>,
+}
+
+impl Batch {
+    fn is_empty(&self) -> bool {
+        self.events.is_empty() && self.undecodable.is_empty()
+    }
+
+    fn len(&self) -> usize {
+        self.events.len() + self.undecodable.len()
+    }
+}
+
+/// Polls the change topics and hands batches to the write path until
+/// shutdown (Ok) or a failure; `positions` follows what was handed over,
+/// `inflight` holds the writes not yet known to have committed.
+///
+/// As a source loop does, it keeps reading while its writes are in flight:
+/// a batch is handed over once it is full or `batch_max_wait_ms` old *and* a
+/// write slot is free, so under a backlog every write carries a full batch
+/// (handing over whatever the linger collected gave writes of a few hundred
+/// changes, each paying a commit and the lease check).
 async fn consume(
     o: Owner<'_>,
     consumer: &Arc<StreamConsumer>,
@@ -441,16 +481,19 @@ async fn consume(
     let Owner {
         cfg,
         k,
-        sink,
         lease,
         shutdown,
         lost,
+        ..
     } = o;
     let max = cfg.sink.batch_max_events;
     let linger = Duration::from_millis(cfg.sink.batch_max_wait_ms);
     let mut looked = tokio::time::Instant::now();
+    let mut batch = Batch::default();
     loop {
-        if looked.elapsed() >= PARTITIONS_EVERY {
+        // Partitions are re-assigned from `positions`, which do not cover the
+        // batch being read: only between batches.
+        if batch.is_empty() && looked.elapsed() >= PARTITIONS_EVERY {
             looked = tokio::time::Instant::now();
             let now = partitions(consumer, topics).await?;
             let new: Vec<_> = now
@@ -468,134 +511,153 @@ async fn consume(
                 assign(consumer, positions)?;
             }
         }
-        // Collect a batch: wait for the first message, then up to `linger` more.
-        let mut batch: Vec<ChangeEvent> = Vec::new();
-        // The next offset to read in each partition the batch came from.
-        let mut next = Offsets::new();
-        let mut undecodable: Vec<DeadLetter> = Vec::new();
-        let mut deadline: Option<tokio::time::Instant> = None;
-        while batch.len() < max {
-            let wait = match deadline {
-                Some(d) => d.saturating_duration_since(tokio::time::Instant::now()),
-                None => Duration::from_secs(1),
-            };
-            let msg = tokio::select! {
-                () = shutdown.cancelled() => break,
-                () = lost.cancelled() => break,
-                m = tokio::time::timeout(wait, consumer.recv()) => m,
-            };
-            let Ok(msg) = msg else {
-                if deadline.is_some() {
-                    break; // linger over
+        let due = batch.len() >= max
+            || batch
+                .deadline
+                .is_some_and(|d| d <= tokio::time::Instant::now());
+        if due && inflight.len() < IN_FLIGHT {
+            hand_over(o, consumer, std::mem::take(&mut batch), positions, inflight).await?;
+        }
+        let reading = batch.len() < max;
+        // A due batch waiting for a write slot is handed over when a write
+        // completes, not by the timer (which would fire at once, in a loop).
+        let wake = match batch.deadline {
+            Some(d) if inflight.len() < IN_FLIGHT => d,
+            _ => tokio::time::Instant::now() + Duration::from_secs(1),
+        };
+        tokio::select! {
+            biased;
+            () = shutdown.cancelled() => {
+                // A clean stop: what was read is written (the caller waits
+                // for every write in flight).
+                if !batch.is_empty() {
+                    hand_over(o, consumer, batch, positions, inflight).await?;
                 }
-                // Idle: let the writes in flight commit meanwhile.
-                while inflight.front().is_some_and(|f| f.task.is_finished()) {
-                    if let Some(f) = inflight.pop_front() {
-                        f.finish(consumer).await?;
+                return Ok(());
+            }
+            () = lost.cancelled() => {
+                // Nothing of the batch is written; the new owner reads it again.
+                return Err(StoreError::LeaseLost { epoch: lease.epoch }.into());
+            }
+            res = async { (&mut inflight.front_mut().expect("guarded by !inflight.is_empty()").task).await }, if !inflight.is_empty() => {
+                let f = inflight.pop_front().expect("in flight");
+                f.done(res, consumer)?;
+            }
+            msg = consumer.recv(), if reading => {
+                let m = msg.map_err(|error| ConsumeError {
+                    what: "receiving from the change topics",
+                    error,
+                })?;
+                batch.deadline.get_or_insert_with(|| tokio::time::Instant::now() + linger);
+                batch.next.insert((m.topic().to_owned(), m.partition()), m.offset() + 1);
+                match super::envelope::decode(m.key(), m.payload().unwrap_or_default()) {
+                    Ok(e) => batch.events.push(e),
+                    Err(error) => {
+                        tracing::warn!(topic = m.topic(), partition = m.partition(), offset = m.offset(), %error,
+                            "a message that is not a change envelope goes to dead_letters");
+                        batch.undecodable.push(super::envelope::undecodable(
+                            &k.topic_prefix,
+                            m.topic(),
+                            m.partition(),
+                            m.offset(),
+                            m.key(),
+                            m.payload().unwrap_or_default(),
+                            &error,
+                        ));
                     }
                 }
-                continue;
-            };
-            let m = msg.map_err(|error| ConsumeError {
-                what: "receiving from the change topics",
-                error,
-            })?;
-            deadline.get_or_insert_with(|| tokio::time::Instant::now() + linger);
-            next.insert((m.topic().to_owned(), m.partition()), m.offset() + 1);
-            match super::envelope::decode(m.key(), m.payload().unwrap_or_default()) {
-                Ok(e) => batch.push(e),
-                Err(error) => {
-                    tracing::warn!(topic = m.topic(), partition = m.partition(), offset = m.offset(), %error,
-                        "a message that is not a change envelope goes to dead_letters");
-                    undecodable.push(super::envelope::undecodable(
-                        &k.topic_prefix,
-                        m.topic(),
-                        m.partition(),
-                        m.offset(),
-                        m.key(),
-                        m.payload().unwrap_or_default(),
-                        &error,
-                    ));
-                }
+            }
+            () = tokio::time::sleep_until(wake) => {}
+        }
+    }
+}
+
+/// Hands `batch` to the write path: one write per source, in the order the
+/// messages came (each partition's order is kept); the last write carries the
+/// batch's offsets. Waits for the oldest write when both slots are taken.
+async fn hand_over(
+    o: Owner<'_>,
+    consumer: &Arc<StreamConsumer>,
+    batch: Batch,
+    positions: &mut BTreeMap<(String, i32), Offset>,
+    inflight: &mut VecDeque<InFlight>,
+) -> anyhow::Result<()> {
+    let Owner { sink, lease, .. } = o;
+    let Batch {
+        events,
+        next,
+        undecodable,
+        ..
+    } = batch;
+    for (tp, o) in &next {
+        positions.insert(tp.clone(), Offset::Offset(*o));
+    }
+    let mut by_source: BTreeMap<String, Vec<ChangeEvent>> = BTreeMap::new();
+    for e in events {
+        match by_source.get_mut(&e.source) {
+            Some(events) => events.push(e),
+            None => {
+                by_source.insert(e.source.clone(), vec![e]);
             }
         }
-        if lost.is_cancelled() {
-            // Nothing of this batch is written; the new owner reads it again.
-            return Err(StoreError::LeaseLost { epoch: lease.epoch }.into());
+    }
+    if !undecodable.is_empty() {
+        // Rare: written alone, after every write before it committed,
+        // with the batch's offsets when nothing else carries them.
+        while let Some(f) = inflight.pop_front() {
+            f.finish(consumer).await?;
         }
-        for (tp, o) in &next {
-            positions.insert(tp.clone(), Offset::Offset(*o));
-        }
-        // Per source, in arrival order (each partition's order is kept).
-        let mut by_source: BTreeMap<String, Vec<ChangeEvent>> = BTreeMap::new();
-        for e in batch {
-            match by_source.get_mut(&e.source) {
-                Some(events) => events.push(e),
-                None => {
-                    by_source.insert(e.source.clone(), vec![e]);
-                }
-            }
-        }
-        if !undecodable.is_empty() {
-            // Rare: written alone, after every write before it committed,
-            // with the batch's offsets when nothing else carries them.
-            while let Some(f) = inflight.pop_front() {
-                f.finish(consumer).await?;
-            }
-            let consumed = Consumed {
-                lease: lease.clone(),
-                offsets: if by_source.is_empty() {
-                    next.clone()
-                } else {
-                    Offsets::new()
-                },
-            };
-            sink.write_undecodable(undecodable, &consumed).await?;
-            if by_source.is_empty() {
-                commit_to_group(consumer, &next);
-            }
-        }
-        let writes = by_source.len();
-        for (i, (source, events)) in by_source.into_iter().enumerate() {
-            if inflight.len() >= IN_FLIGHT {
-                if let Some(oldest) = inflight.pop_front() {
-                    oldest.finish(consumer).await?;
-                }
-            }
-            let mut commits: Vec<(crate::event::Lsn, chrono::DateTime<chrono::Utc>)> = events
-                .iter()
-                .map(|e| (e.commit_lsn, e.commit_time))
-                .collect();
-            commits.sort();
-            commits.dedup_by_key(|c| c.0);
-            let times = commits.into_iter().map(|c| c.1).collect();
-            let offsets = if i + 1 == writes {
+        let consumed = Consumed {
+            lease: lease.clone(),
+            offsets: if by_source.is_empty() {
                 next.clone()
             } else {
                 Offsets::new()
-            };
-            let consumed = Consumed {
-                lease: lease.clone(),
-                offsets: offsets.clone(),
-            };
-            let after = inflight.back_mut().and_then(|f| f.placed.take());
-            let (placed_tx, placed) = oneshot::channel();
-            let (sink, src) = (sink.clone(), source.clone());
-            let task = tokio::spawn(async move {
-                sink.write_consumed(&src, &events, consumed, after, Some(placed_tx))
-                    .await
-            });
-            inflight.push_back(InFlight {
-                source,
-                task,
-                placed: Some(placed),
-                times,
-                started: std::time::Instant::now(),
-                offsets,
-            });
-        }
-        if shutdown.is_cancelled() {
-            return Ok(());
+            },
+        };
+        sink.write_undecodable(undecodable, &consumed).await?;
+        if by_source.is_empty() {
+            commit_to_group(consumer, &next);
         }
     }
+    let writes = by_source.len();
+    for (i, (source, events)) in by_source.into_iter().enumerate() {
+        if inflight.len() >= IN_FLIGHT {
+            if let Some(oldest) = inflight.pop_front() {
+                oldest.finish(consumer).await?;
+            }
+        }
+        let mut commits: Vec<(crate::event::Lsn, chrono::DateTime<chrono::Utc>)> = events
+            .iter()
+            .map(|e| (e.commit_lsn, e.commit_time))
+            .collect();
+        commits.sort();
+        commits.dedup_by_key(|c| c.0);
+        let times = commits.into_iter().map(|c| c.1).collect();
+        let offsets = if i + 1 == writes {
+            next.clone()
+        } else {
+            Offsets::new()
+        };
+        let consumed = Consumed {
+            lease: lease.clone(),
+            offsets: offsets.clone(),
+        };
+        let after = inflight.back_mut().and_then(|f| f.placed.take());
+        let (placed_tx, placed) = oneshot::channel();
+        let (sink, src) = (sink.clone(), source.clone());
+        let task = tokio::spawn(async move {
+            sink.write_consumed(&src, &events, consumed, after, Some(placed_tx))
+                .await
+        });
+        inflight.push_back(InFlight {
+            source,
+            task,
+            placed: Some(placed),
+            times,
+            started: std::time::Instant::now(),
+            offsets,
+        });
+    }
+    Ok(())
 }

@@ -13,7 +13,9 @@
 //!    (role `all` and `apply` only: a `capture` process never writes derived
 //!    state);
 //! 3. **outbox**: the profile changes and dead letters the apply produced are
-//!    delivered to Kafka, still inside the transaction;
+//!    delivered to Kafka, still inside the transaction (sent as soon as they
+//!    are derived, so the broker's acknowledgements arrive while the store
+//!    writes the derived rows; both finish before step 5);
 //! 4. **checkpoint**: the source's checkpoint moves to the write's end LSN,
 //!    in the same transaction (monotonic: it never moves backwards); a
 //!    `capture` process records there too where it published the changes
@@ -34,8 +36,9 @@
 //! Changes consumed from Kafka (`--role apply`) enter at step 2 through
 //! [`Sink::write_consumed`]: they are on Kafka already. Their position, the
 //! consumed offsets, takes the checkpoint's place in step 4, in the same
-//! transaction, which also checks that the writer still owns the apply lease
-//! (`store::lease`).
+//! transaction, which first checks that the writer still owns the apply
+//! lease and holds it until commit (`store::lease`): an owner that lost it
+//! neither writes nor publishes.
 
 use std::sync::Arc;
 

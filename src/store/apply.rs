@@ -178,6 +178,11 @@ impl ApplyStats {
     pub fn regrouped(&self) -> bool {
         self.merges > 0
     }
+
+    /// Whether an outbox has anything of this batch to deliver.
+    pub fn publishes_anything(&self) -> bool {
+        !self.profile_changes.is_empty() || !self.dead.is_empty()
+    }
 }
 
 impl Store {

@@ -9,7 +9,13 @@
 //! unexpired, and holds the lease row (`FOR SHARE`) until it commits: a
 //! standby cannot take the lease between that check and the commit, so an
 //! owner that was only paused (a long GC-like stall, a network partition)
-//! never writes after its successor started. The same transaction moves the
+//! never writes after its successor started. The check comes first in the
+//! write, before the outbox sends anything, so such an owner publishes no
+//! profile change either. (A renewal waits for the write that holds the
+//! row and goes through when it commits: the next write begins its
+//! transaction only after that, a round trip later; a write takes well under
+//! a second, the renewal comes every third of the lease's time.)
+//! The same transaction moves the
 //! owner's offsets in `consumer_offsets`, so a new owner starts exactly after
 //! the last change the store has.
 //!

@@ -992,3 +992,84 @@ async fn reconcile_of_a_split_deployment_waits_for_the_apply_owner() {
     assert_eq!(owner.stop(), Some(0));
     assert_eq!(capture.stop(), Some(0));
 }
+
+/// Admin commands work against a running apply owner: `forget` run beside
+/// it erases the person, and the owner, whose merge state in memory still
+/// knew them, neither brings them back when their row changes again nor
+/// loses a change of anyone else; it keeps the lease throughout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forget_beside_a_running_apply_owner_stays_forgotten() {
+    let broker = broker();
+    let pg = cluster();
+    let (crm, shop, sink) = two_sources(&pg).await;
+    let prefix = prefix("ownfg");
+    let split = split_config(&crm, &shop, &sink, "of", &broker, &prefix);
+    let capture = start_role(&split, "capture");
+    let owner = start_role(&split, "apply");
+    wait_log(&owner, "took the apply lease", Duration::from_secs(60)).await;
+    wait_snapshots(&sink, 2).await;
+    exec(&crm, "insert into contacts (id, email, first_name) values (1, 'gone@x.com', 'G'), (2, 'stays@x.com', 'S')").await;
+    exec(
+        &shop,
+        "insert into accounts (id, email) values (7, 'gone@x.com')",
+    )
+    .await;
+    wait_until(
+        "the owner joined both rows of the person",
+        Duration::from_secs(60),
+        || async {
+            traits_of(&sink, "shop_account", "7").await.is_some()
+                && traits_of(&sink, "email", "stays@x.com").await.is_some()
+        },
+    )
+    .await;
+    let out = run_cmd(
+        &split,
+        &["--json", "forget", "--identity", "email=gone@x.com"],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(traits_of(&sink, "email", "gone@x.com").await.is_none());
+    // The forgotten person's rows change again, and so does someone else's.
+    exec(
+        &crm,
+        "update contacts set first_name = 'Again', row_version = row_version + 1 where id = 1;
+         update contacts set first_name = 'S2', row_version = row_version + 1 where id = 2",
+    )
+    .await;
+    exec(
+        &shop,
+        "update accounts set email = 'gone@x.com' where id = 7",
+    )
+    .await;
+    wait_until(
+        "the owner applied the change after the forget",
+        Duration::from_secs(60),
+        || async {
+            traits_of(&sink, "email", "stays@x.com")
+                .await
+                .is_some_and(|t| t["first_name"] == "S2")
+        },
+    )
+    .await;
+    assert!(
+        traits_of(&sink, "email", "gone@x.com").await.is_none()
+            && traits_of(&sink, "shop_account", "7").await.is_none(),
+        "the owner brought a forgotten person back"
+    );
+    assert_eq!(
+        scalar::<i64>(
+            &sink,
+            "select count(*) from tributary.identities where value in ('gone@x.com', '7')"
+        )
+        .await,
+        0,
+        "identifiers of the forgotten person in the store"
+    );
+    assert!(
+        !owner.log_text().contains("lost the apply lease"),
+        "the owner lost its lease:\n{}",
+        quiet(&owner)
+    );
+    assert_eq!(owner.stop(), Some(0));
+    assert_eq!(capture.stop(), Some(0));
+}
