@@ -78,6 +78,7 @@ pub struct DaemonStatus {
     pub ready: bool,
 }
 
+pub use crate::store::lease::{ApplyProgress, PartitionProgress};
 pub use crate::store::stats::LastReconcile;
 
 /// The whole status document (`status --json`).
@@ -97,6 +98,9 @@ pub struct Status {
     pub last_reconcile: Option<LastReconcile>,
     /// The daemon's endpoint, when `[metrics] listen` is configured.
     pub daemon: Option<DaemonStatus>,
+    /// A deployment split over Kafka: the apply lease's owner and how far it
+    /// is behind the capture per partition (None: no apply instance ever ran).
+    pub apply: Option<ApplyProgress>,
 }
 
 /// Gathers the status; a source that cannot be reached is reported, not fatal.
@@ -104,6 +108,7 @@ pub async fn status(cfg: &Config) -> anyhow::Result<Status> {
     let store = Store::connect(&cfg.sink).await?;
     let counts = store.counts().await?;
     let last_reconcile = store.last_reconcile().await?;
+    let apply = store.apply_progress().await?;
     let scraped = match &cfg.metrics {
         Some(m) => Some((m.listen, daemon_endpoint(m.listen).await)),
         None => None,
@@ -176,6 +181,7 @@ pub async fn status(cfg: &Config) -> anyhow::Result<Status> {
             reachable: d.is_some(),
             ready: d.is_some_and(|(ready, _)| ready),
         }),
+        apply,
     })
 }
 
@@ -298,5 +304,48 @@ pub fn print_human(s: &Status) {
         ),
         Some(d) => println!("daemon at {}: not answering (not running?)", d.endpoint),
         None => {}
+    }
+    if let Some(a) = &s.apply {
+        print_apply(a);
+    }
+}
+
+/// The split deployment's lines: who owns profile writes, and per partition
+/// how far the owner is behind the capture.
+fn print_apply(a: &ApplyProgress) {
+    #[allow(clippy::cast_precision_loss)]
+    let secs = |ms: i64| ms as f64 / 1000.0;
+    if a.expires_in_ms > 0 {
+        println!(
+            "apply owner {} (epoch {}, group {}, since {}), lease renewed within {:.1} s",
+            a.holder,
+            a.epoch,
+            a.group,
+            a.acquired_at.to_rfc3339(),
+            secs(a.expires_in_ms)
+        );
+    } else {
+        println!(
+            "apply lease FREE for {:.1} s (last owner {}, epoch {}): nothing applies from Kafka; start `tributary run --role apply`",
+            secs(-a.expires_in_ms),
+            a.holder,
+            a.epoch
+        );
+    }
+    let behind: i64 = a.partitions.iter().map(|p| p.behind).sum();
+    println!(
+        "  {} partitions, {} messages published and not applied",
+        a.partitions.len(),
+        behind
+    );
+    for p in a.partitions.iter().filter(|p| p.behind > 0) {
+        println!(
+            "  {}[{}] published {} applied {} behind {}",
+            p.topic,
+            p.partition,
+            p.published.map_or("-".into(), |o| o.to_string()),
+            p.applied.map_or("-".into(), |o| o.to_string()),
+            p.behind
+        );
     }
 }

@@ -86,6 +86,42 @@ pub struct LeaseHolder {
     pub expires_in_ms: i64,
 }
 
+/// Where a split deployment stands (`tributary status`): the apply lease and,
+/// per change-topic partition, what the capture published and the owner
+/// applied.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ApplyProgress {
+    /// The instance holding (or that last held) the lease.
+    pub holder: String,
+    /// Its epoch (counts the owners so far).
+    pub epoch: i64,
+    /// The consumer group its offsets belong to.
+    pub group: String,
+    /// When it took the lease.
+    pub acquired_at: chrono::DateTime<chrono::Utc>,
+    /// Milliseconds until the lease expires unless renewed; negative: it
+    /// expired (or was released) that long ago, and nobody owns profile writes.
+    pub expires_in_ms: i64,
+    /// Per partition, in topic and partition order.
+    pub partitions: Vec<PartitionProgress>,
+}
+
+/// One change-topic partition in a split deployment.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct PartitionProgress {
+    pub topic: String,
+    pub partition: i32,
+    /// The offset after the last message the capture had published at its
+    /// last checkpoint (None: it recorded none yet).
+    pub published: Option<i64>,
+    /// The offset after the last message the owner applied (None: none yet).
+    pub applied: Option<i64>,
+    /// `published - applied` when the capture is ahead: messages on Kafka
+    /// the store does not have yet (a lower bound: the capture records where
+    /// it is at its checkpoints).
+    pub behind: i64,
+}
+
 fn ttl_ms(ttl: Duration) -> i64 {
     i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX)
 }
@@ -186,6 +222,53 @@ impl Store {
         .fetch_all(self.pool())
         .await?;
         Ok(offsets_of(rows))
+    }
+
+    /// The apply lease and per-partition progress (None: no apply instance
+    /// ever took the lease: not a split deployment).
+    pub async fn apply_progress(&self) -> Result<Option<ApplyProgress>, StoreError> {
+        let lease: Option<(String, i64, String, chrono::DateTime<chrono::Utc>, i64)> =
+            sqlx::query_as(
+                "select holder, epoch, group_id, acquired_at,
+                        (extract(epoch from expires_at - clock_timestamp()) * 1000)::bigint
+                   from apply_lease where name = $1",
+            )
+            .bind(LEASE)
+            .fetch_optional(self.pool())
+            .await?;
+        let Some((holder, epoch, group, acquired_at, expires_in_ms)) = lease else {
+            return Ok(None);
+        };
+        let rows: Vec<(String, i32, Option<i64>, Option<i64>)> = sqlx::query_as(
+            "select coalesce(p.topic, c.topic), coalesce(p.partition, c.partition),
+                    p.next_offset, c.next_offset
+               from published_offsets p
+               full join (select topic, partition, next_offset from consumer_offsets
+                           where group_id = $1) c
+                 on c.topic = p.topic and c.partition = p.partition
+              order by 1, 2",
+        )
+        .bind(&group)
+        .fetch_all(self.pool())
+        .await?;
+        let partitions = rows
+            .into_iter()
+            .map(|(topic, partition, published, applied)| PartitionProgress {
+                topic,
+                partition,
+                published,
+                applied,
+                behind: (published.unwrap_or(0) - applied.unwrap_or(0)).max(0),
+            })
+            .collect();
+        Ok(Some(ApplyProgress {
+            holder,
+            epoch,
+            group,
+            acquired_at,
+            expires_in_ms,
+            partitions,
+        }))
     }
 
     /// Has the apply owner applied every message up to `published`? True when

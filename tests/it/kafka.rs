@@ -936,7 +936,8 @@ async fn a_write_under_a_lease_taken_over_commits_nothing() {
 /// not only for the capture's checkpoint (which says "published", not
 /// "applied"): with the owner stopped, changes the capture published are not
 /// reported as drift; reconcile waits and says the owner is behind. Once the
-/// owner runs again, the run is clean.
+/// owner runs again, the run is clean. `status` shows the owner and how far
+/// it is behind the capture, per partition.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reconcile_of_a_split_deployment_waits_for_the_apply_owner() {
     let broker = broker();
@@ -965,6 +966,23 @@ async fn reconcile_of_a_split_deployment_waits_for_the_apply_owner() {
         "update contacts set first_name = 'G', row_version = row_version + 1 where id <= 10",
     )
     .await;
+    // `status` shows the owner and, once the capture checkpointed the
+    // updates, that the owner is behind it.
+    let behind = |out: &std::process::Output| -> (Option<i64>, i64) {
+        assert!(out.status.success(), "{}", text(out));
+        let doc: serde_json::Value = serde_json::from_slice(&out.stdout).expect("status --json");
+        let apply = &doc["apply"];
+        let behind = apply["partitions"].as_array().map_or(0, |ps| {
+            ps.iter().map(|p| p["behind"].as_i64().unwrap_or(0)).sum()
+        });
+        (apply["epoch"].as_i64(), behind)
+    };
+    wait_until(
+        "status shows the stopped owner behind the capture",
+        Duration::from_secs(30),
+        || async { behind(&run_cmd(&split, &["--json", "status"])).1 >= 10 },
+    )
+    .await;
     let out = run_cmd(&split, &["--json", "reconcile", "--wait-secs", "3"]);
     let said = text(&out);
     owner.resume();
@@ -989,6 +1007,18 @@ async fn reconcile_of_a_split_deployment_waits_for_the_apply_owner() {
     .await;
     let out = run_cmd(&split, &["--json", "reconcile", "--wait-secs", "60"]);
     assert!(out.status.success(), "{}", text(&out));
+    let status = run_cmd(&split, &["--json", "status"]);
+    let (epoch, left) = behind(&status);
+    assert!(
+        epoch.is_some() && left == 0,
+        "status after the owner caught up: {}",
+        text(&status)
+    );
+    let human = text(&run_cmd(&split, &["status"]));
+    assert!(
+        human.contains("apply owner") && human.contains("0 messages published and not applied"),
+        "{human}"
+    );
     assert_eq!(owner.stop(), Some(0));
     assert_eq!(capture.stop(), Some(0));
 }
