@@ -14,6 +14,7 @@
 //! daemon with an error that says what to do.
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -108,13 +109,23 @@ pub async fn run(cfg: Config, role: Role, shutdown: CancellationToken) -> anyhow
     let sink = Sink::new(store.clone(), mapper.clone(), publisher, role);
     let shared_cfg = Arc::new(cfg.clone());
     let mut tasks = JoinSet::new();
+    // Whether this process writes profiles now: a `run` always, an apply
+    // instance while it holds the apply lease, a capture never. Only such a
+    // process runs the scheduled reconciliation, so a split deployment runs
+    // it once per interval, not once per instance.
+    let owning = Arc::new(AtomicBool::new(role == Role::All));
     if let Some(every) = cfg.reconcile.interval_s {
-        tokio::spawn(scheduled_reconcile(
-            cfg.clone(),
-            store.clone(),
-            Duration::from_secs(every),
-            shutdown.clone(),
-        ));
+        if role == Role::Capture {
+            tracing::info!("scheduled reconciliation runs on the apply lease's owner, not in a capture process");
+        } else {
+            tokio::spawn(scheduled_reconcile(
+                cfg.clone(),
+                store.clone(),
+                Duration::from_secs(every),
+                owning.clone(),
+                shutdown.clone(),
+            ));
+        }
     }
     if let Some(months) = cfg.sink.events_retention_months {
         // Once at start and then daily; a failure is logged and tried again tomorrow.
@@ -137,6 +148,7 @@ pub async fn run(cfg: Config, role: Role, shutdown: CancellationToken) -> anyhow
             cfg.clone(),
             k,
             sink.clone(),
+            owning.clone(),
             shutdown.clone(),
         ));
     }
@@ -911,12 +923,14 @@ async fn write_batch(
 }
 
 /// Reconciles every `every` (the first run one interval after start, when the
-/// initial snapshots are usually done). A failed run is logged and counted;
-/// the next one is tried on schedule.
+/// initial snapshots are usually done) while `owning` (an apply standby
+/// skips its turns). A failed run is logged and counted; the next one is
+/// tried on schedule.
 async fn scheduled_reconcile(
     cfg: Config,
     store: Store,
     every: Duration,
+    owning: Arc<AtomicBool>,
     shutdown: CancellationToken,
 ) {
     use crate::metrics as m;
@@ -931,6 +945,12 @@ async fn scheduled_reconcile(
         tokio::select! {
             () = tokio::time::sleep(every) => {}
             () = shutdown.cancelled() => return,
+        }
+        if !owning.load(Ordering::Relaxed) {
+            tracing::debug!(
+                "scheduled reconciliation skipped: another apply instance owns profile writes"
+            );
+            continue;
         }
         let started = Instant::now();
         let run = tokio::select! {

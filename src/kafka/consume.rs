@@ -30,6 +30,7 @@
 //! upgrade from instances that kept their offsets in Kafka alone).
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -55,22 +56,29 @@ const IN_FLIGHT: usize = 2;
 const PARTITIONS_EVERY: Duration = Duration::from_secs(30);
 
 /// Runs until `shutdown`; an error here stops the daemon (exit 3).
+/// `owning` says, for the rest of the process (the scheduled
+/// reconciliation), whether this instance holds the lease now.
 pub async fn apply_from_kafka(
     cfg: Config,
     k: KafkaConfig,
     sink: Sink,
+    owning: Arc<AtomicBool>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let holder = instance_id();
     let store = sink.store().clone();
-    metrics::gauge!(crate::metrics::APPLY_LEASE_OWNER).set(0.0);
+    let owns = |yes: bool| {
+        owning.store(yes, Ordering::Relaxed);
+        metrics::gauge!(crate::metrics::APPLY_LEASE_OWNER).set(if yes { 1.0 } else { 0.0 });
+    };
+    owns(false);
     tracing::info!(holder = %holder, group = %k.group_id, "apply instance started; waiting for the apply lease");
     loop {
         let Some(lease) = standby(&store, &holder, &k, &shutdown).await else {
             tracing::info!("apply role stopped cleanly");
             return Ok(());
         };
-        metrics::gauge!(crate::metrics::APPLY_LEASE_OWNER).set(1.0);
+        owns(true);
         tracing::info!(holder = %holder, epoch = lease.epoch, "took the apply lease: this instance owns profile writes");
         let lost = CancellationToken::new();
         let renewing = tokio::spawn(renew(store.clone(), lease.clone(), lost.clone()));
@@ -84,7 +92,7 @@ pub async fn apply_from_kafka(
         };
         let owned = own(owner).await;
         renewing.abort();
-        metrics::gauge!(crate::metrics::APPLY_LEASE_OWNER).set(0.0);
+        owns(false);
         match owned {
             Ok(()) => {
                 // A clean stop: every write committed; the standby need not

@@ -1103,3 +1103,72 @@ async fn forget_beside_a_running_apply_owner_stays_forgotten() {
     assert_eq!(owner.stop(), Some(0));
     assert_eq!(capture.stop(), Some(0));
 }
+
+/// `[reconcile] interval_s` in a split deployment: the scheduled run happens
+/// in the apply lease's owner only (not once per instance: standbys and
+/// captures skip it), and moves with the lease when the owner dies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scheduled_reconciliation_runs_on_the_apply_owner_only() {
+    let broker = broker();
+    let pg = cluster();
+    let (crm, shop, sink) = two_sources(&pg).await;
+    let prefix = prefix("sched");
+    let split = write_config(&format!(
+        "{}lease_ttl_ms = 2000\n\n[reconcile]\ninterval_s = 1\n",
+        kafka_config(&crm, &shop, &sink, "sc", &broker, &prefix)
+    ));
+    let capture = start_role(&split, "capture");
+    let owner = start_role(&split, "apply");
+    wait_log(&owner, "took the apply lease", Duration::from_secs(60)).await;
+    let standby = start_role(&split, "apply");
+    wait_log(&standby, "standing by", Duration::from_secs(60)).await;
+    wait_snapshots(&sink, 2).await;
+    exec(
+        &crm,
+        "insert into contacts (id, email, first_name) select g, 's' || g || '@x.com', 'F' from generate_series(1, 20) g",
+    )
+    .await;
+    let done = |d: &Daemon| d.log_text().matches("reconciliation done").count();
+    wait_until(
+        "the owner ran two scheduled reconciliations",
+        Duration::from_secs(90),
+        || async { done(&owner) >= 2 },
+    )
+    .await;
+    for (who, d) in [("standby", &standby), ("capture", &capture)] {
+        let log = d.log_text();
+        assert!(
+            !log.contains("reconciliation done")
+                && !log.contains("reconciliation found drift")
+                && !log.contains("scheduled reconciliation failed"),
+            "the {who} ran a scheduled reconciliation:\n{}",
+            quiet(d)
+        );
+    }
+    assert!(
+        capture
+            .log_text()
+            .contains("scheduled reconciliation runs on the apply lease's owner"),
+        "{}",
+        quiet(&capture)
+    );
+    owner.kill9();
+    wait_log(&standby, "took the apply lease", Duration::from_secs(30)).await;
+    wait_until(
+        "the new owner runs the schedule",
+        Duration::from_secs(90),
+        || async { done(&standby) >= 1 },
+    )
+    .await;
+    assert_eq!(
+        scalar::<i64>(
+            &sink,
+            "select count(*) from tributary.reconcile_runs where drift_count > 0"
+        )
+        .await,
+        0,
+        "a scheduled run found drift"
+    );
+    assert_eq!(standby.stop(), Some(0));
+    assert_eq!(capture.stop(), Some(0));
+}
