@@ -369,6 +369,48 @@ fn start_role(cfg: &std::path::Path, role: &str) -> Daemon {
     Daemon::spawn_args(cfg, &["run", "--role", role], &log)
 }
 
+/// A deployment split over Kafka, started by [`start_split`].
+struct Split {
+    capture: Daemon,
+    /// The apply instance that took the lease first.
+    owner: Daemon,
+    /// A second apply instance, standing by (when asked for).
+    standby: Option<Daemon>,
+}
+
+/// Starts a capture, an apply instance and waits until it owns the lease,
+/// then (with `standby`) a second one and waits until it stands by; returns
+/// once `sink` has both sources' snapshots.
+async fn start_split(cfg: &std::path::Path, sink: &str, standby: bool) -> Split {
+    let capture = start_role(cfg, "capture");
+    let owner = start_role(cfg, "apply");
+    wait_log(&owner, "took the apply lease", Duration::from_secs(60)).await;
+    let standby = if standby {
+        let s = start_role(cfg, "apply");
+        wait_log(&s, "standing by", Duration::from_secs(60)).await;
+        Some(s)
+    } else {
+        None
+    };
+    wait_snapshots(sink, 2).await;
+    Split {
+        capture,
+        owner,
+        standby,
+    }
+}
+
+/// Two people: `gone@x.com` (contact 1 and shop account 7) and `stays@x.com`
+/// (contact 2).
+async fn insert_gone_and_stays(crm: &str, shop: &str) {
+    exec(crm, "insert into contacts (id, email, first_name) values (1, 'gone@x.com', 'G'), (2, 'stays@x.com', 'S')").await;
+    exec(
+        shop,
+        "insert into accounts (id, email) values (7, 'gone@x.com')",
+    )
+    .await;
+}
+
 /// Waits for `what` in `d`'s log; returns how long it took.
 async fn wait_log(d: &Daemon, what: &str, within: Duration) -> Duration {
     let t0 = std::time::Instant::now();
@@ -427,13 +469,13 @@ async fn capture_and_two_apply_instances_equal_a_single_process_run() {
     let split = split_config(&crm, &shop, &sink, "sp", &broker, &prefix);
     let single = write_config(&pipeline_config(&crm, &shop, &reference, "sg"));
     let one = Daemon::start(&single);
-    let capture = start_role(&split, "capture");
-    let owner = start_role(&split, "apply");
-    wait_log(&owner, "took the apply lease", Duration::from_secs(60)).await;
-    let standby = start_role(&split, "apply");
-    wait_log(&standby, "standing by", Duration::from_secs(60)).await;
+    let Split {
+        capture,
+        owner,
+        standby,
+    } = start_split(&split, &sink, true).await;
+    let standby = standby.expect("started");
     wait_snapshots(&reference, 2).await;
-    wait_snapshots(&sink, 2).await;
     let mut w = Workload::default();
     w.run(&crm, &shop, 1500, 41, |_| {}).await;
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
@@ -521,12 +563,12 @@ async fn a_stalled_apply_owner_is_fenced_off_and_a_clean_stop_hands_over_at_once
     let split = split_config(&crm, &shop, &sink, "fp", &broker, &prefix);
     let single = write_config(&pipeline_config(&crm, &shop, &reference, "fg"));
     let one = Daemon::start(&single);
-    let capture = start_role(&split, "capture");
-    let first = start_role(&split, "apply");
-    wait_log(&first, "took the apply lease", Duration::from_secs(60)).await;
-    let second = start_role(&split, "apply");
-    wait_log(&second, "standing by", Duration::from_secs(60)).await;
-    wait_snapshots(&sink, 2).await;
+    let Split {
+        capture,
+        owner: first,
+        standby: second,
+    } = start_split(&split, &sink, true).await;
+    let second = second.expect("started");
     let mut w = Workload::default();
     w.run(&crm, &shop, 300, 7, |_| {}).await;
     wait_until(
@@ -767,12 +809,7 @@ async fn forget_sends_tombstones_for_the_profile_and_every_row() {
     let cfg = write_config(&kafka_config(&crm, &shop, &sink, "fg", &broker, &prefix));
     let daemon = Daemon::start(&cfg);
     wait_snapshots(&sink, 2).await;
-    exec(&crm, "insert into contacts (id, email, first_name) values (1, 'gone@x.com', 'G'), (2, 'stays@x.com', 'S')").await;
-    exec(
-        &shop,
-        "insert into accounts (id, email) values (7, 'gone@x.com')",
-    )
-    .await;
+    insert_gone_and_stays(&crm, &shop).await;
     wait_until("both rows joined one profile", Duration::from_secs(60), || async {
         traits_of(&sink, "shop_account", "7").await.is_some()
             && traits_of(&sink, "email", "stays@x.com").await.is_some()
@@ -945,10 +982,7 @@ async fn reconcile_of_a_split_deployment_waits_for_the_apply_owner() {
     let (crm, shop, sink) = two_sources(&pg).await;
     let prefix = prefix("recon");
     let split = split_config(&crm, &shop, &sink, "rc", &broker, &prefix);
-    let capture = start_role(&split, "capture");
-    let owner = start_role(&split, "apply");
-    wait_log(&owner, "took the apply lease", Duration::from_secs(60)).await;
-    wait_snapshots(&sink, 2).await;
+    let Split { capture, owner, .. } = start_split(&split, &sink, false).await;
     exec(
         &crm,
         "insert into contacts (id, email, first_name) select g, 'r' || g || '@x.com', 'F' from generate_series(1, 50) g",
@@ -1034,16 +1068,8 @@ async fn forget_beside_a_running_apply_owner_stays_forgotten() {
     let (crm, shop, sink) = two_sources(&pg).await;
     let prefix = prefix("ownfg");
     let split = split_config(&crm, &shop, &sink, "of", &broker, &prefix);
-    let capture = start_role(&split, "capture");
-    let owner = start_role(&split, "apply");
-    wait_log(&owner, "took the apply lease", Duration::from_secs(60)).await;
-    wait_snapshots(&sink, 2).await;
-    exec(&crm, "insert into contacts (id, email, first_name) values (1, 'gone@x.com', 'G'), (2, 'stays@x.com', 'S')").await;
-    exec(
-        &shop,
-        "insert into accounts (id, email) values (7, 'gone@x.com')",
-    )
-    .await;
+    let Split { capture, owner, .. } = start_split(&split, &sink, false).await;
+    insert_gone_and_stays(&crm, &shop).await;
     wait_until(
         "the owner joined both rows of the person",
         Duration::from_secs(60),
@@ -1117,12 +1143,12 @@ async fn scheduled_reconciliation_runs_on_the_apply_owner_only() {
         "{}lease_ttl_ms = 2000\n\n[reconcile]\ninterval_s = 1\n",
         kafka_config(&crm, &shop, &sink, "sc", &broker, &prefix)
     ));
-    let capture = start_role(&split, "capture");
-    let owner = start_role(&split, "apply");
-    wait_log(&owner, "took the apply lease", Duration::from_secs(60)).await;
-    let standby = start_role(&split, "apply");
-    wait_log(&standby, "standing by", Duration::from_secs(60)).await;
-    wait_snapshots(&sink, 2).await;
+    let Split {
+        capture,
+        owner,
+        standby,
+    } = start_split(&split, &sink, true).await;
+    let standby = standby.expect("started");
     exec(
         &crm,
         "insert into contacts (id, email, first_name) select g, 's' || g || '@x.com', 'F' from generate_series(1, 20) g",
