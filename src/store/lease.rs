@@ -6,15 +6,15 @@
 //! take the lease once it has expired (the owner died) or was released (the
 //! owner stopped cleanly); every take moves `epoch`. Every write of an owner
 //! checks, inside its own transaction, that the lease is still its epoch and
-//! unexpired, and holds the lease row (`FOR SHARE`) until it commits: a
-//! standby cannot take the lease between that check and the commit, so an
-//! owner that was only paused (a long GC-like stall, a network partition)
-//! never writes after its successor started. The check comes first in the
-//! write, before the outbox sends anything, so such an owner publishes no
-//! profile change either. (A renewal waits for the write that holds the
-//! row and goes through when it commits: the next write begins its
-//! transaction only after that, a round trip later; a write takes well under
-//! a second, the renewal comes every third of the lease's time.)
+//! unexpired, and holds the lease row until it commits: a standby cannot
+//! take the lease between that check and the commit, so an owner that was
+//! only paused (a long GC-like stall, a network partition) never writes after
+//! its successor started. The check comes first in the write, before the
+//! outbox sends anything, so such an owner publishes no profile change
+//! either. The hold is `FOR KEY SHARE`: the owner's renewal (an update of
+//! `expires_at`, no key column) does not wait for it, so a write longer than
+//! the lease never lets it expire under a live owner, while a takeover takes
+//! the row `FOR UPDATE` first and so waits for the write to commit.
 //! The same transaction moves the
 //! owner's offsets in `consumer_offsets`, so a new owner starts exactly after
 //! the last change the store has.
@@ -135,6 +135,14 @@ impl Store {
         group: &str,
         ttl: Duration,
     ) -> Result<Option<Lease>, StoreError> {
+        let mut tx = self.pool().begin().await?;
+        // `FOR UPDATE` waits for a write of the owner that holds the row
+        // (`FOR KEY SHARE`, see [`hold`]), which the upsert's own lock would
+        // not: it changes no key column.
+        sqlx::query("select 1 from apply_lease where name = $1 for update")
+            .bind(LEASE)
+            .execute(&mut *tx)
+            .await?;
         let epoch: Option<i64> = sqlx::query_scalar(
             "insert into apply_lease (name, holder, epoch, group_id, expires_at)
              values ($1, $2, 1, $3, clock_timestamp() + $4 * interval '1 millisecond')
@@ -148,8 +156,9 @@ impl Store {
         .bind(holder)
         .bind(group)
         .bind(ttl_ms(ttl))
-        .fetch_optional(self.pool())
+        .fetch_optional(&mut *tx)
         .await?;
+        tx.commit().await?;
         Ok(epoch.map(|epoch| Lease {
             holder: holder.to_owned(),
             epoch,
@@ -328,12 +337,12 @@ pub(crate) async fn record_published(
 /// `consumed`'s lease is still the owner's and unexpired, then holds the
 /// lease row until the transaction ends and moves the offsets (never
 /// backwards).
-pub(crate) async fn hold(tx: &mut PgConnection, consumed: &Consumed) -> Result<(), StoreError> {
+pub async fn hold(tx: &mut PgConnection, consumed: &Consumed) -> Result<(), StoreError> {
     let lease = &consumed.lease;
     let held: Option<i32> = sqlx::query_scalar(
         "select 1 from apply_lease
           where name = $1 and holder = $2 and epoch = $3 and expires_at > clock_timestamp()
-          for share",
+          for key share",
     )
     .bind(LEASE)
     .bind(&lease.holder)

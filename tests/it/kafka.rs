@@ -969,6 +969,69 @@ async fn a_write_under_a_lease_taken_over_commits_nothing() {
     );
 }
 
+/// The fence's lock: a write of the owner holds the lease row from its start
+/// (before it publishes anything) to its commit. The owner's renewal goes
+/// through meanwhile, so a write longer than the lease never lets it expire
+/// under a live owner; a standby's takeover of an expired lease waits until
+/// the write committed. Needs no broker.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_write_of_the_owner_lets_it_renew_and_keeps_a_takeover_waiting() {
+    use sqlx::{Connection, PgConnection};
+    use tributary::config::Config;
+    use tributary::store::lease::{hold, Consumed, Offsets};
+    use tributary::store::Store;
+
+    let pg = cluster();
+    let (crm, shop, sink) = two_sources(&pg).await;
+    let cfg = write_config(&pipeline_config(&crm, &shop, &sink, "lw"));
+    let config = Config::load(&cfg).unwrap();
+    let store = Store::connect(&config.sink).await.unwrap();
+    store.migrate().await.unwrap();
+    let ttl = Duration::from_millis(1000);
+    let a = store
+        .acquire_lease("a", "g", ttl)
+        .await
+        .unwrap()
+        .expect("a free lease");
+    // A write of the owner, begun and not committed.
+    let mut conn = PgConnection::connect(&sink).await.unwrap();
+    sqlx::query("set search_path to tributary")
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    let mut write = conn.begin().await.unwrap();
+    let consumed = Consumed {
+        lease: a.clone(),
+        offsets: Offsets::new(),
+    };
+    hold(&mut write, &consumed)
+        .await
+        .expect("the owner's lease");
+    let renewed = tokio::time::timeout(Duration::from_secs(2), store.renew_lease(&a)).await;
+    assert!(
+        matches!(renewed, Ok(Ok(true))),
+        "the owner's renewal waited for its own write: {renewed:?}"
+    );
+    // No more renewals: the lease expires while the write is still open.
+    tokio::time::sleep(ttl + Duration::from_millis(300)).await;
+    let taking = {
+        let store = store.clone();
+        tokio::spawn(async move { store.acquire_lease("b", "g", ttl).await })
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        !taking.is_finished(),
+        "a standby took the lease while a write of the owner was open"
+    );
+    write.commit().await.unwrap();
+    let b = taking
+        .await
+        .unwrap()
+        .unwrap()
+        .expect("taken once the write committed");
+    assert_eq!(b.epoch, a.epoch + 1);
+}
+
 /// Reconciliation of a deployment split over Kafka waits for the apply owner,
 /// not only for the capture's checkpoint (which says "published", not
 /// "applied"): with the owner stopped, changes the capture published are not
