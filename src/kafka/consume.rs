@@ -499,8 +499,16 @@ async fn consume(
     let mut looked = tokio::time::Instant::now();
     let mut batch = Batch::default();
     loop {
+        let due = batch.len() >= max
+            || batch
+                .deadline
+                .is_some_and(|d| d <= tokio::time::Instant::now());
+        if due && inflight.len() < IN_FLIGHT {
+            hand_over(o, consumer, std::mem::take(&mut batch), positions, inflight).await?;
+        }
         // Partitions are re-assigned from `positions`, which do not cover the
-        // batch being read: only between batches.
+        // batch being read: only between batches (right after a hand-over,
+        // so that a steady backlog does not put it off for ever).
         if batch.is_empty() && looked.elapsed() >= PARTITIONS_EVERY {
             looked = tokio::time::Instant::now();
             let now = partitions(consumer, topics).await?;
@@ -518,13 +526,6 @@ async fn consume(
                 }
                 assign(consumer, positions)?;
             }
-        }
-        let due = batch.len() >= max
-            || batch
-                .deadline
-                .is_some_and(|d| d <= tokio::time::Instant::now());
-        if due && inflight.len() < IN_FLIGHT {
-            hand_over(o, consumer, std::mem::take(&mut batch), positions, inflight).await?;
         }
         let reading = batch.len() < max;
         // A due batch waiting for a write slot is handed over when a write
