@@ -113,7 +113,7 @@ echo "capture (publish to Kafka): $rows events in ${capture_s}s = $(awk "BEGIN{p
 # After a phase: its database vacuumed and analysed, and a checkpoint, so that
 # the next phase's store CPU and time do not include autovacuum of the tables
 # this one filled (which, without this, ran during later phases and made the
-# single process with [kafka], measured last, look twice as costly).
+# single process with [kafka], measured last, look almost twice as costly).
 settle() { q "$SINK_PORT" "$1" -c "vacuum analyze"; q "$SINK_PORT" postgres -c "checkpoint"; }
 
 broker_cpu() { local t=0 p; for p in $(pgrep -f "tansu broker.*:$KAFKA_PORT"); do t=$((t + $(proc_cpu "$p"))); done; echo "$t"; }
