@@ -78,7 +78,7 @@ pub struct DaemonStatus {
     pub ready: bool,
 }
 
-pub use crate::store::lease::{ApplyProgress, PartitionProgress};
+pub use crate::store::lease::{ApplyProgress, LeaseHolder, PartitionProgress};
 pub use crate::store::stats::LastReconcile;
 
 /// The whole status document (`status --json`).
@@ -312,9 +312,10 @@ pub fn print_human(s: &Status) {
 
 /// The split deployment's lines: who owns profile writes, and per partition
 /// how far the owner is behind the capture.
-fn print_apply(a: &ApplyProgress) {
+fn print_apply(progress: &ApplyProgress) {
     #[allow(clippy::cast_precision_loss)]
     let secs = |ms: i64| ms as f64 / 1000.0;
+    let a = &progress.lease;
     if a.expires_in_ms > 0 {
         println!(
             "apply owner {} (epoch {}, group {}, since {}), lease renewed within {:.1} s",
@@ -332,13 +333,14 @@ fn print_apply(a: &ApplyProgress) {
             a.epoch
         );
     }
-    let behind: i64 = a.partitions.iter().map(|p| p.behind).sum();
+    let partitions = &progress.partitions;
+    let behind: i64 = partitions.iter().map(|p| p.behind).sum();
     println!(
         "  {} partitions, {} messages published and not applied",
-        a.partitions.len(),
+        partitions.len(),
         behind
     );
-    for p in a.partitions.iter().filter(|p| p.behind > 0) {
+    for p in partitions.iter().filter(|p| p.behind > 0) {
         println!(
             "  {}[{}] published {} applied {} behind {}",
             p.topic,

@@ -14,10 +14,9 @@
 //! either. The hold is `FOR KEY SHARE`: the owner's renewal (an update of
 //! `expires_at`, no key column) does not wait for it, so a write longer than
 //! the lease never lets it expire under a live owner, while a takeover takes
-//! the row `FOR UPDATE` first and so waits for the write to commit.
-//! The same transaction moves the
-//! owner's offsets in `consumer_offsets`, so a new owner starts exactly after
-//! the last change the store has.
+//! the row `FOR UPDATE` first and so waits for the write to commit. The same
+//! transaction moves the owner's offsets in `consumer_offsets`, so a new
+//! owner starts exactly after the last change the store has.
 //!
 //! A capture process records, with each checkpoint, where in the change
 //! topics it published the changes that checkpoint covers
@@ -75,14 +74,20 @@ pub struct Consumed {
     pub offsets: Offsets,
 }
 
-/// Who holds the lease, for a standby's log.
-#[derive(Debug, Clone, sqlx::FromRow)]
+/// Who holds (or last held) the lease: for a standby's log and `status`.
+#[derive(Debug, Clone, sqlx::FromRow, serde::Serialize)]
 pub struct LeaseHolder {
     /// The owner instance.
     pub holder: String,
-    /// Its epoch.
+    /// Its epoch (counts the owners so far).
     pub epoch: i64,
-    /// Milliseconds until it expires unless renewed (negative: expired).
+    /// The consumer group its offsets belong to.
+    #[sqlx(rename = "group_id")]
+    pub group: String,
+    /// When it took the lease.
+    pub acquired_at: chrono::DateTime<chrono::Utc>,
+    /// Milliseconds until it expires unless renewed; negative: it expired
+    /// (or was released) that long ago, and nobody owns profile writes.
     pub expires_in_ms: i64,
 }
 
@@ -91,17 +96,9 @@ pub struct LeaseHolder {
 /// applied.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct ApplyProgress {
-    /// The instance holding (or that last held) the lease.
-    pub holder: String,
-    /// Its epoch (counts the owners so far).
-    pub epoch: i64,
-    /// The consumer group its offsets belong to.
-    pub group: String,
-    /// When it took the lease.
-    pub acquired_at: chrono::DateTime<chrono::Utc>,
-    /// Milliseconds until the lease expires unless renewed; negative: it
-    /// expired (or was released) that long ago, and nobody owns profile writes.
-    pub expires_in_ms: i64,
+    /// The lease (its fields at the top level of the JSON).
+    #[serde(flatten)]
+    pub lease: LeaseHolder,
     /// Per partition, in topic and partition order.
     pub partitions: Vec<PartitionProgress>,
 }
@@ -170,7 +167,7 @@ impl Store {
     /// Who holds the lease now (None: nobody ever took it).
     pub async fn lease_holder(&self) -> Result<Option<LeaseHolder>, StoreError> {
         Ok(sqlx::query_as(
-            "select holder, epoch,
+            "select holder, epoch, group_id, acquired_at,
                     (extract(epoch from expires_at - clock_timestamp()) * 1000)::bigint as expires_in_ms
                from apply_lease where name = $1",
         )
@@ -236,16 +233,7 @@ impl Store {
     /// The apply lease and per-partition progress (None: no apply instance
     /// ever took the lease: not a split deployment).
     pub async fn apply_progress(&self) -> Result<Option<ApplyProgress>, StoreError> {
-        let lease: Option<(String, i64, String, chrono::DateTime<chrono::Utc>, i64)> =
-            sqlx::query_as(
-                "select holder, epoch, group_id, acquired_at,
-                        (extract(epoch from expires_at - clock_timestamp()) * 1000)::bigint
-                   from apply_lease where name = $1",
-            )
-            .bind(LEASE)
-            .fetch_optional(self.pool())
-            .await?;
-        let Some((holder, epoch, group, acquired_at, expires_in_ms)) = lease else {
+        let Some(lease) = self.lease_holder().await? else {
             return Ok(None);
         };
         let rows: Vec<(String, i32, Option<i64>, Option<i64>)> = sqlx::query_as(
@@ -257,7 +245,7 @@ impl Store {
                  on c.topic = p.topic and c.partition = p.partition
               order by 1, 2",
         )
-        .bind(&group)
+        .bind(&lease.group)
         .fetch_all(self.pool())
         .await?;
         let partitions = rows
@@ -270,14 +258,7 @@ impl Store {
                 behind: (published.unwrap_or(0) - applied.unwrap_or(0)).max(0),
             })
             .collect();
-        Ok(Some(ApplyProgress {
-            holder,
-            epoch,
-            group,
-            acquired_at,
-            expires_in_ms,
-            partitions,
-        }))
+        Ok(Some(ApplyProgress { lease, partitions }))
     }
 
     /// Has the apply owner applied every message up to `published`? True when
