@@ -851,25 +851,41 @@ async fn forget_sends_tombstones_for_the_profile_and_every_row() {
     assert_eq!(daemon.stop(), Some(0));
 }
 
+/// A migrated store on a throwaway cluster, for the store-level lease tests
+/// (no broker, no daemon): the cluster (kept up while it lives), the store's
+/// URL, the config and the store.
+async fn lease_store(
+    tag: &str,
+) -> (
+    tributary::cluster::Cluster,
+    String,
+    tributary::config::Config,
+    tributary::store::Store,
+) {
+    let pg = cluster();
+    let (crm, shop, sink) = two_sources(&pg).await;
+    let cfg = write_config(&pipeline_config(&crm, &shop, &sink, tag));
+    let config = tributary::config::Config::load(&cfg).unwrap();
+    let store = tributary::store::Store::connect(&config.sink)
+        .await
+        .unwrap();
+    store.migrate().await.unwrap();
+    (pg, sink, config, store)
+}
+
 /// The fence, at the store: a write made under a lease that expired and was
 /// taken over commits nothing (neither its rows nor its offsets); the new
 /// owner's writes commit, and offsets never move backwards. Needs no broker.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_write_under_a_lease_taken_over_commits_nothing() {
     use tributary::cli::Role;
-    use tributary::config::Config;
     use tributary::event::{ChangeEvent, Lsn, Op};
     use tributary::mapping::Mapper;
     use tributary::sink::{Sink, SinkError};
     use tributary::store::lease::Offsets;
-    use tributary::store::{Store, StoreError};
+    use tributary::store::StoreError;
 
-    let pg = cluster();
-    let (crm, shop, sink) = two_sources(&pg).await;
-    let cfg = write_config(&pipeline_config(&crm, &shop, &sink, "fs"));
-    let config = Config::load(&cfg).unwrap();
-    let store = Store::connect(&config.sink).await.unwrap();
-    store.migrate().await.unwrap();
+    let (_pg, sink, config, store) = lease_store("fs").await;
     let writer = Sink::new(
         store.clone(),
         std::sync::Arc::new(Mapper::new(&config)),
@@ -979,16 +995,9 @@ async fn a_write_under_a_lease_taken_over_commits_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_long_write_of_the_owner_lets_it_renew_and_keeps_a_takeover_waiting() {
     use sqlx::{Connection, PgConnection};
-    use tributary::config::Config;
     use tributary::store::lease::{hold, Consumed, Offsets};
-    use tributary::store::Store;
 
-    let pg = cluster();
-    let (crm, shop, sink) = two_sources(&pg).await;
-    let cfg = write_config(&pipeline_config(&crm, &shop, &sink, "lw"));
-    let config = Config::load(&cfg).unwrap();
-    let store = Store::connect(&config.sink).await.unwrap();
-    store.migrate().await.unwrap();
+    let (_pg, sink, _config, store) = lease_store("lw").await;
     let ttl = Duration::from_millis(1000);
     let a = store
         .acquire_lease("a", "g", ttl)
